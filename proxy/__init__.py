@@ -1,0 +1,1 @@
+"""sluicegate: an OpenAI-compatible LLM API gateway."""

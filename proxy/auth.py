@@ -1,0 +1,77 @@
+"""Key extraction, sha256 lookup and masking.
+
+The 401 messages name the mistake the client made but never repeat the key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from collections.abc import Mapping
+
+from .errors import InvalidApiKey
+from .settings import KeySettings
+
+KEY_PREFIX = "sk-"
+KEY_RANDOM_BYTES = 36  # 48 url-safe characters
+
+HOW_TO_SEND = "Send it as 'Authorization: Bearer sk-...' or 'X-API-Key: sk-...'."
+
+
+def new_key() -> str:
+    return KEY_PREFIX + secrets.token_urlsafe(KEY_RANDOM_BYTES)
+
+
+def key_digest(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def mask_key(key: str) -> str:
+    """`sk-` + first 4 + `…` + last 4; shorter strings show nothing of themselves."""
+    body = key[len(KEY_PREFIX) :] if key.startswith(KEY_PREFIX) else key
+    if len(body) < 12:
+        return KEY_PREFIX + "…"
+    return f"{KEY_PREFIX}{body[:4]}…{body[-4:]}"
+
+
+def extract_key(authorization: str | None, x_api_key: str | None) -> str:
+    """Return the presented key or raise InvalidApiKey naming the mistake."""
+    if authorization is not None:
+        if not authorization.strip():
+            raise InvalidApiKey("The Authorization header is empty. " + HOW_TO_SEND)
+        scheme, _, rest = authorization.partition(" ")
+        if scheme.lower() != "bearer":
+            if authorization.strip().startswith(KEY_PREFIX):
+                raise InvalidApiKey(
+                    "The Authorization header is missing the 'Bearer ' prefix: send 'Authorization: Bearer sk-...'."
+                )
+            raise InvalidApiKey("The Authorization header must use the Bearer scheme. " + HOW_TO_SEND)
+        return _check_shape(rest, "Authorization: Bearer")
+    if x_api_key is not None:
+        return _check_shape(x_api_key, "X-API-Key")
+    raise InvalidApiKey("Missing API key. " + HOW_TO_SEND)
+
+
+def _check_shape(key: str, where: str) -> str:
+    if not key.strip():
+        raise InvalidApiKey(f"The {where} header has no key after it. " + HOW_TO_SEND)
+    if key != key.strip() or any(c.isspace() for c in key):
+        raise InvalidApiKey(
+            f"The key in the {where} header has whitespace around or inside it: "
+            "remove spaces, tabs and line breaks (often a copy-paste mistake)."
+        )
+    if not key.startswith(KEY_PREFIX):
+        raise InvalidApiKey(
+            f"The key in the {where} header does not start with 'sk-': "
+            "use the key this gateway issued, not a provider's key."
+        )
+    return key
+
+
+def authenticate(key: str, keys: Mapping[str, KeySettings]) -> KeySettings:
+    found = keys.get(key_digest(key))
+    if found is None:
+        raise InvalidApiKey("Incorrect API key provided: this gateway does not know it.")
+    if not found.enabled:
+        raise InvalidApiKey("This API key is disabled. Ask the gateway's operators to enable it.")
+    return found

@@ -1,0 +1,114 @@
+"""Entry points: argument parsing, hypercorn start, key and config commands."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from .auth import key_digest, new_key
+from .mock_upstream import MockOptions, run_mock
+from .server import run_demo, serve
+from .settings import ConfigError, config_path, load_settings
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return value
+
+
+def _bind(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit():
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sluicegate", description="OpenAI-compatible LLM API gateway")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("serve", help="run the gateway under hypercorn")
+    p.add_argument("--config", help="TOML config (default: $SLUICEGATE_CONFIG or config/gateway.toml)")
+    p.add_argument("--bind", help="HOST:PORT (overrides server.bind and $SLUICEGATE_BIND)")
+    p.add_argument("--workers", type=_positive, default=1, help="worker processes (default 1)")
+
+    p = sub.add_parser("check-config", help="validate a config file; exit 2 listing every problem")
+    p.add_argument("--config")
+
+    keys = sub.add_parser("keys", help="key management").add_subparsers(dest="keys_command", required=True)
+    p = keys.add_parser("new", help="print a fresh key once, and the [[keys]] block that stores its sha256")
+    p.add_argument("--name", required=True)
+    p.add_argument("--group")
+    p.add_argument("--rpm", type=_positive)
+    p.add_argument("--tpm", type=_positive)
+    p.add_argument("--budget-tokens", type=_positive)
+    p.add_argument("--models", help="comma-separated model names or globs")
+
+    p = sub.add_parser("mock-upstream", help="a built-in OpenAI-compatible fake LLM")
+    p.add_argument("--bind", type=_bind, default=("127.0.0.1", 8001))
+    p.add_argument("--chunks", type=_positive, default=8)
+    p.add_argument("--chunk-delay-ms", type=float, default=20.0)
+    p.add_argument("--ttfb-ms", type=float, default=0.0)
+    p.add_argument("--name", default="mock", help="shows in answers, to tell several mocks apart")
+    p.add_argument("--api-key-env", help="require 'Authorization: Bearer $VAR' on every request")
+
+    p = sub.add_parser("demo", help="run the mock upstream and the gateway together with a fresh demo key")
+    p.add_argument("--config", default="config/demo.toml")
+    return parser
+
+
+def keys_new(args: argparse.Namespace) -> str:
+    key = new_key()
+    lines = ["[[keys]]", f'name = "{args.name}"', f'sha256 = "{key_digest(key)}"']
+    if args.group:
+        lines.append(f'group = "{args.group}"')
+    for field in ("rpm", "tpm", "budget_tokens"):
+        value = getattr(args, field)
+        if value is not None:
+            lines.append(f"{field} = {value}")
+    if args.models:
+        models = ", ".join(f'"{m.strip()}"' for m in args.models.split(",") if m.strip())
+        lines.append(f"models = [{models}]")
+    block = "\n".join(lines)
+    note = "# Give the key above to its user; it is not stored anywhere.\n# Add this block to the config:"
+    return f"{key}\n\n{note}\n{block}\n"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command == "keys":
+        sys.stdout.write(keys_new(args))
+        return 0
+    if args.command == "mock-upstream":
+        host, port = args.bind
+        run_mock(
+            MockOptions(
+                host=host, port=port, chunks=args.chunks, chunk_delay_ms=args.chunk_delay_ms,
+                ttfb_ms=args.ttfb_ms, name=args.name,
+                api_key=os.environ.get(args.api_key_env) if args.api_key_env else None,
+            )
+        )  # fmt: skip
+        return 0
+    path = config_path(getattr(args, "config", None))
+    try:
+        settings = load_settings(path)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        return 2
+    if args.command == "check-config":
+        for warning in settings.warnings:
+            print(f"warning: {warning}", file=sys.stderr)
+        print(f"{path}: ok ({len(settings.providers)} providers, {len(settings.keys)} keys)")
+        return 0
+    if args.command == "demo":
+        asyncio.run(run_demo(settings))
+        return 0
+    return serve(settings, args.bind, args.workers)

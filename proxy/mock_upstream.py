@@ -1,0 +1,459 @@
+"""Fake OpenAI-compatible upstream for the demo, end-to-end tests and benchmarks.
+
+Every knob can be set per request with an ``x-mock-<knob>`` header, for the
+whole server with ``POST /_mock/faults`` (so one of several mocks can fail
+without touching the requests), or through :class:`MockOptions`.  Requests to
+``/v1`` are logged with timestamps in ``GET /_mock/requests`` so tests can
+check *when* the gateway sent, read and abandoned its upstream requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import itertools
+import signal
+import time
+import uuid
+from collections import deque
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from aiohttp import ClientConnectionResetError, web
+
+TIMING_KNOBS = ("chunks", "chunk-delay-ms", "ttfb-ms", "slow-chunk")
+FAULT_KNOBS = ("status", "hang", "reset-after", "garbage")
+KNOBS = TIMING_KNOBS + FAULT_KNOBS
+OFF = ("", "none", "off")
+HANG_LIMIT_S = 600.0
+LOG_SIZE = 1000
+
+
+@dataclass(frozen=True)
+class MockOptions:
+    host: str = "127.0.0.1"
+    port: int = 8001
+    chunks: int = 8
+    chunk_delay_ms: float = 20.0
+    ttfb_ms: float = 0.0
+    models: tuple[str, ...] = ("mock-chat", "mock-embed")
+    name: str = "mock"
+    api_key: str | None = None
+
+
+@dataclass
+class RequestRecord:
+    id: str
+    path: str
+    method: str
+    headers: dict[str, str]
+    started_at: float
+    body: Any = None
+    stream: bool = False
+    headers_sent_at: float | None = None
+    chunk_sent_at: list[float] = field(default_factory=list)
+    ended_at: float | None = None
+    outcome: str = "in_progress"
+    disconnected_at: float | None = None
+
+    def finish(self, outcome: str) -> None:
+        # A late cancellation must not relabel a request that already ended.
+        if self.outcome == "in_progress":
+            self.outcome = outcome
+            self.ended_at = time.time()
+            if outcome == "disconnected":
+                self.disconnected_at = self.ended_at
+
+
+@dataclass(frozen=True)
+class Knobs:
+    chunks: int
+    chunk_delay_ms: float
+    ttfb_ms: float
+    slow_chunk: tuple[int, float] | None = None
+    status: int | None = None
+    hang: bool = False
+    reset_after: int | None = None
+    garbage: bool = False
+
+
+def resolve_knobs(headers: Mapping[str, str], faults: Mapping[str, str], options: MockOptions) -> Knobs:
+    """Merge header knobs over global faults over options; ValueError if bad."""
+    raw = dict(faults)
+    raw.update({k: headers[f"x-mock-{k}"] for k in KNOBS if f"x-mock-{k}" in headers})
+    # "none"/"off" lets one request opt out of a global fault.
+    raw = {k: v for k, v in raw.items() if v.strip().lower() not in OFF}
+    status = int(raw["status"]) if "status" in raw else None
+    if status is not None and not 200 <= status <= 599:
+        raise ValueError(f"status must be within 200-599, got {status}")
+    hang = raw.get("hang", "").strip().lower()
+    if hang not in ("", "0", "headers"):
+        raise ValueError(f"unsupported hang mode {hang!r}, only 'headers'")
+    slow_chunk = None
+    if "slow-chunk" in raw:
+        index, _, delay = raw["slow-chunk"].partition(":")
+        slow_chunk = (int(index), float(delay))
+    return Knobs(
+        chunks=max(0, int(raw.get("chunks", options.chunks))),
+        chunk_delay_ms=float(raw.get("chunk-delay-ms", options.chunk_delay_ms)),
+        ttfb_ms=float(raw.get("ttfb-ms", options.ttfb_ms)),
+        slow_chunk=slow_chunk,
+        status=status,
+        hang=hang == "headers",
+        reset_after=int(raw["reset-after"]) if "reset-after" in raw else None,
+        garbage=raw.get("garbage", "0").strip().lower() in ("1", "true", "yes"),
+    )
+
+
+def error_envelope(message: str, code: str, kind: str = "invalid_request_error") -> dict[str, Any]:
+    return {"error": {"message": message, "type": kind, "param": None, "code": code}}
+
+
+def json_response(payload: Any, status: int = 200, headers: Mapping[str, str] | None = None) -> web.Response:
+    return web.Response(
+        status=status,
+        body=orjson.dumps(payload),
+        content_type="application/json",
+        headers=headers,
+    )
+
+
+def count_words(value: Any) -> int:
+    if isinstance(value, str):
+        return len(value.split())
+    if isinstance(value, list):
+        return sum(count_words(item) for item in value)
+    if isinstance(value, dict):
+        # Multimodal content parts keep their words under "text".
+        return count_words(value.get("text"))
+    return 0
+
+
+def fake_embedding(text: str) -> list[float]:
+    digest = hashlib.sha256(text.encode()).digest()
+    return [round(byte / 127.5 - 1.0, 6) for byte in digest[:8]]
+
+
+def sse(payload: Any) -> bytes:
+    return b"data: " + orjson.dumps(payload) + b"\n\n"
+
+
+@dataclass
+class Exchange:
+    """One /v1 request being answered, with its log entry."""
+
+    request: web.Request
+    record: RequestRecord
+    body: dict[str, Any] = field(default_factory=dict)
+
+    async def send(self, resp: web.Response) -> web.Response:
+        # Preparing here rather than returning the response to aiohttp lets
+        # the log say when the headers actually left.
+        await resp.prepare(self.request)
+        self.record.headers_sent_at = time.time()
+        await resp.write_eof()
+        self.record.finish("completed" if resp.status < 400 else "error")
+        return resp
+
+    async def reply(self, payload: Any) -> web.Response:
+        return await self.send(json_response(payload))
+
+    async def fail(self, status: int, message: str, code: str, kind: str = "invalid_request_error") -> web.Response:
+        headers = {"retry-after": "1"} if status == 429 else None
+        error = error_envelope(message, code, kind)
+        return await self.send(json_response(error, status, headers))
+
+    def reset(self) -> None:
+        # abort() drops the socket without the terminating chunk, so the
+        # client sees a truncated body rather than a clean end of stream.
+        if self.request.transport is not None:
+            self.request.transport.abort()
+        self.record.finish("reset")
+
+
+Route = Callable[[Exchange, Knobs], Awaitable[web.StreamResponse]]
+
+
+class MockUpstream:
+    def __init__(self, options: MockOptions) -> None:
+        self.options = options
+        self.faults: dict[str, str] = {}
+        self.log: deque[RequestRecord] = deque(maxlen=LOG_SIZE)
+        self._ids = itertools.count(1)
+        # Only these answer completions/embeddings, so only they get ttfb.
+        self._model_routes: dict[tuple[str, str], Route] = {
+            ("POST", "/v1/chat/completions"): self._chat,
+            ("POST", "/v1/completions"): self._completions,
+            ("POST", "/v1/embeddings"): self._embeddings,
+        }
+
+    async def handle_v1(self, request: web.Request) -> web.StreamResponse:
+        record = RequestRecord(
+            id=request.headers.get("x-request-id") or str(next(self._ids)),
+            path=request.path,
+            method=request.method,
+            headers={k.lower(): v for k, v in request.headers.items()},
+            started_at=time.time(),
+        )
+        self.log.append(record)
+        try:
+            return await self._serve(Exchange(request, record))
+        except asyncio.CancelledError:
+            # handler_cancellation turns the client going away into this, so
+            # it is the earliest moment the disconnect can be observed.
+            record.finish("disconnected")
+            raise
+        finally:
+            record.finish("error")
+
+    async def _serve(self, ex: Exchange) -> web.StreamResponse:
+        request, record = ex.request, ex.record
+        raw = await request.read()
+        bad_json = False
+        try:
+            record.body = orjson.loads(raw) if raw.strip() else None
+        except orjson.JSONDecodeError:
+            bad_json = True
+        if isinstance(record.body, dict):
+            ex.body = record.body
+        record.stream = ex.body.get("stream") is True
+
+        key = self.options.api_key
+        if key is not None and request.headers.get("Authorization") != f"Bearer {key}":
+            return await ex.fail(401, "Incorrect API key provided.", "invalid_api_key")
+        try:
+            knobs = resolve_knobs(record.headers, self.faults, self.options)
+        except ValueError as exc:
+            return await ex.fail(400, f"bad mock knob: {exc}", "bad_mock_knob")
+        name = self.options.name
+        if knobs.status is not None:
+            message = f"mock {name} injected status {knobs.status}"
+            return await ex.fail(knobs.status, message, "mock_error", "mock_error")
+        if knobs.hang:
+            await asyncio.sleep(HANG_LIMIT_S)
+            return await ex.fail(504, f"mock {name} hang expired", "mock_error")
+        route = self._model_routes.get((request.method, request.path))
+        if bad_json or (route is not None and not isinstance(record.body, dict)):
+            return await ex.fail(400, "Body is not a JSON object.", "invalid_json")
+
+        if route is not None:
+            await asyncio.sleep(knobs.ttfb_ms / 1000)
+        if knobs.reset_after is not None and not record.stream:
+            ex.reset()
+            # Sending this fails on the aborted transport; aiohttp ignores that.
+            return web.Response()
+        if knobs.garbage:
+            garbage = b'{"id": "chatcmpl-1", <<not json'
+            return await ex.send(web.Response(body=garbage, content_type="application/json"))
+        if route is None:
+            route = self._models if request.path == "/v1/models" else self._echo
+        return await route(ex, knobs)
+
+    async def _chat(self, ex: Exchange, knobs: Knobs) -> web.StreamResponse:
+        messages = ex.body.get("messages")
+        if not isinstance(messages, list):
+            messages = []
+        prompt = [m.get("content") for m in messages if isinstance(m, dict)]
+        return await self._generate(ex, knobs, prompt, chat=True)
+
+    async def _completions(self, ex: Exchange, knobs: Knobs) -> web.StreamResponse:
+        return await self._generate(ex, knobs, ex.body.get("prompt"), chat=False)
+
+    async def _generate(self, ex: Exchange, knobs: Knobs, prompt: Any, *, chat: bool) -> web.StreamResponse:
+        record = ex.record
+        texts = [f"tok{i} " for i in range(knobs.chunks)]
+        if texts:
+            texts[0] = f"[{self.options.name}] {texts[0]}"
+        prompt_tokens = max(1, count_words(prompt))
+        usage = {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": knobs.chunks,
+            "total_tokens": prompt_tokens + knobs.chunks,
+        }
+        base = {
+            "id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}",
+            "object": "chat.completion" if chat else "text_completion",
+            "created": int(time.time()),
+            "model": ex.body.get("model") or self.options.models[0],
+        }
+
+        def choice(text: str | None, finish: str | None, *, role: bool = False) -> dict[str, Any]:
+            if not chat:
+                return {
+                    "index": 0,
+                    "text": text or "",
+                    "logprobs": None,
+                    "finish_reason": finish,
+                }
+            content: dict[str, Any] = {"role": "assistant"} if role else {}
+            if text is not None:
+                content["content"] = text
+            key = "delta" if record.stream else "message"
+            return {"index": 0, key: content, "finish_reason": finish}
+
+        if not record.stream:
+            answer = {
+                **base,
+                "choices": [choice("".join(texts), "stop", role=True)],
+                "usage": usage,
+            }
+            return await ex.reply(answer)
+
+        options = ex.body.get("stream_options")
+        include_usage = isinstance(options, dict) and options.get("include_usage") is True
+        if chat:
+            base["object"] = "chat.completion.chunk"
+        if include_usage:
+            # OpenAI marks every chunk before the usage one with an explicit null.
+            base["usage"] = None
+        resp = web.StreamResponse(headers={"content-type": "text/event-stream", "cache-control": "no-cache"})
+        try:
+            await resp.prepare(ex.request)
+            record.headers_sent_at = time.time()
+            if chat:
+                await resp.write(sse({**base, "choices": [choice("", None, role=True)]}))
+            for i, text in enumerate(texts):
+                if knobs.reset_after is not None and i >= knobs.reset_after:
+                    break
+                delay = knobs.chunk_delay_ms if i else 0.0
+                if knobs.slow_chunk is not None and knobs.slow_chunk[0] == i:
+                    delay += knobs.slow_chunk[1]
+                await asyncio.sleep(delay / 1000)
+                await resp.write(sse({**base, "choices": [choice(text, None)]}))
+                record.chunk_sent_at.append(time.time())
+            if knobs.reset_after is not None:
+                ex.reset()
+                return resp
+            await resp.write(sse({**base, "choices": [choice(None, "stop")]}))
+            if include_usage:
+                await resp.write(sse({**base, "choices": [], "usage": usage}))
+            await resp.write(b"data: [DONE]\n\n")
+            await resp.write_eof()
+        except (ConnectionResetError, ClientConnectionResetError):
+            record.finish("disconnected")
+            return resp
+        record.finish("completed")
+        return resp
+
+    async def _embeddings(self, ex: Exchange, knobs: Knobs) -> web.StreamResponse:
+        raw = ex.body.get("input", "")
+        inputs = [
+            x if isinstance(x, str) else orjson.dumps(x).decode() for x in (raw if isinstance(raw, list) else [raw])
+        ]
+        tokens = max(1, count_words(inputs))
+        answer = {
+            "object": "list",
+            "data": [
+                {"object": "embedding", "index": i, "embedding": fake_embedding(text)} for i, text in enumerate(inputs)
+            ],
+            "model": ex.body.get("model") or self.options.models[-1],
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+        }
+        return await ex.reply(answer)
+
+    async def _models(self, ex: Exchange, knobs: Knobs) -> web.StreamResponse:
+        owner = self.options.name
+        data = [{"id": m, "object": "model", "created": 0, "owned_by": owner} for m in self.options.models]
+        answer = {"object": "list", "data": data}
+        return await ex.reply(answer)
+
+    async def _echo(self, ex: Exchange, knobs: Knobs) -> web.StreamResponse:
+        answer = {
+            "object": "mock.echo",
+            "path": ex.request.path,
+            "method": ex.request.method,
+            "model": ex.body.get("model"),
+            "mock": self.options.name,
+        }
+        return await ex.reply(answer)
+
+    async def get_requests(self, request: web.Request) -> web.Response:
+        return json_response(list(self.log))
+
+    async def clear_requests(self, request: web.Request) -> web.Response:
+        self.log.clear()
+        return web.Response(status=204)
+
+    async def get_faults(self, request: web.Request) -> web.Response:
+        return json_response(self.faults)
+
+    async def set_faults(self, request: web.Request) -> web.Response:
+        try:
+            payload = orjson.loads(await request.read())
+        except orjson.JSONDecodeError:
+            payload = None
+        if not isinstance(payload, dict) or not set(payload) <= set(KNOBS):
+            message = f"expected a JSON object with keys among {list(KNOBS)}"
+            return json_response(error_envelope(message, "bad_mock_knob"), 400)
+        # Stored as header-style strings so one parser serves both sources.
+        faults = {k: str(int(v) if isinstance(v, bool) else v) for k, v in payload.items()}
+        try:
+            resolve_knobs({}, faults, self.options)
+        except ValueError as exc:
+            return json_response(error_envelope(f"bad mock knob: {exc}", "bad_mock_knob"), 400)
+        # Replacing rather than merging keeps each test's fault setup self-contained.
+        self.faults = faults
+        return json_response(self.faults)
+
+    async def clear_faults(self, request: web.Request) -> web.Response:
+        self.faults = {}
+        return web.Response(status=204)
+
+
+MOCK_KEY = web.AppKey("mock_upstream", MockUpstream)
+
+
+def create_mock_app(options: MockOptions) -> web.Application:
+    mock = MockUpstream(options)
+    app = web.Application()
+    app[MOCK_KEY] = mock
+    app.router.add_get("/_mock/requests", mock.get_requests)
+    app.router.add_delete("/_mock/requests", mock.clear_requests)
+    app.router.add_get("/_mock/faults", mock.get_faults)
+    app.router.add_post("/_mock/faults", mock.set_faults)
+    app.router.add_delete("/_mock/faults", mock.clear_faults)
+    app.router.add_route("*", "/v1/{tail:.*}", mock.handle_v1)
+    return app
+
+
+async def start_mock(options: MockOptions) -> web.AppRunner:
+    # Hanging handlers are the point of this server, so they must not hold up
+    # test teardown or Ctrl+C for aiohttp's default 60 s.
+    runner = web.AppRunner(
+        create_mock_app(options),
+        handler_cancellation=True,
+        access_log=None,
+        shutdown_timeout=1.0,
+    )
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, options.host, options.port).start()
+    except BaseException:
+        await runner.cleanup()
+        raise
+    return runner
+
+
+def bound_port(runner: web.AppRunner) -> int:
+    if not runner.addresses:
+        raise RuntimeError("mock upstream is not listening")
+    return int(runner.addresses[0][1])
+
+
+def run_mock(options: MockOptions) -> None:
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        runner = await start_mock(options)
+        try:
+            url = f"http://{options.host}:{bound_port(runner)}/v1"
+            print(f"mock upstream listening on {url}", flush=True)
+            await stop.wait()
+        finally:
+            await runner.cleanup()
+
+    asyncio.run(main())

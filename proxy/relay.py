@@ -1,0 +1,205 @@
+"""Body -> upstream -> client: fallback across providers, disconnect watcher, usage scan."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Sequence
+from typing import Literal
+
+import aiohttp
+import orjson
+from starlette.types import Receive, Send
+
+from .errors import GatewayError, Header, RequestTooLarge, UpstreamError
+from .events import RequestRecord
+from .upstream import ProviderClient, Retryable, mid_stream_error, open_upstream, response_headers
+from .usage import StreamUsageScanner, Usage, usage_from_body
+
+Kind = Literal["json", "stream", "raw"]
+BodyFor = Callable[["ProviderClient"], tuple[bytes, bool]]
+STREAM_HEADERS: tuple[Header, ...] = (
+    (b"content-type", b"text/event-stream"),
+    (b"cache-control", b"no-cache"),
+    (b"x-accel-buffering", b"no"),
+)
+STREAM_HEADER_NAMES = frozenset(name for name, _ in STREAM_HEADERS)
+MID_STREAM_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError, OSError)
+
+
+class ClientGone(Exception):
+    """The client disconnected before its request body was read."""
+
+
+async def read_body(receive: Receive, limit: int, content_length: int | None) -> bytes:
+    if content_length is not None and content_length > limit:
+        raise RequestTooLarge(f"The request body is {content_length} bytes; this gateway takes at most {limit}.")
+    parts: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientGone
+        part: bytes = message.get("body", b"")
+        size += len(part)
+        if size > limit:
+            raise RequestTooLarge(f"The request body is over {limit} bytes, the most this gateway takes.")
+        parts.append(part)
+        if not message.get("more_body", False):
+            return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+class DisconnectWatcher:
+    """Watches receive() in its own task and cancels the request task on http.disconnect.
+
+    hypercorn drops sends after a disconnect without telling, so this is the
+    only signal; cancelling makes the upstream request close at once.
+    """
+
+    def __init__(self, receive: Receive) -> None:
+        self.disconnected = False
+        self._target = asyncio.current_task()
+        self._task = asyncio.create_task(self._watch(receive))
+
+    async def _watch(self, receive: Receive) -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        self.disconnected = True
+        if self._target is not None:
+            self._target.cancel()
+
+    def stop(self) -> None:
+        """Call before the last send: a disconnect after that is a normal end."""
+        self._task.cancel()
+
+
+class Exchange:
+    """One client request's response side: what went out, and the record."""
+
+    __slots__ = ("extra_headers", "record", "send", "started")
+
+    def __init__(self, send: Send, record: RequestRecord, extra_headers: list[Header]) -> None:
+        self.send = send
+        self.record = record
+        self.extra_headers = extra_headers
+        self.started = False
+
+    async def start(self, status: int, headers: Sequence[Header]) -> None:
+        self.started = True
+        self.record.status = status
+        await self.send({"type": "http.response.start", "status": status, "headers": [*headers, *self.extra_headers]})
+
+    async def body(self, chunk: bytes, more: bool) -> None:
+        if self.record.first_byte_at is None and chunk:
+            self.record.first_byte_at = time.perf_counter()
+        await self.send({"type": "http.response.body", "body": chunk, "more_body": more})
+
+    async def respond(self, status: int, headers: Sequence[Header], body: bytes) -> None:
+        await self.start(status, [*headers, (b"content-length", str(len(body)).encode())])
+        await self.body(body, False)
+
+    async def error(self, err: GatewayError) -> None:
+        self.record.error = err.code
+        body = err.body(self.record.request_id)
+        await self.respond(err.status, [(b"content-type", b"application/json"), *err.headers], body)
+
+
+async def relay(
+    ex: Exchange,
+    session: aiohttp.ClientSession,
+    attempts: Sequence[ProviderClient],
+    method: str,
+    path_and_query: str,
+    client_headers: Sequence[Header],
+    body_for: BodyFor,
+    kind: Kind,
+    watcher: DisconnectWatcher,
+    on_usage: Callable[[Usage], None],
+) -> None:
+    """Try each provider in order until one answers something to pass on.
+
+    body_for(provider) gives the body to send and whether the gateway itself
+    added include_usage (so the usage-only event is withheld from the client).
+    """
+    record = ex.record
+    last: GatewayError = UpstreamError("No provider could be tried.")
+    for number, client in enumerate(attempts, 1):
+        final = number == len(attempts)
+        record.attempts = number
+        record.provider = client.settings.name
+        body, injected = body_for(client)
+        headers = client.headers(client_headers, record.request_id)
+        if record.upstream_sent_at is None:
+            record.upstream_sent_at = time.perf_counter()
+        try:
+            async with open_upstream(session, client, method, client.base_url + path_and_query, headers, body) as resp:
+                if resp.status >= 500 or (resp.status == 429 and not final):
+                    last = UpstreamError(f"Provider '{client.settings.name}' answered HTTP {resp.status}.")
+                    continue
+                is_sse = resp.content_type == "text/event-stream"
+                if kind == "raw" or (is_sse and resp.status == 200 and kind == "stream"):
+                    await _forward_stream(ex, resp, client, watcher, StreamUsageScanner(injected), on_usage)
+                else:
+                    await _forward_whole(ex, resp, client, watcher, on_usage)
+                return
+        except Retryable as exc:
+            last = exc.error
+    raise last
+
+
+async def _forward_whole(
+    ex: Exchange,
+    resp: aiohttp.ClientResponse,
+    client: ProviderClient,
+    watcher: DisconnectWatcher,
+    on_usage: Callable[[Usage], None],
+) -> None:
+    try:
+        body = await resp.read()
+    except MID_STREAM_ERRORS as exc:
+        raise Retryable(mid_stream_error(exc, client.settings.name), "read_error") from exc
+    if resp.status == 200:
+        try:
+            orjson.loads(body)
+        except orjson.JSONDecodeError as exc:
+            err = UpstreamError(f"Provider '{client.settings.name}' answered something that is not JSON.")
+            raise Retryable(err, "bad_json") from exc
+        usage = usage_from_body(body)
+        if usage is not None:
+            on_usage(usage)
+    watcher.stop()
+    await ex.respond(resp.status, response_headers(resp), body)
+
+
+async def _forward_stream(
+    ex: Exchange,
+    resp: aiohttp.ClientResponse,
+    client: ProviderClient,
+    watcher: DisconnectWatcher,
+    scanner: StreamUsageScanner,
+    on_usage: Callable[[Usage], None],
+) -> None:
+    headers = response_headers(resp)
+    if resp.content_type == "text/event-stream":
+        headers = [h for h in headers if h[0] not in STREAM_HEADER_NAMES]
+        headers.extend(STREAM_HEADERS)
+    await ex.start(resp.status, headers)
+    failure: GatewayError | None = None
+    try:
+        async for chunk in resp.content.iter_any():
+            out = scanner.feed(chunk)
+            if out:
+                await ex.body(out, True)
+    except MID_STREAM_ERRORS as exc:
+        failure = mid_stream_error(exc, client.settings.name)
+    finally:
+        if scanner.usage is not None:
+            on_usage(scanner.usage)
+    watcher.stop()
+    if failure is None:
+        await ex.body(b"", False)
+        return
+    ex.record.error = failure.code
+    event = {"error": {"message": failure.message, "type": failure.type, "param": None, "code": failure.code}}
+    event["error"]["request_id"] = ex.record.request_id
+    await ex.body(b"data: " + orjson.dumps(event) + b"\n\n", False)

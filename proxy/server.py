@@ -1,0 +1,123 @@
+"""Run the gateway under hypercorn: one worker in-process, or N spawned workers.
+
+Each worker owns its event loop and signal handlers: SIGTERM/SIGINT drain and
+stop, SIGHUP reloads the config file in place. With --workers N the parent
+only holds the listening sockets and passes signals on to its children.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing
+import os
+import signal
+import sys
+from collections.abc import Callable
+from dataclasses import replace
+from types import FrameType
+from urllib.parse import urlsplit
+
+from hypercorn.asyncio.run import worker_serve
+from hypercorn.config import Config, Sockets
+from hypercorn.utils import wrap_app
+
+from .app import Gateway, create_app
+from .auth import key_digest, new_key
+from .mock_upstream import MockOptions, bound_port, start_mock
+from .settings import KeySettings, Settings
+
+log = logging.getLogger("sluicegate")
+
+
+def hypercorn_config(settings: Settings) -> Config:
+    config = Config()
+    config.bind = [f"{settings.server.host}:{settings.server.port}"]
+    config.graceful_timeout = settings.server.graceful_timeout_s
+    config.accesslog = None
+    config.errorlog = logging.getLogger("hypercorn.error")
+    config.include_server_header = False
+    # Longer than nginx's default upstream keepalive_timeout (60 s), so nginx closes first.
+    config.keep_alive_timeout = 75.0
+    return config
+
+
+def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
+
+
+async def _serve(app: Gateway, config: Config, sockets: Sockets | None) -> None:
+    stop = asyncio.Event()
+
+    def drain() -> None:
+        app.draining = True
+        stop.set()
+
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, drain)
+    loop.add_signal_handler(signal.SIGINT, drain)
+    loop.add_signal_handler(signal.SIGHUP, app.reload)
+    wrapped = wrap_app(app, config.wsgi_max_body_size, "asgi")  # type: ignore[arg-type]
+    await worker_serve(wrapped, config, sockets=sockets, shutdown_trigger=stop.wait)
+
+
+def run_worker(settings: Settings, config: Config, sockets: Sockets | None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+        runner.run(_serve(create_app(settings), config, sockets))
+
+
+def serve(settings: Settings, bind: str | None, workers: int) -> int:
+    if bind:
+        host, _, port = bind.rpartition(":")
+        settings = replace(
+            settings, server=replace(settings.server, host=host.strip("[]") or "0.0.0.0", port=int(port))
+        )
+    config = hypercorn_config(settings)
+    if workers == 1:
+        run_worker(settings, config, None)
+        return 0
+    sockets = config.create_sockets()
+    ctx = multiprocessing.get_context("spawn")
+    children = [ctx.Process(target=run_worker, args=(settings, config, sockets), daemon=False) for _ in range(workers)]
+    for child in children:
+        child.start()
+
+    def pass_on(signum: int, _frame: FrameType | None) -> None:
+        for child in children:
+            if child.pid is not None and child.is_alive():
+                os.kill(child.pid, signum)
+
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, pass_on)
+    for child in children:
+        child.join()
+    return max((child.exitcode or 0) for child in children)
+
+
+async def run_demo(settings: Settings) -> None:
+    """The mock upstream and the gateway in one process, with a key made now."""
+    upstream = urlsplit(settings.providers[0].base_url)
+    runner = await start_mock(MockOptions(host=upstream.hostname or "127.0.0.1", port=upstream.port or 8001))
+    key = new_key()
+    settings = settings.with_keys(KeySettings(name="demo", sha256=key_digest(key)))
+    app = create_app(settings)
+    config = hypercorn_config(settings)
+    base = f"http://{settings.server.host}:{settings.server.port}{settings.server.prefixes[0]}"
+    model = next(iter(app.runtime.router.known_models), "mock-chat")
+    body = f'{{"model":"{model}","stream":true,"messages":[{{"role":"user","content":"Hello!"}}]}}'
+    sys.stdout.write(
+        f"sluicegate demo: gateway on {base}, mock upstream on port {bound_port(runner)}\n"
+        f"demo key (made now, kept only in memory): {key}\n\n"
+        f"try:\n  curl -sN {base}/chat/completions -H 'Authorization: Bearer {key}' "
+        f"-H 'Content-Type: application/json' -d '{body}'\n\n"
+    )
+    sys.stdout.flush()
+    try:
+        await _serve(app, config, None)
+    finally:
+        await runner.cleanup()

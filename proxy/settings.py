@@ -1,0 +1,418 @@
+"""TOML file + environment -> one frozen Settings object.
+
+Every problem is collected with the dotted name of the key that is wrong, so
+`sluicegate check-config` can list them all at once.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from fnmatch import translate
+from pathlib import Path
+from typing import Any, Literal
+
+DEFAULT_CONFIG_PATH = "config/gateway.toml"
+SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+
+class ConfigError(Exception):
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("; ".join(problems))
+        self.problems = problems
+
+
+@dataclass(frozen=True, slots=True)
+class ServerSettings:
+    host: str = "127.0.0.1"
+    port: int = 9090
+    prefixes: tuple[str, ...] = ("/v1", "/api/v1")
+    max_body_bytes: int = 10 * 1024 * 1024
+    graceful_timeout_s: float = 120.0
+
+
+@dataclass(frozen=True, slots=True)
+class RedisSettings:
+    url: str = "redis://127.0.0.1:6379/0"
+    on_error: Literal["allow", "deny"] = "allow"
+    timeout_s: float = 0.25
+
+
+@dataclass(frozen=True, slots=True)
+class EventSettings:
+    sink: Literal["stdout", "file", "redis", "off"] = "stdout"
+    path: str = "events.jsonl"
+    queue_size: int = 10000
+
+
+@dataclass(frozen=True, slots=True)
+class ModelPatterns:
+    """Exact names and globs, with the globs compiled once."""
+
+    exact: frozenset[str]
+    globs: tuple[re.Pattern[str], ...]
+
+    @classmethod
+    def parse(cls, names: tuple[str, ...]) -> ModelPatterns:
+        is_glob = [any(c in n for c in "*?[") for n in names]
+        return cls(
+            exact=frozenset(n for n, g in zip(names, is_glob, strict=True) if not g),
+            globs=tuple(re.compile(translate(n)) for n, g in zip(names, is_glob, strict=True) if g),
+        )
+
+    def matches(self, model: str) -> bool:
+        return model in self.exact or any(g.match(model) for g in self.globs)
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderSettings:
+    name: str
+    base_url: str
+    api_key_env: str | None
+    api_key: str | None = field(repr=False)
+    models: tuple[str, ...]
+    patterns: ModelPatterns
+    priority: int = 0
+    weight: float = 1.0
+    connect_timeout_s: float = 5.0
+    first_byte_timeout_s: float = 120.0
+    idle_timeout_s: float = 120.0
+    stream_usage: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class GroupSettings:
+    name: str
+    rpm: int | None = None
+    tpm: int | None = None
+    burst: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class KeySettings:
+    name: str
+    sha256: str = field(repr=False)
+    group: str = "default"
+    rpm: int | None = None
+    tpm: int | None = None
+    burst: int | None = None
+    budget_tokens: int | None = None
+    models: ModelPatterns | None = None
+    enabled: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    server: ServerSettings
+    redis: RedisSettings
+    events: EventSettings
+    providers: tuple[ProviderSettings, ...]
+    aliases: Mapping[str, str]
+    groups: Mapping[str, GroupSettings]
+    keys: Mapping[str, KeySettings]  # by sha256 hex
+    source: str = "<memory>"
+    warnings: tuple[str, ...] = ()
+
+    def with_keys(self, *keys: KeySettings) -> Settings:
+        return replace(self, keys={**self.keys, **{k.sha256: k for k in keys}})
+
+
+class _Reader:
+    """Typed access to one TOML table that records problems instead of raising."""
+
+    def __init__(self, table: Mapping[str, Any], where: str, problems: list[str]) -> None:
+        self.table = table
+        self.where = where
+        self.problems = problems
+
+    def _name(self, key: str) -> str:
+        return f"{self.where}.{key}" if self.where else key
+
+    def _get(self, key: str, default: Any, kinds: tuple[type, ...], what: str) -> Any:
+        value = self.table.get(key, default)
+        if value is default:
+            return default
+        if isinstance(value, bool) and bool not in kinds:
+            value = None
+        if not isinstance(value, kinds):
+            self.problems.append(f"{self._name(key)}: expected {what}, got {value!r}")
+            return default
+        return value
+
+    def text(self, key: str, default: str | None = None) -> str | None:
+        value: str | None = self._get(key, default, (str,), "a string")
+        return value
+
+    def boolean(self, key: str, default: bool) -> bool:
+        value: bool = self._get(key, default, (bool,), "true or false")
+        return value
+
+    def number(self, key: str, default: float, minimum: float = 0.0) -> float:
+        value = self._get(key, default, (int, float), "a number")
+        if value < minimum:
+            self.problems.append(f"{self._name(key)}: must be >= {minimum}, got {value!r}")
+            return default
+        return float(value)
+
+    def count(self, key: str, default: int | None, minimum: int = 0) -> int | None:
+        value = self._get(key, default, (int,), "a whole number")
+        if value is not None and value < minimum:
+            self.problems.append(f"{self._name(key)}: must be >= {minimum}, got {value!r}")
+            return default
+        return value  # type: ignore[no-any-return]
+
+    def names(self, key: str) -> tuple[str, ...] | None:
+        value = self._get(key, None, (list,), "a list of strings")
+        if value is None:
+            return None
+        if not all(isinstance(v, str) and v for v in value):
+            self.problems.append(f"{self._name(key)}: expected a list of non-empty strings")
+            return None
+        return tuple(value)
+
+    def choice(self, key: str, default: str, options: tuple[str, ...]) -> Any:
+        value = self.text(key, default)
+        if value not in options:
+            self.problems.append(f"{self._name(key)}: expected one of {', '.join(options)}, got {value!r}")
+            return default
+        return value
+
+    def unknown(self, known: set[str]) -> None:
+        for key in self.table:
+            if key not in known:
+                self.problems.append(f"{self._name(key)}: unknown key")
+
+
+def _table(raw: Mapping[str, Any], key: str, problems: list[str]) -> Mapping[str, Any]:
+    value = raw.get(key, {})
+    if not isinstance(value, Mapping):
+        problems.append(f"{key}: expected a table")
+        return {}
+    return value
+
+
+def _split_bind(bind: str, where: str, problems: list[str]) -> tuple[str, int]:
+    host, sep, port = bind.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        problems.append(f"{where}: expected HOST:PORT, got {bind!r}")
+        return "127.0.0.1", 9090
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def _server(raw: Mapping[str, Any], env: Mapping[str, str], problems: list[str]) -> ServerSettings:
+    r = _Reader(_table(raw, "server", problems), "server", problems)
+    r.unknown({"bind", "prefixes", "max_body_bytes", "graceful_timeout_s"})
+    bind = env.get("SLUICEGATE_BIND") or r.text("bind", "127.0.0.1:9090") or "127.0.0.1:9090"
+    where = "SLUICEGATE_BIND" if env.get("SLUICEGATE_BIND") else "server.bind"
+    host, port = _split_bind(bind, where, problems)
+    prefixes = r.names("prefixes") or ("/v1", "/api/v1")
+    for p in prefixes:
+        if not p.startswith("/") or p.endswith("/"):
+            problems.append(f"server.prefixes: {p!r} must start with '/' and not end with '/'")
+    return ServerSettings(
+        host=host,
+        port=port,
+        prefixes=prefixes,
+        max_body_bytes=r.count("max_body_bytes", 10 * 1024 * 1024, minimum=1) or 1,
+        graceful_timeout_s=r.number("graceful_timeout_s", 120.0),
+    )
+
+
+def _redis(raw: Mapping[str, Any], env: Mapping[str, str], problems: list[str]) -> RedisSettings:
+    r = _Reader(_table(raw, "redis", problems), "redis", problems)
+    r.unknown({"url", "on_error", "timeout_s"})
+    default_url = "redis://127.0.0.1:6379/0"
+    url = env.get("REDIS_URL") or r.text("url", default_url) or default_url
+    if not url.startswith(("redis://", "rediss://", "unix://")):
+        problems.append("redis.url: expected a redis://, rediss:// or unix:// URL")
+    return RedisSettings(
+        url=url,
+        on_error=r.choice("on_error", "allow", ("allow", "deny")),
+        timeout_s=r.number("timeout_s", 0.25, minimum=0.001),
+    )
+
+
+def _events(raw: Mapping[str, Any], problems: list[str]) -> EventSettings:
+    r = _Reader(_table(raw, "events", problems), "events", problems)
+    r.unknown({"sink", "path", "queue_size"})
+    return EventSettings(
+        sink=r.choice("sink", "stdout", ("stdout", "file", "redis", "off")),
+        path=r.text("path", "events.jsonl") or "events.jsonl",
+        queue_size=r.count("queue_size", 10000, minimum=1) or 1,
+    )
+
+
+def _providers(
+    raw: Mapping[str, Any], env: Mapping[str, str], problems: list[str], warnings: list[str]
+) -> tuple[ProviderSettings, ...]:
+    items = raw.get("providers", [])
+    if not isinstance(items, list):
+        problems.append("providers: expected an array of tables ([[providers]])")
+        return ()
+    providers: list[ProviderSettings] = []
+    seen: set[str] = set()
+    for i, item in enumerate(items):
+        where = f"providers[{i}]"
+        if not isinstance(item, Mapping):
+            problems.append(f"{where}: expected a table")
+            continue
+        r = _Reader(item, where, problems)
+        r.unknown(
+            {
+                "name", "base_url", "api_key_env", "models", "priority", "weight",
+                "connect_timeout_s", "first_byte_timeout_s", "idle_timeout_s", "stream_usage",
+            }
+        )  # fmt: skip
+        name = r.text("name") or ""
+        if not NAME_RE.match(name):
+            problems.append(f"{where}.name: expected 1-64 of A-Z a-z 0-9 _ . -, got {name!r}")
+        elif name in seen:
+            problems.append(f"{where}.name: {name!r} is used by another provider")
+        seen.add(name)
+        base_url = (r.text("base_url") or "").rstrip("/")
+        if not base_url.startswith(("http://", "https://")):
+            problems.append(f"{where}.base_url: expected an http:// or https:// URL")
+        models = r.names("models")
+        if not models:
+            problems.append(f"{where}.models: expected a non-empty list of model names or globs")
+            models = ()
+        key_env = r.text("api_key_env")
+        api_key = env.get(key_env) if key_env else None
+        if key_env and not api_key:
+            warnings.append(f"{where}.api_key_env: environment variable {key_env} is not set")
+        weight = r.number("weight", 1.0)
+        if weight <= 0:
+            problems.append(f"{where}.weight: must be > 0")
+        providers.append(
+            ProviderSettings(
+                name=name,
+                base_url=base_url,
+                api_key_env=key_env,
+                api_key=api_key,
+                models=models,
+                patterns=ModelPatterns.parse(models),
+                priority=int(r.count("priority", 0, minimum=-1000000) or 0),
+                weight=weight,
+                connect_timeout_s=r.number("connect_timeout_s", 5.0, minimum=0.001),
+                first_byte_timeout_s=r.number("first_byte_timeout_s", 120.0, minimum=0.001),
+                idle_timeout_s=r.number("idle_timeout_s", 120.0, minimum=0.001),
+                stream_usage=r.boolean("stream_usage", True),
+            )
+        )
+    if not providers and not problems:
+        problems.append("providers: at least one [[providers]] table is required")
+    return tuple(providers)
+
+
+def _aliases(raw: Mapping[str, Any], problems: list[str]) -> dict[str, str]:
+    table = _table(raw, "aliases", problems)
+    aliases: dict[str, str] = {}
+    for name, target in table.items():
+        if not isinstance(target, str) or not target:
+            problems.append(f"aliases.{name}: expected a model name string")
+        else:
+            aliases[name] = target
+    return aliases
+
+
+def _groups(raw: Mapping[str, Any], problems: list[str]) -> dict[str, GroupSettings]:
+    groups = {"default": GroupSettings("default")}
+    for name, table in _table(raw, "groups", problems).items():
+        where = f"groups.{name}"
+        if not isinstance(table, Mapping):
+            problems.append(f"{where}: expected a table")
+            continue
+        r = _Reader(table, where, problems)
+        r.unknown({"rpm", "tpm", "burst"})
+        groups[name] = GroupSettings(
+            name=name,
+            rpm=r.count("rpm", None, minimum=1),
+            tpm=r.count("tpm", None, minimum=1),
+            burst=r.count("burst", None, minimum=1),
+        )
+    return groups
+
+
+def _keys(raw: Mapping[str, Any], groups: Mapping[str, GroupSettings], problems: list[str]) -> dict[str, KeySettings]:
+    items = raw.get("keys", [])
+    if not isinstance(items, list):
+        problems.append("keys: expected an array of tables ([[keys]])")
+        return {}
+    keys: dict[str, KeySettings] = {}
+    names: set[str] = set()
+    for i, item in enumerate(items):
+        where = f"keys[{i}]"
+        if not isinstance(item, Mapping):
+            problems.append(f"{where}: expected a table")
+            continue
+        r = _Reader(item, where, problems)
+        r.unknown({"name", "sha256", "group", "rpm", "tpm", "burst", "budget_tokens", "models", "enabled"})
+        name = r.text("name") or ""
+        if not NAME_RE.match(name):
+            problems.append(f"{where}.name: expected 1-64 of A-Z a-z 0-9 _ . -, got {name!r}")
+        elif name in names:
+            problems.append(f"{where}.name: {name!r} is used by another key")
+        names.add(name)
+        digest = (r.text("sha256") or "").lower()
+        if not SHA256_RE.match(digest):
+            problems.append(f"{where}.sha256: expected 64 hex characters (sha256 of the full key)")
+        elif digest in keys:
+            problems.append(f"{where}.sha256: the same key is configured twice")
+        group = r.text("group", "default") or "default"
+        if group not in groups:
+            problems.append(f"{where}.group: no [groups.{group}] table")
+        models = r.names("models")
+        keys[digest] = KeySettings(
+            name=name,
+            sha256=digest,
+            group=group,
+            rpm=r.count("rpm", None, minimum=1),
+            tpm=r.count("tpm", None, minimum=1),
+            burst=r.count("burst", None, minimum=1),
+            budget_tokens=r.count("budget_tokens", None, minimum=0),
+            models=ModelPatterns.parse(models) if models is not None else None,
+            enabled=r.boolean("enabled", True),
+        )
+    return keys
+
+
+def parse_settings(raw: Mapping[str, Any], env: Mapping[str, str], source: str = "<memory>") -> Settings:
+    problems: list[str] = []
+    warnings: list[str] = []
+    known = {"server", "redis", "events", "providers", "aliases", "groups", "keys"}
+    problems.extend(f"{key}: unknown section" for key in raw if key not in known)
+    groups = _groups(raw, problems)
+    settings = Settings(
+        server=_server(raw, env, problems),
+        redis=_redis(raw, env, problems),
+        events=_events(raw, problems),
+        providers=_providers(raw, env, problems, warnings),
+        aliases=_aliases(raw, problems),
+        groups=groups,
+        keys=_keys(raw, groups, problems),
+        source=source,
+        warnings=tuple(warnings),
+    )
+    if problems:
+        raise ConfigError(problems)
+    return settings
+
+
+def config_path(explicit: str | None, env: Mapping[str, str] = os.environ) -> str:
+    return explicit or env.get("SLUICEGATE_CONFIG") or DEFAULT_CONFIG_PATH
+
+
+def load_settings(path: str, env: Mapping[str, str] = os.environ) -> Settings:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read the file ({exc.strerror})"]) from exc
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f"{path}: not valid TOML ({exc})"]) from exc
+    return parse_settings(raw, env, source=path)

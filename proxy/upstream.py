@@ -1,0 +1,154 @@
+"""aiohttp session factory, per-provider request templates, timeouts, error mapping."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import aiohttp
+
+from .errors import Header, UpstreamError, UpstreamTimeout
+from .settings import ProviderSettings
+
+POOL_LIMIT = 1000
+REQUEST_DROP = frozenset(
+    {
+        # hop-by-hop (RFC 9110 7.6.1) and framing the client connection owned
+        "connection", "keep-alive", "proxy-connection", "proxy-authenticate",
+        "proxy-authorization", "te", "trailer", "transfer-encoding", "upgrade",
+        "host", "content-length", "expect",
+        # the client's credentials and identity stay here
+        "authorization", "x-api-key", "api-key", "cookie",
+        "openai-organization", "openai-project",
+        "x-forwarded-for", "x-real-ip", "forwarded",
+        # gateway controls and ours to set
+        "x-ai-provider", "accept-encoding", "x-request-id",
+    }
+)  # fmt: skip
+RESPONSE_DROP = frozenset(
+    {
+        "connection", "keep-alive", "proxy-connection", "te", "trailer",
+        "transfer-encoding", "upgrade", "content-length", "date", "server",
+        "set-cookie", "x-request-id", "openai-organization", "openai-project",
+        "x-ratelimit-limit-requests", "x-ratelimit-remaining-requests",
+        "x-ratelimit-reset-requests", "x-ratelimit-limit-tokens",
+        "x-ratelimit-remaining-tokens", "x-ratelimit-reset-tokens",
+    }
+)  # fmt: skip
+
+
+class Retryable(Exception):
+    """An attempt that failed before any byte reached the client; try the next provider."""
+
+    def __init__(self, error: UpstreamError | UpstreamTimeout, reason: str) -> None:
+        super().__init__(error.message)
+        self.error = error
+        self.reason = reason
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderClient:
+    """What can be computed once per provider: URL base, auth header, timeouts."""
+
+    settings: ProviderSettings
+    base_url: str
+    auth: tuple[str, str] | None
+    timeout: aiohttp.ClientTimeout
+
+    @classmethod
+    def build(cls, provider: ProviderSettings) -> ProviderClient:
+        return cls(
+            settings=provider,
+            base_url=provider.base_url,
+            auth=("Authorization", f"Bearer {provider.api_key}") if provider.api_key else None,
+            # sock_read stays off until the headers are in: the first-byte wait has its own limit.
+            timeout=aiohttp.ClientTimeout(total=None, connect=None, sock_connect=provider.connect_timeout_s),
+        )
+
+    def headers(self, client_headers: Iterable[Header], request_id: str) -> dict[str, str]:
+        out = {
+            name.decode("latin-1"): value.decode("latin-1")
+            for name, value in client_headers
+            if name.decode("latin-1").lower() not in REQUEST_DROP
+        }
+        out["Accept-Encoding"] = "identity"
+        out["X-Request-ID"] = request_id
+        if self.auth is not None:
+            out[self.auth[0]] = self.auth[1]
+        return out
+
+
+def create_session() -> aiohttp.ClientSession:
+    connector = aiohttp.TCPConnector(limit=POOL_LIMIT, limit_per_host=0, ttl_dns_cache=300)
+    return aiohttp.ClientSession(
+        connector=connector,
+        auto_decompress=False,
+        timeout=aiohttp.ClientTimeout(total=None),
+        cookie_jar=aiohttp.DummyCookieJar(),
+        skip_auto_headers=("User-Agent",),
+        raise_for_status=False,
+    )
+
+
+def response_headers(resp: aiohttp.ClientResponse) -> list[Header]:
+    return [(k.lower(), v) for k, v in resp.raw_headers if k.decode("latin-1").lower() not in RESPONSE_DROP]
+
+
+def start_idle_timeout(resp: aiohttp.ClientResponse, idle_timeout_s: float) -> None:
+    """Arm aiohttp's per-read timer now that the first byte is in.
+
+    It was off while waiting for the headers, where first_byte_timeout_s rules.
+    """
+    connection = resp.connection
+    if connection is not None and connection.protocol is not None:
+        connection.protocol.read_timeout = idle_timeout_s
+        connection.protocol.start_timeout()
+
+
+@asynccontextmanager
+async def open_upstream(
+    session: aiohttp.ClientSession,
+    client: ProviderClient,
+    method: str,
+    url: str,
+    headers: dict[str, str],
+    body: bytes,
+) -> AsyncIterator[aiohttp.ClientResponse]:
+    """Send the request and yield once the response headers are in.
+
+    Failures before the headers become Retryable. A response left with unread
+    bytes (client gone, error) has its connection closed, not pooled.
+    """
+    name = client.settings.name
+    try:
+        async with asyncio.timeout(client.settings.connect_timeout_s + client.settings.first_byte_timeout_s):
+            resp = await session.request(
+                method, url, headers=headers, data=body, allow_redirects=False, timeout=client.timeout
+            )
+    except aiohttp.ConnectionTimeoutError as exc:
+        raise Retryable(UpstreamTimeout(f"Timed out connecting to provider '{name}'."), "connect_timeout") from exc
+    except TimeoutError as exc:
+        raise Retryable(
+            UpstreamTimeout(f"Provider '{name}' sent no response within {client.settings.first_byte_timeout_s:g}s."),
+            "first_byte_timeout",
+        ) from exc
+    except aiohttp.ClientConnectorError as exc:
+        raise Retryable(UpstreamError(f"Cannot connect to provider '{name}'."), "connect_error") from exc
+    except (aiohttp.ClientError, OSError) as exc:
+        raise Retryable(
+            UpstreamError(f"Provider '{name}' closed the connection before answering."), "disconnected"
+        ) from exc
+    try:
+        start_idle_timeout(resp, client.settings.idle_timeout_s)
+        yield resp
+    finally:
+        # release() keeps a fully read connection for reuse and closes one with unread bytes.
+        resp.release()
+
+
+def mid_stream_error(exc: BaseException, provider: str) -> UpstreamError | UpstreamTimeout:
+    if isinstance(exc, (aiohttp.SocketTimeoutError, TimeoutError)):
+        return UpstreamTimeout(f"Provider '{provider}' stopped sending (idle timeout).")
+    return UpstreamError(f"Provider '{provider}' broke off the response.")

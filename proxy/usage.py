@@ -1,0 +1,106 @@
+"""Token usage from upstream answers, read without holding bytes back.
+
+A stream is forwarded chunk by chunk as it arrives. The scanner only looks at
+events that mention "usage" (one memmem per chunk on the fast path), keeps the
+unfinished tail of the current event for parsing, and, when the gateway itself
+asked for include_usage, cuts the usage-only event out of the chunk that
+carries it so the client never sees an event it did not ask for.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+USAGE_MARK = b'"usage"'
+EVENT_END = b"\n\n"
+MAX_TAIL_BYTES = 1 << 20  # an event larger than this is not scanned
+
+
+@dataclass(slots=True)
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+
+    @classmethod
+    def from_json(cls, usage: Any) -> Usage | None:
+        if not isinstance(usage, dict):
+            return None
+        prompt = _int(usage.get("prompt_tokens"))
+        completion = _int(usage.get("completion_tokens"))
+        total = _int(usage.get("total_tokens")) or prompt + completion
+        return cls(prompt, completion, total)
+
+
+def _int(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
+
+
+def usage_from_body(body: bytes) -> Usage | None:
+    if USAGE_MARK not in body:
+        return None
+    try:
+        parsed = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    return Usage.from_json(parsed.get("usage")) if isinstance(parsed, dict) else None
+
+
+class StreamUsageScanner:
+    def __init__(self, strip_usage_event: bool) -> None:
+        self.strip_usage_event = strip_usage_event
+        self.usage: Usage | None = None
+        self._tail = b""
+
+    def feed(self, chunk: bytes) -> bytes:
+        """Return the bytes of `chunk` to forward (the chunk itself, or less)."""
+        carried = len(self._tail)
+        data = self._tail + chunk if carried else chunk
+        end = data.rfind(EVENT_END)
+        if end < 0:
+            self._tail = data if len(data) <= MAX_TAIL_BYTES else b""
+            return chunk
+        end += len(EVENT_END)
+        self._tail = data[end:] if len(data) - end <= MAX_TAIL_BYTES else b""
+        if USAGE_MARK not in data[:end]:
+            return chunk
+        return self._scan(data, end, carried, chunk)
+
+    def _scan(self, data: bytes, end: int, carried: int, chunk: bytes) -> bytes:
+        cut: list[tuple[int, int]] = []
+        start = 0
+        while start < end:
+            stop = data.find(EVENT_END, start) + len(EVENT_END)
+            event = data[start:stop]
+            if USAGE_MARK in event:
+                payload = _event_json(event)
+                if isinstance(payload, dict):
+                    usage = Usage.from_json(payload.get("usage"))
+                    if usage is not None:
+                        self.usage = usage
+                        # Only an event wholly inside this chunk can still be withheld.
+                        if self.strip_usage_event and payload.get("choices") == [] and start >= carried:
+                            cut.append((start - carried, stop - carried))
+            start = stop
+        if not cut:
+            return chunk
+        kept = bytearray()
+        pos = 0
+        for a, b in cut:
+            kept += chunk[pos:a]
+            pos = b
+        kept += chunk[pos:]
+        return bytes(kept)
+
+
+def _event_json(event: bytes) -> Any:
+    lines = [line[5:].strip() for line in event.split(b"\n") if line.startswith(b"data:")]
+    if not lines:
+        return None
+    try:
+        return orjson.loads(b"\n".join(lines))
+    except orjson.JSONDecodeError:
+        return None
