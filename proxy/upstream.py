@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -63,8 +62,14 @@ class ProviderClient:
             settings=provider,
             base_url=provider.base_url,
             auth=("Authorization", f"Bearer {provider.api_key}") if provider.api_key else None,
-            # sock_read stays off until the headers are in: the first-byte wait has its own limit.
-            timeout=aiohttp.ClientTimeout(total=None, connect=None, sock_connect=provider.connect_timeout_s),
+            # aiohttp starts sock_read once the request is written: until the headers
+            # are in it is the first-byte limit, then start_idle_timeout() re-arms it.
+            timeout=aiohttp.ClientTimeout(
+                total=None,
+                connect=None,
+                sock_connect=provider.connect_timeout_s,
+                sock_read=provider.first_byte_timeout_s,
+            ),
         )
 
     def headers(self, client_headers: Iterable[Header], request_id: str) -> dict[str, str]:
@@ -97,10 +102,7 @@ def response_headers(resp: aiohttp.ClientResponse) -> list[Header]:
 
 
 def start_idle_timeout(resp: aiohttp.ClientResponse, idle_timeout_s: float) -> None:
-    """Arm aiohttp's per-read timer now that the first byte is in.
-
-    It was off while waiting for the headers, where first_byte_timeout_s rules.
-    """
+    """Switch aiohttp's per-read timer from the first-byte limit to the idle limit."""
     connection = resp.connection
     if connection is not None and connection.protocol is not None:
         connection.protocol.read_timeout = idle_timeout_s
@@ -123,16 +125,15 @@ async def open_upstream(
     """
     name = client.settings.name
     try:
-        async with asyncio.timeout(client.settings.connect_timeout_s + client.settings.first_byte_timeout_s):
-            resp = await session.request(
-                method, url, headers=headers, data=body, allow_redirects=False, timeout=client.timeout
-            )
+        resp = await session.request(
+            method, url, headers=headers, data=body, allow_redirects=False, timeout=client.timeout
+        )
     except aiohttp.ConnectionTimeoutError as exc:
         raise Retryable(UpstreamTimeout(f"Timed out connecting to provider '{name}'."), "connect_timeout") from exc
-    except TimeoutError as exc:
+    except aiohttp.ServerTimeoutError as exc:
+        wait = client.settings.first_byte_timeout_s
         raise Retryable(
-            UpstreamTimeout(f"Provider '{name}' sent no response within {client.settings.first_byte_timeout_s:g}s."),
-            "first_byte_timeout",
+            UpstreamTimeout(f"Provider '{name}' sent no response within {wait:g}s."), "first_byte_timeout"
         ) from exc
     except aiohttp.ClientConnectorError as exc:
         raise Retryable(UpstreamError(f"Cannot connect to provider '{name}'."), "connect_error") from exc

@@ -1,0 +1,231 @@
+"""Real processes on real ports: two mock upstreams and a `sluicegate serve`.
+
+Keys are made at run time; the config file is written into a temp folder.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from proxy.auth import key_digest, new_key
+
+START_TIMEOUT_S = 15.0
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def wait_for_port(port: int, proc: subprocess.Popen[bytes], log: Path) -> None:
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode}:\n{log.read_text()}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"port {port} did not open within {START_TIMEOUT_S}s:\n{log.read_text()}")
+
+
+@dataclass
+class Proc:
+    """A child process whose stdout+stderr go to a file the tests can read."""
+
+    args: list[str]
+    port: int
+    log: Path
+    env: dict[str, str] = field(default_factory=dict)
+    proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Proc:
+        with self.log.open("ab") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "proxy", *self.args],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, **self.env},
+                cwd=Path(__file__).resolve().parent.parent,
+            )
+        wait_for_port(self.port, self.proc, self.log)
+        return self
+
+    def signal(self, signum: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signum)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+@dataclass
+class Mock:
+    proc: Proc
+    name: str
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.proc.port}"
+
+    def faults(self, **knobs: Any) -> None:
+        httpx.post(
+            f"{self.url}/_mock/faults", json={k.replace("_", "-"): v for k, v in knobs.items()}
+        ).raise_for_status()
+
+    def reset(self) -> None:
+        httpx.delete(f"{self.url}/_mock/faults").raise_for_status()
+        httpx.delete(f"{self.url}/_mock/requests").raise_for_status()
+
+    def requests(self) -> list[dict[str, Any]]:
+        entries: list[dict[str, Any]] = httpx.get(f"{self.url}/_mock/requests").json()
+        return entries
+
+    def request(self, request_id: str, timeout_s: float = 5.0, done: bool = True) -> dict[str, Any]:
+        """The log entry for one request id, once it has ended (or at once if done=False)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            for entry in self.requests():
+                if entry["id"] == request_id and (not done or entry["outcome"] != "in_progress"):
+                    return entry
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{self.name} saw no finished request {request_id}")
+            time.sleep(0.02)
+
+
+def start_mock(tmp: Path, name: str, env: dict[str, str] | None = None, *extra: str) -> Mock:
+    port = free_port()
+    args = ["mock-upstream", "--bind", f"127.0.0.1:{port}", "--name", name, "--chunks", "6", "--chunk-delay-ms", "5"]
+    return Mock(Proc([*args, *extra], port, tmp / f"{name}.log", env or {}).start(), name)
+
+
+@dataclass
+class Gateway:
+    proc: Proc
+    config: Path
+    keys: dict[str, str]
+    mocks: dict[str, Mock]
+    provider_key: str
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.proc.port}"
+
+    @property
+    def v1(self) -> str:
+        return self.base + "/v1"
+
+    def auth(self, name: str = "main") -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.keys[name]}"}
+
+    def output(self) -> str:
+        return self.proc.log.read_text(errors="replace")
+
+
+def gateway_config(alpha: str, beta: str, dead_port: int, keys: dict[str, str]) -> str:
+    return f"""
+[server]
+bind = "127.0.0.1:9"
+max_body_bytes = 65536
+graceful_timeout_s = 5
+
+[events]
+sink = "off"
+
+[[providers]]
+name = "alpha"
+base_url = "{alpha}/v1"
+api_key_env = "SG_TEST_ALPHA_KEY"
+models = ["mock-chat", "mock-embed", "dead-chat", "alpha-*"]
+priority = 0
+connect_timeout_s = 1
+first_byte_timeout_s = 1
+idle_timeout_s = 1
+
+[[providers]]
+name = "beta"
+base_url = "{beta}/v1"
+models = ["mock-chat", "beta-*", "dead-chat"]
+priority = 1
+first_byte_timeout_s = 2
+idle_timeout_s = 2
+
+[[providers]]
+name = "dead"
+base_url = "http://127.0.0.1:{dead_port}/v1"
+models = ["dead-chat", "only-dead"]
+priority = -1
+connect_timeout_s = 1
+
+[aliases]
+"gpt-4o-mini" = "mock-chat"
+
+[[keys]]
+name = "main"
+sha256 = "{key_digest(keys["main"])}"
+
+[[keys]]
+name = "limited"
+sha256 = "{key_digest(keys["limited"])}"
+models = ["gpt-4o-mini"]
+
+[[keys]]
+name = "disabled"
+sha256 = "{key_digest(keys["disabled"])}"
+enabled = false
+"""
+
+
+@pytest.fixture(scope="session")
+def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    tmp = tmp_path_factory.mktemp("e2e")
+    provider_key = "pk-alpha-" + new_key()[3:]
+    alpha = start_mock(tmp, "mock-a", {"SG_TEST_ALPHA_KEY": provider_key}, "--api-key-env", "SG_TEST_ALPHA_KEY")
+    beta = start_mock(tmp, "mock-b")
+    keys = {name: new_key() for name in ("main", "limited", "disabled")}
+    config = tmp / "gateway.toml"
+    config.write_text(gateway_config(alpha.url, beta.url, free_port(), keys))
+    port = free_port()
+    proc = Proc(
+        ["serve", "--config", str(config), "--bind", f"127.0.0.1:{port}"],
+        port,
+        tmp / "gateway.log",
+        {"SG_TEST_ALPHA_KEY": provider_key},
+    )
+    gw = Gateway(proc.start(), config, keys, {"alpha": alpha, "beta": beta}, provider_key)
+    try:
+        yield gw
+    finally:
+        for p in (proc, alpha.proc, beta.proc):
+            p.stop()
+
+
+@pytest.fixture
+def gw(gateway: Gateway) -> Iterator[Gateway]:
+    """The shared gateway, with both mocks' faults and logs cleared around each test."""
+    for mock in gateway.mocks.values():
+        mock.reset()
+    yield gateway
+    for mock in gateway.mocks.values():
+        mock.reset()

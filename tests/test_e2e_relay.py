@@ -1,0 +1,272 @@
+"""The relay seen by real clients: the openai SDK, raw HTTP, timing of chunks."""
+
+from __future__ import annotations
+
+import socket
+import time
+from typing import Any
+
+import httpx
+import openai
+import orjson
+import pytest
+
+from tests.conftest import Gateway
+
+MESSAGES: list[Any] = [{"role": "user", "content": "say something"}]
+
+
+def sdk(gw: Gateway, prefix: str = "/v1", key: str = "main") -> openai.OpenAI:
+    return openai.OpenAI(base_url=gw.base + prefix, api_key=gw.keys[key], max_retries=0, timeout=10)
+
+
+def sse_events(raw: bytes) -> list[bytes]:
+    return [e[len(b"data: ") :] for e in raw.split(b"\n\n") if e.startswith(b"data: ")]
+
+
+@pytest.mark.parametrize("prefix", ["/v1", "/api/v1"])
+def test_sdk_non_stream(gw: Gateway, prefix: str) -> None:
+    result = sdk(gw, prefix).chat.completions.create(model="mock-chat", messages=MESSAGES)
+    assert result.choices[0].message.content is not None
+    assert result.choices[0].message.content.startswith("[mock-a] tok0")
+    assert result.usage is not None
+    assert result.usage.completion_tokens == 6
+
+
+@pytest.mark.parametrize("prefix", ["/v1", "/api/v1"])
+def test_sdk_stream(gw: Gateway, prefix: str) -> None:
+    stream = sdk(gw, prefix).chat.completions.create(model="gpt-4o-mini", messages=MESSAGES, stream=True)
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == "[mock-a] tok0 tok1 tok2 tok3 tok4 tok5 "
+    # The gateway asked upstream for usage; a client that did not ask never sees the usage-only event.
+    assert all(c.choices for c in chunks)
+    upstream = gw.mocks["alpha"].requests()[-1]
+    assert upstream["body"]["model"] == "mock-chat"
+    assert upstream["body"]["stream_options"] == {"include_usage": True}
+
+
+def test_sdk_stream_with_usage_when_asked(gw: Gateway) -> None:
+    stream = sdk(gw).chat.completions.create(
+        model="mock-chat", messages=MESSAGES, stream=True, stream_options={"include_usage": True}
+    )
+    chunks = list(stream)
+    assert chunks[-1].choices == []
+    assert chunks[-1].usage is not None
+    assert chunks[-1].usage.completion_tokens == 6
+
+
+def test_sdk_completions_and_embeddings(gw: Gateway) -> None:
+    client = sdk(gw)
+    completion = client.completions.create(model="mock-chat", prompt="one two three")
+    assert completion.choices[0].text.startswith("[mock-a]")
+    embedding = client.embeddings.create(model="mock-embed", input=["a", "b"])
+    assert [d.index for d in embedding.data] == [0, 1]
+    assert len(embedding.data[0].embedding) == 8
+
+
+def test_sdk_models_lists_what_the_key_may_use(gw: Gateway) -> None:
+    ids = [m.id for m in sdk(gw).models.list()]
+    assert ids == ["dead-chat", "gpt-4o-mini", "mock-chat", "mock-embed", "only-dead"]
+    assert [m.id for m in sdk(gw, key="limited").models.list()] == ["gpt-4o-mini"]
+
+
+def test_sdk_errors_map_to_sdk_exceptions(gw: Gateway) -> None:
+    with pytest.raises(openai.NotFoundError) as not_found:
+        sdk(gw).chat.completions.create(model="nope-model", messages=MESSAGES)
+    assert not_found.value.code == "model_not_found"
+    bad = openai.OpenAI(base_url=gw.v1, api_key="sk-" + "z" * 48, max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        bad.chat.completions.create(model="mock-chat", messages=MESSAGES)
+
+
+def test_x_api_key_header(gw: Gateway) -> None:
+    resp = httpx.post(
+        gw.v1 + "/chat/completions",
+        json={"model": "mock-chat", "messages": MESSAGES},
+        headers={"X-API-Key": gw.keys["main"]},
+    )
+    assert resp.status_code == 200
+
+
+def test_provider_key_added_and_client_credentials_not_forwarded(gw: Gateway) -> None:
+    headers = {
+        **gw.auth(),
+        "X-API-Key": gw.keys["main"],
+        "Cookie": "session=1",
+        "X-Custom": "kept",
+        "X-Request-ID": "cred-1",
+    }
+    resp = httpx.post(gw.v1 + "/chat/completions", json={"model": "mock-chat", "messages": MESSAGES}, headers=headers)
+    assert resp.status_code == 200
+    seen = gw.mocks["alpha"].request("cred-1")["headers"]
+    assert seen["authorization"] == f"Bearer {gw.provider_key}"
+    assert "x-api-key" not in seen
+    assert "cookie" not in seen
+    assert seen["x-custom"] == "kept"
+    assert seen["x-request-id"] == "cred-1"
+    assert all(gw.keys["main"] not in v for v in seen.values())
+
+
+def test_pinned_provider(gw: Gateway) -> None:
+    body = {"model": "mock-chat", "messages": MESSAGES}
+    resp = httpx.post(gw.v1 + "/chat/completions", json=body, headers={**gw.auth(), "X-AI-Provider": "beta"})
+    assert resp.json()["choices"][0]["message"]["content"].startswith("[mock-b]")
+    assert gw.mocks["alpha"].requests() == []
+    unknown = httpx.post(gw.v1 + "/chat/completions", json=body, headers={**gw.auth(), "X-AI-Provider": "nope"})
+    assert unknown.status_code == 404
+    assert "alpha, beta, dead" in unknown.json()["error"]["message"]
+
+
+@pytest.mark.parametrize(
+    ("fault", "value"), [("status", 503), ("status", 429), ("hang", "headers"), ("reset-after", 0)]
+)
+def test_fallback_to_second_provider(gw: Gateway, fault: str, value: Any) -> None:
+    gw.mocks["alpha"].faults(**{fault: value})
+    result = sdk(gw).chat.completions.create(model="mock-chat", messages=MESSAGES)
+    assert result.choices[0].message.content is not None
+    assert result.choices[0].message.content.startswith("[mock-b]")
+
+
+def test_fallback_on_connect_error(gw: Gateway) -> None:
+    # "dead" (priority -1) refuses connections; alpha answers next.
+    result = sdk(gw).chat.completions.create(model="dead-chat", messages=MESSAGES)
+    assert result.choices[0].message.content is not None
+    assert result.choices[0].message.content.startswith("[mock-a]")
+
+
+def test_stream_fallback_before_first_byte(gw: Gateway) -> None:
+    gw.mocks["alpha"].faults(status=502)
+    stream = sdk(gw).chat.completions.create(model="mock-chat", messages=MESSAGES, stream=True)
+    text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    assert text.startswith("[mock-b]")
+
+
+def test_stream_headers(gw: Gateway) -> None:
+    body = {"model": "mock-chat", "messages": MESSAGES, "stream": True}
+    with httpx.stream("POST", gw.v1 + "/chat/completions", json=body, headers=gw.auth()) as resp:
+        resp.read()
+    assert resp.headers["content-type"] == "text/event-stream"
+    assert resp.headers["cache-control"] == "no-cache"
+    assert resp.headers["x-accel-buffering"] == "no"
+    assert resp.headers["x-request-id"].startswith("req_")
+    assert "content-encoding" not in resp.headers
+    events = sse_events(resp.content)
+    assert events[-1] == b"[DONE]"
+
+
+def test_streaming_is_unbuffered(gw: Gateway) -> None:
+    """20 chunks 50 ms apart: each reaches the client about when the mock sent it."""
+    body = {"model": "mock-chat", "messages": MESSAGES, "stream": True}
+    headers = {**gw.auth(), "x-mock-chunks": "20", "x-mock-chunk-delay-ms": "50", "X-Request-ID": "unbuffered-1"}
+    arrivals: dict[int, float] = {}
+    buffer = b""
+    with httpx.stream("POST", gw.v1 + "/chat/completions", json=body, headers=headers, timeout=10) as resp:
+        for raw in resp.iter_raw():
+            now = time.time()
+            buffer += raw
+            *complete, buffer = buffer.split(b"\n\n")
+            for event in complete:
+                if b"tok" in event:
+                    content = orjson.loads(event[6:])["choices"][0]["delta"]["content"]
+                    arrivals[int(content.split("tok")[1].split()[0])] = now
+    sent = gw.mocks["alpha"].request("unbuffered-1")["chunk_sent_at"]
+    assert len(sent) == 20
+    assert sorted(arrivals) == list(range(20))
+    # The first token is on the client's screen long before the upstream is done.
+    assert arrivals[0] < sent[-1] - 0.5
+    # Each chunk tracks its send time; a buffering proxy would deliver them in a burst at the end.
+    lags = [arrivals[i] - sent[i] for i in range(20)]
+    assert max(lags) < 0.25, lags
+
+
+def _raw_request(gw: Gateway, body: dict[str, Any], headers: dict[str, str]) -> socket.socket:
+    payload = orjson.dumps(body)
+    head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+    sock = socket.create_connection(("127.0.0.1", gw.proc.port), timeout=5)
+    sock.sendall(
+        f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(payload)}\r\n{head}\r\n".encode()
+        + payload
+    )
+    return sock
+
+
+def test_client_disconnect_mid_stream_closes_upstream(gw: Gateway) -> None:
+    body = {"model": "mock-chat", "messages": MESSAGES, "stream": True}
+    headers = {**gw.auth(), "x-mock-chunks": "200", "x-mock-chunk-delay-ms": "50", "X-Request-ID": "gone-1"}
+    sock = _raw_request(gw, body, headers)
+    received = b""
+    while received.count(b"tok") < 3:
+        received += sock.recv(65536)
+    sock.close()
+    closed_at = time.time()
+    entry = gw.mocks["alpha"].request("gone-1", timeout_s=5)
+    assert entry["outcome"] == "disconnected"
+    assert entry["disconnected_at"] - closed_at < 1.0
+    assert len(entry["chunk_sent_at"]) < 200
+
+
+def test_client_disconnect_while_waiting_for_headers(gw: Gateway) -> None:
+    body = {"model": "beta-chat", "messages": MESSAGES}
+    sock = _raw_request(gw, body, {**gw.auth(), "x-mock-hang": "headers", "X-Request-ID": "gone-2"})
+    gw.mocks["beta"].request("gone-2", done=False)
+    time.sleep(0.2)
+    sock.close()
+    closed_at = time.time()
+    entry = gw.mocks["beta"].request("gone-2", timeout_s=5)
+    assert entry["outcome"] == "disconnected"
+    assert entry["disconnected_at"] - closed_at < 1.0
+
+
+def test_upstream_reset_mid_stream_ends_with_one_error_event(gw: Gateway) -> None:
+    body = {"model": "mock-chat", "messages": MESSAGES, "stream": True}
+    headers = {**gw.auth(), "x-mock-reset-after": "3"}
+    with httpx.stream("POST", gw.v1 + "/chat/completions", json=body, headers=headers, timeout=10) as resp:
+        raw = resp.read()  # a clean end of the chunked body: no exception here
+    assert resp.status_code == 200
+    events = sse_events(raw)
+    errors = [orjson.loads(e) for e in events if e.startswith(b'{"error"')]
+    assert len(errors) == 1
+    assert events[-1].startswith(b'{"error"')
+    assert errors[0]["error"]["code"] == "upstream_error"
+    assert errors[0]["error"]["request_id"] == resp.headers["x-request-id"]
+    assert b"Traceback" not in raw
+    assert sum(b"tok" in e for e in events) == 3
+
+
+def test_idle_timeout_mid_stream_is_an_error_event(gw: Gateway) -> None:
+    body = {"model": "alpha-chat", "messages": MESSAGES, "stream": True}
+    headers = {**gw.auth(), "x-mock-slow-chunk": "2:3000"}
+    with httpx.stream("POST", gw.v1 + "/chat/completions", json=body, headers=headers, timeout=10) as resp:
+        raw = resp.read()
+    events = sse_events(raw)
+    assert orjson.loads(events[-1])["error"]["code"] == "upstream_timeout"
+
+
+def test_sdk_sees_mid_stream_error(gw: Gateway) -> None:
+    client = openai.OpenAI(
+        base_url=gw.v1, api_key=gw.keys["main"], max_retries=0, default_headers={"x-mock-reset-after": "2"}
+    )
+    with pytest.raises(openai.APIError):
+        list(client.chat.completions.create(model="mock-chat", messages=MESSAGES, stream=True))
+
+
+def test_passthrough_routes(gw: Gateway) -> None:
+    by_model = httpx.post(gw.v1 + "/images/generations", json={"model": "beta-image", "prompt": "x"}, headers=gw.auth())
+    assert by_model.status_code == 200
+    assert by_model.json() == {
+        "object": "mock.echo",
+        "path": "/v1/images/generations",
+        "method": "POST",
+        "model": "beta-image",
+        "mock": "mock-b",
+    }
+    by_header = httpx.get(gw.base + "/api/v1/files?purpose=x", headers={**gw.auth(), "X-AI-Provider": "alpha"})
+    assert by_header.json()["path"] == "/v1/files"
+    assert gw.mocks["alpha"].requests()[-1]["path"] == "/v1/files"
+
+
+def test_health_and_ready(gw: Gateway) -> None:
+    assert httpx.get(gw.base + "/healthz").status_code == 200
+    assert httpx.get(gw.base + "/readyz").status_code == 200
