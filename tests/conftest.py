@@ -197,28 +197,44 @@ enabled = false
 """
 
 
+@dataclass
+class Mocks:
+    alpha: Mock
+    beta: Mock
+    provider_key: str
+
+
 @pytest.fixture(scope="session")
-def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
-    tmp = tmp_path_factory.mktemp("e2e")
+def mocks(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mocks]:
+    """Two mock upstreams; alpha requires the provider key that the gateway holds."""
+    tmp = tmp_path_factory.mktemp("mocks")
     provider_key = "pk-alpha-" + new_key()[3:]
     alpha = start_mock(tmp, "mock-a", {"SG_TEST_ALPHA_KEY": provider_key}, "--api-key-env", "SG_TEST_ALPHA_KEY")
     beta = start_mock(tmp, "mock-b")
-    keys = {name: new_key() for name in ("main", "limited", "disabled")}
-    config = tmp / "gateway.toml"
-    config.write_text(gateway_config(alpha.url, beta.url, free_port(), keys))
-    port = free_port()
-    proc = Proc(
-        ["serve", "--config", str(config), "--bind", f"127.0.0.1:{port}"],
-        port,
-        tmp / "gateway.log",
-        {"SG_TEST_ALPHA_KEY": provider_key},
-    )
-    gw = Gateway(proc.start(), config, keys, {"alpha": alpha, "beta": beta}, provider_key)
     try:
-        yield gw
+        yield Mocks(alpha, beta, provider_key)
     finally:
-        for p in (proc, alpha.proc, beta.proc):
-            p.stop()
+        alpha.proc.stop()
+        beta.proc.stop()
+
+
+def start_gateway(tmp: Path, mocks: Mocks, config_text: str, *extra: str) -> Proc:
+    config = tmp / "gateway.toml"
+    config.write_text(config_text)
+    port = free_port()
+    args = ["serve", "--config", str(config), "--bind", f"127.0.0.1:{port}", *extra]
+    return Proc(args, port, tmp / "gateway.log", {"SG_TEST_ALPHA_KEY": mocks.provider_key}).start()
+
+
+@pytest.fixture(scope="session")
+def gateway(tmp_path_factory: pytest.TempPathFactory, mocks: Mocks) -> Iterator[Gateway]:
+    tmp = tmp_path_factory.mktemp("e2e")
+    keys = {name: new_key() for name in ("main", "limited", "disabled")}
+    proc = start_gateway(tmp, mocks, gateway_config(mocks.alpha.url, mocks.beta.url, free_port(), keys))
+    try:
+        yield Gateway(proc, tmp / "gateway.toml", keys, {"alpha": mocks.alpha, "beta": mocks.beta}, mocks.provider_key)
+    finally:
+        proc.stop()
 
 
 @pytest.fixture

@@ -1,0 +1,93 @@
+"""The serve command as a process: SIGHUP reload, --workers, SIGTERM drain."""
+
+from __future__ import annotations
+
+import signal
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from proxy.auth import key_digest, new_key
+from tests.conftest import Mocks, Proc, start_gateway
+
+CHAT = {"model": "mock-chat", "messages": [{"role": "user", "content": "hi"}]}
+
+
+def config_text(mocks: Mocks, *keys: str) -> str:
+    blocks = "".join(f'\n[[keys]]\nname = "k{i}"\nsha256 = "{key_digest(k)}"\n' for i, k in enumerate(keys))
+    return f"""
+[events]
+sink = "off"
+
+[[providers]]
+name = "beta"
+base_url = "{mocks.beta.url}/v1"
+models = ["mock-chat"]
+{blocks}"""
+
+
+def chat(proc: Proc, key: str, **kw: object) -> httpx.Response:
+    url = f"http://127.0.0.1:{proc.port}/v1/chat/completions"
+    return httpx.post(url, json=CHAT, headers={"Authorization": f"Bearer {key}"}, timeout=10, **kw)  # type: ignore[arg-type]
+
+
+def wait_until(check: object, timeout_s: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not check():  # type: ignore[operator]
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(0.05)
+
+
+def test_sighup_reloads_keys_and_keeps_old_config_when_broken(tmp_path: Path, mocks: Mocks) -> None:
+    first, second = new_key(), new_key()
+    proc = start_gateway(tmp_path, mocks, config_text(mocks, first))
+    try:
+        assert chat(proc, first).status_code == 200
+        assert chat(proc, second).status_code == 401
+        (tmp_path / "gateway.toml").write_text(config_text(mocks, first, second))
+        proc.signal(signal.SIGHUP)
+        wait_until(lambda: chat(proc, second).status_code == 200)
+        (tmp_path / "gateway.toml").write_text("[[providers]]\nname = 'x y'\n")
+        proc.signal(signal.SIGHUP)
+        wait_until(lambda: "config reload rejected" in proc.log.read_text())
+        assert "providers[0].name" in proc.log.read_text()
+        assert chat(proc, second).status_code == 200
+    finally:
+        proc.stop()
+
+
+def test_in_flight_stream_finishes_on_sigterm(tmp_path: Path, mocks: Mocks) -> None:
+    key = new_key()
+    proc = start_gateway(tmp_path, mocks, config_text(mocks, key))
+    url = f"http://127.0.0.1:{proc.port}/v1/chat/completions"
+    body = {**CHAT, "stream": True}
+    headers = {"Authorization": f"Bearer {key}", "x-mock-chunks": "20", "x-mock-chunk-delay-ms": "50"}
+    try:
+        with httpx.stream("POST", url, json=body, headers=headers, timeout=10) as resp:
+            stream = resp.iter_raw()
+            first = next(stream)
+            proc.signal(signal.SIGTERM)
+            rest = b"".join(stream)
+        assert b"tok0" in first
+        assert (first + rest).count(b"tok") == 20
+        assert (first + rest).endswith(b"data: [DONE]\n\n")
+        assert proc.proc is not None
+        assert proc.proc.wait(timeout=10) == 0
+    finally:
+        proc.stop()
+
+
+@pytest.mark.parametrize("workers", [2])
+def test_workers_serve_and_stop(tmp_path: Path, mocks: Mocks, workers: int) -> None:
+    key = new_key()
+    proc = start_gateway(tmp_path, mocks, config_text(mocks, key), "--workers", str(workers))
+    try:
+        assert [chat(proc, key).status_code for _ in range(20)] == [200] * 20
+        proc.signal(signal.SIGTERM)
+        assert proc.proc is not None
+        assert proc.proc.wait(timeout=15) == 0
+    finally:
+        proc.stop()
