@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import re
 import secrets
@@ -15,19 +14,17 @@ import orjson
 from starlette.types import Receive, Scope, Send
 
 from .auth import authenticate, extract_key, mask_key
-from .errors import GatewayError, Header, InvalidRequest, LimiterUnavailable, MethodNotAllowed, NotFound
+from .endpoints import MODEL_ROUTES, Call, model_request, passthrough
+from .errors import GatewayError, Header, LimiterUnavailable, MethodNotAllowed, NotFound
 from .events import RequestRecord
-from .relay import BodyFor, ClientGone, DisconnectWatcher, Exchange, Kind, read_body, relay
+from .limits import KeyLimits, Limiter
+from .relay import ClientGone, Exchange, read_body
 from .routing import Router
-from .settings import ConfigError, KeySettings, ProviderSettings, Settings, load_settings
+from .settings import ConfigError, KeySettings, Settings, load_settings
 from .upstream import ProviderClient, create_session
-from .usage import Usage
 
 log = logging.getLogger("sluicegate")
 
-MODEL_ROUTES = frozenset({"/chat/completions", "/completions", "/embeddings"})
-STREAMING_ROUTES = frozenset({"/chat/completions", "/completions"})
-REQUIRED_FIELD = {"/chat/completions": "messages", "/completions": "prompt", "/embeddings": "input"}
 WANTED_HEADERS = frozenset({b"authorization", b"x-api-key", b"x-request-id", b"x-ai-provider", b"content-length"})
 SANE_REQUEST_ID = re.compile(rb"^[A-Za-z0-9._:@/+=-]{1,128}$")
 JSON_HEADERS: tuple[Header, ...] = ((b"content-type", b"application/json"),)
@@ -40,16 +37,23 @@ class Runtime:
     settings: Settings
     router: Router
     clients: Mapping[str, ProviderClient]
+    limits: Mapping[str, KeyLimits]  # by key sha256
 
     @classmethod
     def build(cls, settings: Settings) -> Runtime:
-        return cls(settings, Router(settings), {p.name: ProviderClient.build(p) for p in settings.providers})
+        return cls(
+            settings,
+            Router(settings),
+            {p.name: ProviderClient.build(p) for p in settings.providers},
+            {k.sha256: KeyLimits.build(k, settings.groups[k.group]) for k in settings.keys.values()},
+        )
 
 
 class Gateway:
     def __init__(self, settings: Settings) -> None:
         self.runtime = Runtime.build(settings)
         self.session: aiohttp.ClientSession | None = None
+        self.limiter: Limiter | None = None
         self.started_at = int(time.time())
         self.draining = False
 
@@ -61,6 +65,8 @@ class Gateway:
         except ConfigError as exc:
             log.error("config reload rejected, keeping the old config: %s", "; ".join(exc.problems))
             return False
+        if settings.redis != self.runtime.settings.redis:
+            log.warning("[redis] changed: the new settings take effect after a restart")
         self.runtime = Runtime.build(settings)
         log.info("config reloaded from %s", source)
         return True
@@ -75,15 +81,26 @@ class Gateway:
         while True:
             message = await receive()
             if message["type"] == "lifespan.startup":
-                self.session = create_session()
-                for warning in self.runtime.settings.warnings:
-                    log.warning("%s", warning)
+                await self.startup()
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
                 if self.session is not None:
                     await self.session.close()
+                if self.limiter is not None:
+                    await self.limiter.close()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
+
+    async def startup(self) -> None:
+        settings = self.runtime.settings
+        self.session = create_session()
+        self.limiter = Limiter(settings.redis)
+        for warning in settings.warnings:
+            log.warning("%s", warning)
+        problem = await self.limiter.ping()
+        if problem is not None:
+            then = "requests are admitted unchecked" if settings.redis.on_error == "allow" else "requests get 503"
+            log.warning("limits are NOT enforced: Redis does not answer (%s); %s until it does", problem, then)
 
     async def handle_http(self, scope: Scope, receive: Receive, send: Send) -> None:
         wanted: dict[bytes, bytes] = {}
@@ -120,9 +137,7 @@ class Gateway:
         if path == "/healthz":
             return await ex.respond(200, JSON_HEADERS, b'{"status":"ok"}')
         if path == "/readyz":
-            if self.draining:
-                return await ex.respond(503, JSON_HEADERS, b'{"status":"draining"}')
-            return await ex.respond(200, JSON_HEADERS, b'{"status":"ready"}')
+            return await self.readyz(ex)
         if self.draining:
             raise LimiterUnavailable("The gateway is shutting down; retry on another instance.")
         rest = _strip_prefix(path, runtime.settings.server.prefixes)
@@ -142,11 +157,20 @@ class Gateway:
         )
         pinned = wanted[b"x-ai-provider"].decode("latin-1") if b"x-ai-provider" in wanted else None
         query = scope.get("query_string", b"")
-        path_and_query = rest + ("?" + query.decode("latin-1") if query else "")
-        if rest in MODEL_ROUTES:
-            await self.model_request(scope, receive, ex, runtime, key, rest, path_and_query, body, pinned)
-        else:
-            await self.passthrough(scope, receive, ex, runtime, key, path_and_query, body, pinned)
+        assert self.session is not None and self.limiter is not None, "lifespan startup did not run"
+        call = Call(
+            scope, receive, ex, runtime, key, runtime.limits[key.sha256], rest,
+            rest + ("?" + query.decode("latin-1") if query else ""), body, pinned, self.session, self.limiter,
+        )  # fmt: skip
+        await (model_request(call) if rest in MODEL_ROUTES else passthrough(call))
+
+    async def readyz(self, ex: Exchange) -> None:
+        problem = "draining" if self.draining else None
+        if problem is None and self.limiter is not None:
+            problem = await self.limiter.ping()
+        if problem is not None:
+            return await ex.respond(503, JSON_HEADERS, orjson.dumps({"status": "unavailable", "reason": problem}))
+        await ex.respond(200, JSON_HEADERS, b'{"status":"ready"}')
 
     def authenticate(self, wanted: dict[bytes, bytes], record: RequestRecord, runtime: Runtime) -> KeySettings:
         auth = wanted.get(b"authorization")
@@ -168,136 +192,6 @@ class Gateway:
         ]
         await ex.respond(200, JSON_HEADERS, orjson.dumps({"object": "list", "data": data}))
 
-    async def model_request(
-        self,
-        scope: Scope,
-        receive: Receive,
-        ex: Exchange,
-        runtime: Runtime,
-        key: KeySettings,
-        route: str,
-        path_and_query: str,
-        body: bytes,
-        pinned: str | None,
-    ) -> None:
-        payload = _json_object(body)
-        model = payload.get("model")
-        if model is None or model == "":
-            raise InvalidRequest("The request has no 'model' field.", param="model", code="missing_model")
-        if not isinstance(model, str):
-            raise InvalidRequest("Expected 'model' to be a string.", param="model")
-        stream = payload.get("stream", False)
-        if not isinstance(stream, bool):
-            raise InvalidRequest("Expected 'stream' to be true or false.", param="stream")
-        field = REQUIRED_FIELD[route]
-        if field not in payload:
-            raise InvalidRequest(f"The request has no '{field}' field.", param=field)
-        ex.record.model = model
-        ex.record.stream = stream
-        chosen = runtime.router.route(model, key, pinned)
-        ex.record.upstream_model = chosen.upstream_model
-        kind: Kind = "stream" if stream and route in STREAMING_ROUTES else "json"
-        bodies = _BodyVariants(payload, body, chosen.upstream_model != model, chosen.upstream_model, kind)
-        await self._relay(scope, receive, ex, runtime, chosen.providers, path_and_query, bodies.body_for, kind)
-
-    async def passthrough(
-        self,
-        scope: Scope,
-        receive: Receive,
-        ex: Exchange,
-        runtime: Runtime,
-        key: KeySettings,
-        path_and_query: str,
-        body: bytes,
-        pinned: str | None,
-    ) -> None:
-        model = _model_field(body)
-        if model is not None:
-            ex.record.model = model
-            chosen = runtime.router.route(model, key, pinned)
-            providers = chosen.providers
-            ex.record.upstream_model = chosen.upstream_model
-            if chosen.upstream_model != model:
-                payload = _json_object(body)
-                payload["model"] = chosen.upstream_model
-                body = orjson.dumps(payload)
-        elif pinned is not None:
-            providers = (runtime.router.pinned(pinned),)
-        else:
-            raise NotFound(
-                f"Cannot route {scope['path']}: the body has no 'model' field and there is no X-AI-Provider header."
-            )
-        await self._relay(scope, receive, ex, runtime, providers, path_and_query, lambda _c: (body, False), "raw")
-
-    async def _relay(
-        self,
-        scope: Scope,
-        receive: Receive,
-        ex: Exchange,
-        runtime: Runtime,
-        providers: tuple[ProviderSettings, ...],
-        path_and_query: str,
-        body_for: BodyFor,
-        kind: Kind,
-    ) -> None:
-        assert self.session is not None, "lifespan startup did not run"
-        attempts = [runtime.clients[p.name] for p in runtime.router.attempt_order(providers)]
-        watcher = DisconnectWatcher(receive)
-        try:
-            await relay(
-                ex, self.session, attempts, scope["method"], path_and_query, scope["headers"],
-                body_for, kind, watcher, lambda usage: _record_usage(ex.record, usage),
-            )  # fmt: skip
-        except asyncio.CancelledError:
-            if not watcher.disconnected:
-                raise
-            current = asyncio.current_task()
-            if current is not None:
-                current.uncancel()
-            ex.record.client_disconnected = True
-        finally:
-            watcher.stop()
-
-
-class _BodyVariants:
-    """The upstream body, re-encoded only when an alias or include_usage changes it."""
-
-    def __init__(self, payload: dict[str, object], raw: bytes, renamed: bool, upstream_model: str, kind: Kind) -> None:
-        self.payload = payload
-        self.raw = raw
-        self.renamed = renamed
-        self.upstream_model = upstream_model
-        options = payload.get("stream_options")
-        self.client_asked = isinstance(options, dict) and options.get("include_usage") is True
-        self.kind = kind
-        self._cache: dict[bool, bytes] = {}
-
-    def body_for(self, client: ProviderClient) -> tuple[bytes, bool]:
-        inject = self.kind == "stream" and client.settings.stream_usage and not self.client_asked
-        body = self._cache.get(inject)
-        if body is None:
-            if not inject and not self.renamed:
-                body = self.raw
-            else:
-                payload = dict(self.payload)
-                if self.renamed:
-                    payload["model"] = self.upstream_model
-                if inject:
-                    options = payload.get("stream_options")
-                    payload["stream_options"] = {
-                        **(options if isinstance(options, dict) else {}),
-                        "include_usage": True,
-                    }
-                body = orjson.dumps(payload)
-            self._cache[inject] = body
-        return body, inject
-
-
-def _record_usage(record: RequestRecord, usage: Usage) -> None:
-    record.prompt_tokens = usage.prompt_tokens
-    record.completion_tokens = usage.completion_tokens
-    record.total_tokens = usage.total_tokens
-
 
 def _strip_prefix(path: str, prefixes: tuple[str, ...]) -> str | None:
     for prefix in prefixes:
@@ -311,27 +205,6 @@ def _missing_prefix_message(path: str, prefixes: tuple[str, ...]) -> str:
         f"Unknown path {path!r}. The base URL must end in {prefixes[0]!r} "
         f"(for example http://HOST:PORT{prefixes[0]}), so requests go to {prefixes[0]}/chat/completions."
     )
-
-
-def _json_object(body: bytes) -> dict[str, object]:
-    try:
-        payload = orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        raise InvalidRequest("The request body is not valid JSON.", code="invalid_json") from exc
-    if not isinstance(payload, dict):
-        raise InvalidRequest("Expected the request body to be a JSON object.")
-    return payload
-
-
-def _model_field(body: bytes) -> str | None:
-    if not body.lstrip().startswith(b"{"):
-        return None
-    try:
-        payload = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        return None
-    model = payload.get("model") if isinstance(payload, dict) else None
-    return model if isinstance(model, str) and model else None
 
 
 def create_app(settings: Settings) -> Gateway:

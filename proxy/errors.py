@@ -98,6 +98,11 @@ class RateLimited(GatewayError):
     code = "rate_limit_exceeded"
     type = "rate_limit_error"
 
+    def __init__(self, message: str, *, headers: Sequence[Header], scope: str, limit: str) -> None:
+        super().__init__(message, headers=headers)
+        self.scope = scope  # "key" or "group"
+        self.limit = limit  # "rpm" or "tpm"
+
 
 class UpstreamError(GatewayError):
     status = 502

@@ -115,6 +115,7 @@ async def relay(
     kind: Kind,
     watcher: DisconnectWatcher,
     on_usage: Callable[[Usage], None],
+    request_bytes: int,
 ) -> None:
     """Try each provider in order until one answers something to pass on.
 
@@ -138,7 +139,8 @@ async def relay(
                     continue
                 is_sse = resp.content_type == "text/event-stream"
                 if kind == "raw" or (is_sse and resp.status == 200 and kind == "stream"):
-                    await _forward_stream(ex, resp, client, watcher, StreamUsageScanner(injected), on_usage)
+                    scanner = StreamUsageScanner(injected)
+                    await _forward_stream(ex, resp, client, watcher, scanner, on_usage, request_bytes)
                 else:
                     await _forward_whole(ex, resp, client, watcher, on_usage)
                 return
@@ -178,6 +180,7 @@ async def _forward_stream(
     watcher: DisconnectWatcher,
     scanner: StreamUsageScanner,
     on_usage: Callable[[Usage], None],
+    request_bytes: int,
 ) -> None:
     headers = response_headers(resp)
     if resp.content_type == "text/event-stream":
@@ -193,8 +196,11 @@ async def _forward_stream(
     except MID_STREAM_ERRORS as exc:
         failure = mid_stream_error(exc, client.settings.name)
     finally:
+        # Runs on a client disconnect too: a stream cut short still charges what is known.
         if scanner.usage is not None:
             on_usage(scanner.usage)
+        elif scanner.events and resp.status == 200:
+            on_usage(Usage.estimate(request_bytes, scanner.events))
     watcher.stop()
     if failure is None:
         await ex.body(b"", False)

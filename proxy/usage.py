@@ -26,6 +26,12 @@ class Usage:
     total_tokens: int = 0
 
     @classmethod
+    def estimate(cls, request_bytes: int, content_events: int) -> Usage:
+        """For a stream cut short before its usage event: ~4 bytes a prompt token, one token an event."""
+        prompt = max(1, request_bytes // 4)
+        return cls(prompt, content_events, prompt + content_events)
+
+    @classmethod
     def from_json(cls, usage: Any) -> Usage | None:
         if not isinstance(usage, dict):
             return None
@@ -53,10 +59,12 @@ class StreamUsageScanner:
     def __init__(self, strip_usage_event: bool) -> None:
         self.strip_usage_event = strip_usage_event
         self.usage: Usage | None = None
+        self.events = 0  # data: lines seen, for an estimate when no usage arrives
         self._tail = b""
 
     def feed(self, chunk: bytes) -> bytes:
         """Return the bytes of `chunk` to forward (the chunk itself, or less)."""
+        self.events += chunk.count(b"data:")
         carried = len(self._tail)
         data = self._tail + chunk if carried else chunk
         end = data.rfind(EVENT_END)

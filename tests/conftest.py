@@ -198,6 +198,43 @@ enabled = false
 
 
 @dataclass
+class RedisServer:
+    """A redis-server of the tests' own on a free port, so tests can kill and restart it."""
+
+    port: int
+    log: Path
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> RedisServer:
+        args = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+        with self.log.open("ab") as out:
+            self.proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT)
+        wait_for_port(self.port, self.proc, self.log)
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def flush(self) -> None:
+        subprocess.run(["redis-cli", "-p", str(self.port), "FLUSHALL"], check=True, capture_output=True)
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    server = RedisServer(free_port(), tmp_path_factory.mktemp("redis") / "redis.log").start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@dataclass
 class Mocks:
     alpha: Mock
     beta: Mock
@@ -218,19 +255,29 @@ def mocks(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mocks]:
         beta.proc.stop()
 
 
-def start_gateway(tmp: Path, mocks: Mocks, config_text: str, *extra: str) -> Proc:
-    config = tmp / "gateway.toml"
+def start_gateway(
+    tmp: Path,
+    mocks: Mocks,
+    config_text: str,
+    *extra: str,
+    redis_url: str = "redis://127.0.0.1:1/0",
+    name: str = "gateway",
+) -> Proc:
+    """A `sluicegate serve` process; REDIS_URL points at the tests' own Redis (or nowhere)."""
+    config = tmp / f"{name}.toml"
     config.write_text(config_text)
     port = free_port()
     args = ["serve", "--config", str(config), "--bind", f"127.0.0.1:{port}", *extra]
-    return Proc(args, port, tmp / "gateway.log", {"SG_TEST_ALPHA_KEY": mocks.provider_key}).start()
+    env = {"SG_TEST_ALPHA_KEY": mocks.provider_key, "REDIS_URL": redis_url}
+    return Proc(args, port, tmp / f"{name}.log", env).start()
 
 
 @pytest.fixture(scope="session")
-def gateway(tmp_path_factory: pytest.TempPathFactory, mocks: Mocks) -> Iterator[Gateway]:
+def gateway(tmp_path_factory: pytest.TempPathFactory, mocks: Mocks, redis_server: RedisServer) -> Iterator[Gateway]:
     tmp = tmp_path_factory.mktemp("e2e")
     keys = {name: new_key() for name in ("main", "limited", "disabled")}
-    proc = start_gateway(tmp, mocks, gateway_config(mocks.alpha.url, mocks.beta.url, free_port(), keys))
+    config = gateway_config(mocks.alpha.url, mocks.beta.url, free_port(), keys)
+    proc = start_gateway(tmp, mocks, config, redis_url=redis_server.url)
     try:
         yield Gateway(proc, tmp / "gateway.toml", keys, {"alpha": mocks.alpha, "beta": mocks.beta}, mocks.provider_key)
     finally:

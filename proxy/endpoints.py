@@ -1,0 +1,181 @@
+"""The model-aware routes and passthrough: validate, route, limit, relay, charge."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import orjson
+from starlette.types import Receive, Scope
+
+from .errors import InvalidRequest, NotFound
+from .limits import KeyLimits, Limiter
+from .relay import BodyFor, DisconnectWatcher, Exchange, Kind, relay
+from .settings import KeySettings, ProviderSettings
+from .upstream import ProviderClient
+from .usage import Usage
+
+if TYPE_CHECKING:
+    import aiohttp
+
+    from .app import Runtime
+
+MODEL_ROUTES = frozenset({"/chat/completions", "/completions", "/embeddings"})
+STREAMING_ROUTES = frozenset({"/chat/completions", "/completions"})
+REQUIRED_FIELD = {"/chat/completions": "messages", "/completions": "prompt", "/embeddings": "input"}
+
+
+@dataclass(slots=True)
+class Call:
+    """One authenticated request whose body has been read."""
+
+    scope: Scope
+    receive: Receive
+    ex: Exchange
+    runtime: Runtime
+    key: KeySettings
+    limits: KeyLimits
+    route: str
+    path_and_query: str
+    body: bytes
+    pinned: str | None
+    session: aiohttp.ClientSession
+    limiter: Limiter
+
+
+async def model_request(call: Call) -> None:
+    payload = _json_object(call.body)
+    record = call.ex.record
+    model = payload.get("model")
+    if model is None or model == "":
+        raise InvalidRequest("The request has no 'model' field.", param="model", code="missing_model")
+    if not isinstance(model, str):
+        raise InvalidRequest("Expected 'model' to be a string.", param="model")
+    stream = payload.get("stream", False)
+    if not isinstance(stream, bool):
+        raise InvalidRequest("Expected 'stream' to be true or false.", param="stream")
+    field = REQUIRED_FIELD[call.route]
+    if field not in payload:
+        raise InvalidRequest(f"The request has no '{field}' field.", param=field)
+    record.model = model
+    record.stream = stream
+    chosen = call.runtime.router.route(model, call.key, call.pinned)
+    record.upstream_model = chosen.upstream_model
+    if call.limits.model is not None:
+        call.ex.extra_headers += await call.limiter.admit(call.limits.model)
+    kind: Kind = "stream" if stream and call.route in STREAMING_ROUTES else "json"
+    bodies = _BodyVariants(payload, call.body, chosen.upstream_model, kind)
+    await _relay(call, chosen.providers, bodies.body_for, kind)
+
+
+async def passthrough(call: Call) -> None:
+    record = call.ex.record
+    body = call.body
+    model = _model_field(body)
+    if model is not None:
+        record.model = model
+        chosen = call.runtime.router.route(model, call.key, call.pinned)
+        providers = chosen.providers
+        record.upstream_model = chosen.upstream_model
+        if chosen.upstream_model != model:
+            payload = _json_object(body)
+            payload["model"] = chosen.upstream_model
+            body = orjson.dumps(payload)
+    elif call.pinned is not None:
+        providers = (call.runtime.router.pinned(call.pinned),)
+    else:
+        raise NotFound(
+            f"Cannot route {call.scope['path']}: the body has no 'model' field and there is no X-AI-Provider header."
+        )
+    if call.limits.passthrough is not None:
+        call.ex.extra_headers += await call.limiter.admit(call.limits.passthrough)
+    await _relay(call, providers, lambda _client: (body, False), "raw")
+
+
+async def _relay(call: Call, providers: tuple[ProviderSettings, ...], body_for: BodyFor, kind: Kind) -> None:
+    ex = call.ex
+    record = ex.record
+    attempts = [call.runtime.clients[p.name] for p in call.runtime.router.attempt_order(providers)]
+    charging: list[asyncio.Task[None]] = []
+
+    def on_usage(usage: Usage) -> None:
+        record.prompt_tokens = usage.prompt_tokens
+        record.completion_tokens = usage.completion_tokens
+        record.total_tokens = usage.total_tokens
+        # Charged while the last bytes go out, so the next request already sees it.
+        if call.limits.charges_tokens and not charging:
+            charging.append(asyncio.create_task(call.limiter.charge(call.limits, usage.total_tokens)))
+
+    watcher = DisconnectWatcher(call.receive)
+    try:
+        await relay(
+            ex, call.session, attempts, call.scope["method"], call.path_and_query, call.scope["headers"],
+            body_for, kind, watcher, on_usage, len(call.body),
+        )  # fmt: skip
+    except asyncio.CancelledError:
+        if not watcher.disconnected:
+            raise
+        current = asyncio.current_task()
+        if current is not None:
+            current.uncancel()
+        record.client_disconnected = True
+    finally:
+        watcher.stop()
+        if charging:
+            await charging[0]
+
+
+class _BodyVariants:
+    """The upstream body, re-encoded only when an alias or include_usage changes it."""
+
+    def __init__(self, payload: dict[str, object], raw: bytes, upstream_model: str, kind: Kind) -> None:
+        self.payload = payload
+        self.raw = raw
+        self.upstream_model = upstream_model
+        self.renamed = payload.get("model") != upstream_model
+        options = payload.get("stream_options")
+        self.client_asked = isinstance(options, dict) and options.get("include_usage") is True
+        self.kind = kind
+        self._cache: dict[bool, bytes] = {}
+
+    def body_for(self, client: ProviderClient) -> tuple[bytes, bool]:
+        inject = self.kind == "stream" and client.settings.stream_usage and not self.client_asked
+        body = self._cache.get(inject)
+        if body is None:
+            if not inject and not self.renamed:
+                body = self.raw
+            else:
+                payload = dict(self.payload)
+                if self.renamed:
+                    payload["model"] = self.upstream_model
+                if inject:
+                    options = payload.get("stream_options")
+                    payload["stream_options"] = {
+                        **(options if isinstance(options, dict) else {}),
+                        "include_usage": True,
+                    }
+                body = orjson.dumps(payload)
+            self._cache[inject] = body
+        return body, inject
+
+
+def _json_object(body: bytes) -> dict[str, object]:
+    try:
+        payload = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidRequest("The request body is not valid JSON.", code="invalid_json") from exc
+    if not isinstance(payload, dict):
+        raise InvalidRequest("Expected the request body to be a JSON object.")
+    return payload
+
+
+def _model_field(body: bytes) -> str | None:
+    if not body.lstrip().startswith(b"{"):
+        return None
+    try:
+        payload = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    model = payload.get("model") if isinstance(payload, dict) else None
+    return model if isinstance(model, str) and model else None

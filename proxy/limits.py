@@ -1,0 +1,232 @@
+"""Token buckets and budgets in Redis: one Lua script per decision.
+
+Everything that does not change between requests (Redis key names, script
+arguments, header names) is built once per config in `KeyLimits`; a request
+costs one EVALSHA before the upstream call and one after the answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+from dataclasses import dataclass
+from importlib.resources import files
+from typing import Any, Literal
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+
+from .errors import Header, InsufficientQuota, LimiterUnavailable, RateLimited
+from .settings import GroupSettings, KeySettings, RedisSettings
+
+ADMIT_LUA = files("proxy").joinpath("token_bucket.lua").read_text()
+CHARGE_LUA = files("proxy").joinpath("charge.lua").read_text()
+REDIS_ERRORS = (RedisError, OSError, TimeoutError)
+
+
+class LimiterFailure(Exception):
+    """Redis did not answer in time or at all."""
+
+
+@dataclass(frozen=True, slots=True)
+class Bucket:
+    redis_key: str
+    scope: Literal["key", "group"]
+    owner: str
+    kind: Literal["rpm", "tpm"]
+    per_minute: int
+    capacity: int
+
+    @property
+    def rate_per_s(self) -> float:
+        return self.per_minute / 60.0
+
+    def describe(self) -> str:
+        return f"{self.kind} limit of {self.scope} '{self.owner}' ({self.per_minute} per minute)"
+
+
+def key_prefix(key: KeySettings) -> str:
+    # The group is the hash tag, so one decision's keys share a Redis Cluster slot.
+    return f"sg:{{g:{key.group}}}:k:{key.name}"
+
+
+def budget_key(key: KeySettings) -> str:
+    return key_prefix(key) + ":spent"
+
+
+def buckets_for(key: KeySettings, group: GroupSettings) -> tuple[Bucket, ...]:
+    found: list[Bucket] = []
+    for scope, owner, source, prefix in (
+        ("key", key.name, key, key_prefix(key)),
+        ("group", group.name, group, f"sg:{{g:{group.name}}}:g"),
+    ):
+        for kind in ("rpm", "tpm"):
+            per_minute = getattr(source, kind)
+            if per_minute is not None:
+                capacity = source.burst if kind == "rpm" and source.burst is not None else per_minute
+                found.append(Bucket(f"{prefix}:{kind}", scope, owner, kind, per_minute, capacity))  # type: ignore[arg-type]
+    return tuple(found)
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """The script call for one kind of request, precomputed."""
+
+    buckets: tuple[Bucket, ...]
+    keys: tuple[str, ...]
+    args: tuple[Any, ...]
+
+    @classmethod
+    def build(cls, buckets: tuple[Bucket, ...], budget_redis_key: str, budget: int | None) -> Plan:
+        args: list[Any] = [len(buckets), -1 if budget is None else budget]
+        for b in buckets:
+            args += [b.capacity, b.rate_per_s, 1 if b.kind == "rpm" else 0]
+        keys = [b.redis_key for b in buckets] + ([budget_redis_key] if budget is not None else [])
+        return cls(buckets, tuple(keys), tuple(args))
+
+
+@dataclass(frozen=True, slots=True)
+class KeyLimits:
+    key: KeySettings
+    model: Plan | None  # chat, completions, embeddings: rpm and tpm buckets, budget
+    passthrough: Plan | None  # other routes: rpm buckets only
+    token_buckets: tuple[Bucket, ...]
+    charge_keys: tuple[str, ...]
+    charge_tail: tuple[Any, ...]
+
+    @classmethod
+    def build(cls, key: KeySettings, group: GroupSettings) -> KeyLimits:
+        buckets = buckets_for(key, group)
+        rpm = tuple(b for b in buckets if b.kind == "rpm")
+        tpm = tuple(b for b in buckets if b.kind == "tpm")
+        spent = budget_key(key)
+        budget = key.budget_tokens
+        tail: list[Any] = []
+        for b in tpm:
+            tail += [b.capacity, b.rate_per_s]
+        return cls(
+            key=key,
+            model=Plan.build(buckets, spent, budget) if buckets or budget is not None else None,
+            passthrough=Plan.build(rpm, spent, None) if rpm else None,
+            token_buckets=tpm,
+            charge_keys=tuple(b.redis_key for b in tpm) + ((spent,) if budget is not None else ()),
+            charge_tail=tuple(tail),
+        )
+
+    @property
+    def charges_tokens(self) -> bool:
+        return bool(self.charge_keys)
+
+
+def format_duration(ms: int) -> str:
+    """OpenAI's style for x-ratelimit-reset-*: 20ms, 1s, 6m0s, 1h2m3s."""
+    if ms < 1000:
+        return f"{max(ms, 0)}ms"
+    seconds = math.ceil(ms / 1000)
+    hours, rest = divmod(seconds, 3600)
+    minutes, seconds = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes}m{seconds}s"
+    if minutes:
+        return f"{minutes}m{seconds}s"
+    return f"{seconds}s"
+
+
+def ratelimit_headers(plan: Plan, result: list[int]) -> list[Header]:
+    """The tightest bucket of each kind speaks for it."""
+    headers: list[Header] = []
+    for kind, label in (("rpm", b"requests"), ("tpm", b"tokens")):
+        tightest: tuple[int, int, int] | None = None
+        for i, bucket in enumerate(plan.buckets):
+            if bucket.kind != kind:
+                continue
+            level, reset_ms = result[3 + 2 * i], result[4 + 2 * i]
+            if tightest is None or level < tightest[1]:
+                tightest = (bucket.per_minute, level, reset_ms)
+        if tightest is not None:
+            limit, level, reset_ms = tightest
+            headers += [
+                (b"x-ratelimit-limit-" + label, str(limit).encode()),
+                (b"x-ratelimit-remaining-" + label, str(max(level, 0)).encode()),
+                (b"x-ratelimit-reset-" + label, format_duration(reset_ms).encode()),
+            ]
+    return headers
+
+
+class Limiter:
+    """One Redis client per worker, opened in the lifespan."""
+
+    def __init__(self, settings: RedisSettings) -> None:
+        self.settings = settings
+        self.timeout_s = settings.timeout_s
+        self.client = aioredis.Redis.from_url(
+            settings.url,
+            socket_timeout=settings.timeout_s,
+            socket_connect_timeout=settings.timeout_s,
+            # One immediate retry: a pooled connection may be stale after a Redis restart.
+            retry=Retry(NoBackoff(), 1),
+        )
+        self._admit = self.client.register_script(ADMIT_LUA)
+        self._charge = self.client.register_script(CHARGE_LUA)
+        self.errors = 0
+
+    async def close(self) -> None:
+        await self.client.aclose()
+
+    async def _call(self, script: Any, keys: tuple[str, ...], args: tuple[Any, ...]) -> Any:
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                return await script(keys=keys, args=args)
+        except REDIS_ERRORS as exc:
+            self.errors += 1
+            raise LimiterFailure(type(exc).__name__) from exc
+
+    async def admit(self, plan: Plan) -> list[Header]:
+        """Take from every bucket or from none; return the x-ratelimit-* headers."""
+        try:
+            result: list[int] = await self._call(self._admit, plan.keys, plan.args)
+        except LimiterFailure as exc:
+            if self.settings.on_error == "deny":
+                raise LimiterUnavailable("The rate limiter is unavailable; retry shortly.") from exc
+            return []
+        verdict, worst, wait_ms = result[0], result[1], result[2]
+        if verdict == 1:
+            return ratelimit_headers(plan, result)
+        if verdict == -1:
+            raise InsufficientQuota(
+                "This API key's token budget is spent. Ask the gateway's operators to raise it.",
+                headers=((b"x-should-retry", b"false"),),
+            )
+        bucket = plan.buckets[worst - 1]
+        headers = [
+            (b"retry-after", str(max(1, math.ceil(wait_ms / 1000))).encode()),
+            (b"retry-after-ms", str(wait_ms).encode()),
+            *ratelimit_headers(plan, result),
+        ]
+        raise RateLimited(
+            f"Rate limit reached: the {bucket.describe()} is used up. Retry in {format_duration(wait_ms)}.",
+            headers=headers,
+            scope=bucket.scope,
+            limit=bucket.kind,
+        )
+
+    async def charge(self, limits: KeyLimits, tokens: int) -> None:
+        """Charge real usage after the answer; buckets may go into debt."""
+        if tokens <= 0 or not limits.charges_tokens:
+            return
+        args = (len(limits.token_buckets), tokens, 1 if limits.key.budget_tokens is not None else 0)
+        # A failure is counted in self.errors; the answer has already gone out.
+        with contextlib.suppress(LimiterFailure):
+            await self._call(self._charge, limits.charge_keys, args + limits.charge_tail)
+
+    async def ping(self) -> str | None:
+        """None when Redis answers, else the reason."""
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                await self.client.ping()
+        except REDIS_ERRORS as exc:
+            return f"redis: {type(exc).__name__}"
+        return None
