@@ -323,6 +323,8 @@ def _groups(raw: Mapping[str, Any], problems: list[str]) -> dict[str, GroupSetti
     groups = {"default": GroupSettings("default")}
     for name, table in _table(raw, "groups", problems).items():
         where = f"groups.{name}"
+        if not NAME_RE.match(name):
+            problems.append(f"{where}: group names are 1-64 of A-Z a-z 0-9 _ . -")
         if not isinstance(table, Mapping):
             problems.append(f"{where}: expected a table")
             continue

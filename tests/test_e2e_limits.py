@@ -1,0 +1,308 @@
+"""Limits and budgets across real gateway processes sharing one real Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import httpx
+import openai
+import orjson
+import pytest
+
+from proxy.auth import key_digest, new_key
+from tests.conftest import Mocks, Proc, RedisServer, free_port, start_gateway
+
+CHAT: dict[str, Any] = {"model": "mock-chat", "messages": [{"role": "user", "content": "say something"}]}
+KEY_LIMITS = {
+    "r50": 'rpm = 50\nburst = 50\ngroup = "free"',
+    "s1": 'group = "shared"',
+    "s2": 'group = "shared"',
+    "refill": "rpm = 60\nburst = 1",
+    "tok1": "tpm = 10",
+    "tok2": "tpm = 10",
+    "tokh": "tpm = 10",
+    "budget": "budget_tokens = 10",
+    "sdk": "rpm = 1",
+    "free": "",
+}
+
+
+def limits_config(mocks: Mocks, keys: dict[str, str]) -> str:
+    blocks = "".join(
+        f'\n[[keys]]\nname = "{name}"\nsha256 = "{key_digest(keys[name])}"\n{extra}\n'
+        for name, extra in KEY_LIMITS.items()
+    )
+    return f"""
+[redis]
+on_error = "allow"
+
+[events]
+sink = "off"
+
+[[providers]]
+name = "beta"
+base_url = "{mocks.beta.url}/v1"
+models = ["mock-chat"]
+
+[groups.free]
+
+[groups.shared]
+rpm = 50
+burst = 50
+{blocks}"""
+
+
+@dataclass
+class Pair:
+    """Two gateway processes sharing one Redis."""
+
+    procs: tuple[Proc, Proc]
+    keys: dict[str, str]
+    redis: RedisServer
+
+    def url(self, i: int = 0) -> str:
+        return f"http://127.0.0.1:{self.procs[i % 2].port}/v1/chat/completions"
+
+    def auth(self, name: str) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.keys[name]}"}
+
+    def post(self, name: str, body: dict[str, Any] | None = None, **headers: str) -> httpx.Response:
+        return httpx.post(self.url(), json=body or CHAT, headers={**self.auth(name), **headers}, timeout=10)
+
+    def bucket(self, redis_key: str) -> float:
+        out = subprocess.run(
+            ["redis-cli", "-p", str(self.redis.port), "HGET", redis_key, "t"],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        return float(out.stdout.strip())
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory: pytest.TempPathFactory, mocks: Mocks, redis_server: RedisServer) -> Iterator[Pair]:
+    redis_server.flush()
+    tmp = tmp_path_factory.mktemp("limits")
+    keys = {name: new_key() for name in KEY_LIMITS}
+    config = limits_config(mocks, keys)
+    first = start_gateway(tmp, mocks, config, redis_url=redis_server.url, name="gw1")
+    second = start_gateway(tmp, mocks, config, redis_url=redis_server.url, name="gw2")
+    try:
+        yield Pair((first, second), keys, redis_server)
+    finally:
+        first.stop()
+        second.stop()
+
+
+async def burst(pair: Pair, names: list[str], n: int) -> tuple[list[tuple[int, Any]], float]:
+    """n concurrent requests, alternating over both processes and the given keys."""
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=connector) as session:
+
+        async def one(i: int) -> tuple[int, Any]:
+            headers = pair.auth(names[i % len(names)])
+            async with session.post(pair.url(i), json=CHAT, headers=headers) as resp:
+                await resp.read()
+                return resp.status, resp.headers
+
+        # Open connections first, so the burst itself is only the decisions.
+        await asyncio.gather(*(session.get(pair.url(i).replace("/v1/chat/completions", "/healthz")) for i in range(64)))
+        start = time.monotonic()
+        results = await asyncio.gather(*(one(i) for i in range(n)))
+        return results, time.monotonic() - start
+
+
+def assert_exact(results: list[tuple[int, Any]], elapsed_s: float, capacity: int, per_minute: int) -> None:
+    statuses = [status for status, _ in results]
+    assert set(statuses) <= {200, 429}, statuses
+    admitted = statuses.count(200)
+    # A token bucket refills while the burst runs: over a window under 60/per_minute s, nothing.
+    refilled = math.floor(elapsed_s * per_minute / 60)
+    assert capacity <= admitted <= capacity + refilled, (admitted, elapsed_s)
+    for status, headers in results:
+        if status == 429:
+            assert int(headers["retry-after"]) >= 1
+            assert int(headers["retry-after-ms"]) > 0
+            assert headers["x-ratelimit-limit-requests"] == str(per_minute)
+            assert headers["x-ratelimit-remaining-requests"] == "0"
+            assert headers["x-ratelimit-reset-requests"]
+
+
+async def test_key_rpm_exact_across_two_processes(pair: Pair) -> None:
+    results, elapsed = await burst(pair, ["r50"], 200)
+    print(f"200 requests in {elapsed:.3f}s")
+    assert_exact(results, elapsed, 50, 50)
+
+
+async def test_group_rpm_exact_across_two_keys_and_processes(pair: Pair) -> None:
+    results, elapsed = await burst(pair, ["s1", "s2"], 200)
+    print(f"200 requests in {elapsed:.3f}s")
+    assert_exact(results, elapsed, 50, 50)
+    refused = [h for s, h in results if s == 429]
+    assert refused
+    body_429 = pair.post("s1")
+    assert body_429.status_code == 429
+    message = body_429.json()["error"]["message"]
+    assert "rpm limit of group 'shared'" in message
+
+
+def test_admitted_responses_carry_ratelimit_headers(pair: Pair) -> None:
+    resp = pair.post("tokh")
+    assert resp.status_code == 200
+    assert resp.headers["x-ratelimit-limit-tokens"] == "10"
+    assert resp.headers["x-ratelimit-remaining-tokens"] == "10"
+    assert resp.headers["x-ratelimit-reset-tokens"] == "0ms"
+    assert "x-ratelimit-limit-requests" not in resp.headers
+
+
+def test_refill_after_retry_after_ms(pair: Pair) -> None:
+    assert pair.post("refill").status_code == 200
+    refused = pair.post("refill")
+    assert refused.status_code == 429
+    wait_ms = int(refused.headers["retry-after-ms"])
+    assert 0 < wait_ms <= 1000
+    assert refused.headers["retry-after"] == "1"
+    assert "rpm limit of key 'refill'" in refused.json()["error"]["message"]
+    time.sleep(wait_ms / 1000)
+    assert pair.post("refill").status_code == 200
+
+
+def stream(pair: Pair, name: str, chunks: int, asked: bool) -> list[Any]:
+    body: dict[str, Any] = {**CHAT, "stream": True}
+    if asked:
+        body["stream_options"] = {"include_usage": True}
+    headers = {**pair.auth(name), "x-mock-chunks": str(chunks)}
+    with httpx.stream("POST", pair.url(), json=body, headers=headers, timeout=10) as resp:
+        assert resp.status_code == 200
+        raw = resp.read()
+    return [orjson.loads(e[6:]) for e in raw.split(b"\n\n") if e.startswith(b"data: {")]
+
+
+@pytest.mark.parametrize(("name", "asked"), [("tok1", False), ("tok2", True)])
+def test_tpm_charged_from_streamed_usage(pair: Pair, name: str, asked: bool) -> None:
+    events = stream(pair, name, 20, asked)
+    usage_events = [e for e in events if e.get("choices") == []]
+    assert len(usage_events) == (1 if asked else 0)
+    # 2 prompt words + 20 chunks = 22 tokens against a bucket of 10: into debt.
+    time.sleep(0.2)
+    level = pair.bucket(f"sg:{{g:default}}:k:{name}:tpm")
+    assert -12.5 < level < -11
+    refused = pair.post(name)
+    assert refused.status_code == 429
+    assert "tpm limit of key" in refused.json()["error"]["message"]
+    assert refused.headers["x-ratelimit-remaining-tokens"] == "0"
+
+
+def test_budget_crossing_request_completes_then_402(pair: Pair) -> None:
+    first = pair.post("budget")  # 2 + 6 = 8 tokens, budget 10
+    assert first.status_code == 200
+    time.sleep(0.1)
+    crossing = pair.post("budget")  # spent 8 < 10: admitted, ends at 16
+    assert crossing.status_code == 200
+    assert crossing.json()["usage"]["total_tokens"] == 8
+    time.sleep(0.1)
+    spent = pair.post("budget")
+    assert spent.status_code == 402
+    assert spent.headers["x-should-retry"] == "false"
+    assert spent.json()["error"]["code"] == "insufficient_quota"
+
+
+def test_sdk_gets_rate_limit_error_with_retry_after_ms(pair: Pair) -> None:
+    client = openai.OpenAI(
+        base_url=pair.url().removesuffix("/chat/completions"), api_key=pair.keys["sdk"], max_retries=0
+    )
+    client.chat.completions.create(model="mock-chat", messages=CHAT["messages"])
+    with pytest.raises(openai.RateLimitError) as info:
+        client.chat.completions.create(model="mock-chat", messages=CHAT["messages"])
+    assert int(info.value.response.headers["retry-after-ms"]) > 0
+    assert info.value.code == "rate_limit_exceeded"
+
+
+def test_unlimited_key_has_no_ratelimit_headers(pair: Pair) -> None:
+    resp = pair.post("free")
+    assert resp.status_code == 200
+    assert not [h for h in resp.headers if h.startswith("x-ratelimit")]
+
+
+# Redis faults: each test has its own Redis and gateway, so killing them disturbs nothing else.
+
+
+def fault_config(mocks: Mocks, key: str, on_error: str) -> str:
+    return f"""
+[redis]
+on_error = "{on_error}"
+timeout_s = 0.25
+
+[events]
+sink = "off"
+
+[[providers]]
+name = "beta"
+base_url = "{mocks.beta.url}/v1"
+models = ["mock-chat"]
+
+[[keys]]
+name = "f"
+sha256 = "{key_digest(key)}"
+rpm = 5
+"""
+
+
+def chat(proc: Proc, key: str) -> httpx.Response:
+    url = f"http://127.0.0.1:{proc.port}/v1/chat/completions"
+    return httpx.post(url, json=CHAT, headers={"Authorization": f"Bearer {key}"}, timeout=10)
+
+
+def ready(proc: Proc) -> httpx.Response:
+    return httpx.get(f"http://127.0.0.1:{proc.port}/readyz", timeout=5)
+
+
+def test_redis_down_with_allow_admits_and_recovers(tmp_path: Path, mocks: Mocks) -> None:
+    redis = RedisServer(free_port(), tmp_path / "redis.log").start()
+    key = new_key()
+    proc = start_gateway(tmp_path, mocks, fault_config(mocks, key, "allow"), redis_url=redis.url)
+    try:
+        assert [chat(proc, key).status_code for _ in range(6)] == [200] * 5 + [429]
+        redis.stop()
+        assert [chat(proc, key).status_code for _ in range(20)] == [200] * 20
+        down = ready(proc)
+        assert down.status_code == 503
+        assert down.json()["reason"].startswith("redis:")
+        redis.start()
+        assert ready(proc).status_code == 200
+        assert [chat(proc, key).status_code for _ in range(6)] == [200] * 5 + [429]
+    finally:
+        proc.stop()
+        redis.stop()
+
+
+def test_redis_down_with_deny_is_503_without_hanging(tmp_path: Path, mocks: Mocks) -> None:
+    redis = RedisServer(free_port(), tmp_path / "redis.log").start()
+    key = new_key()
+    proc = start_gateway(tmp_path, mocks, fault_config(mocks, key, "deny"), redis_url=redis.url)
+    assert redis.proc is not None
+    try:
+        assert chat(proc, key).status_code == 200
+        redis.proc.send_signal(19)  # SIGSTOP: Redis hangs, it does not refuse
+        for _ in range(3):
+            start = time.monotonic()
+            resp = chat(proc, key)
+            took = time.monotonic() - start
+            assert resp.status_code == 503
+            assert resp.json()["error"]["code"] == "limiter_unavailable"
+            assert took < 0.25 + 1.0, took  # timeout_s plus a margin for a busy machine
+        redis.proc.send_signal(18)  # SIGCONT
+        redis.stop()
+        resp = chat(proc, key)
+        assert resp.status_code == 503
+    finally:
+        proc.stop()
+        redis.stop()
