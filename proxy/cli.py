@@ -9,7 +9,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from .auth import key_digest, new_key
+from .admin import keys_new, keys_usage
 from .mock_upstream import MockOptions, run_mock
 from .server import run_demo, serve
 from .settings import ConfigError, config_path, load_settings
@@ -49,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tpm", type=_positive)
     p.add_argument("--budget-tokens", type=_positive)
     p.add_argument("--models", help="comma-separated model names or globs")
+    p = keys.add_parser("usage", help="what each key has spent against its budget, and its bucket levels")
+    p.add_argument("--config")
+    p.add_argument("--name", help="only this key")
 
     p = sub.add_parser("mock-upstream", help="a built-in OpenAI-compatible fake LLM")
     p.add_argument("--bind", type=_bind, default=("127.0.0.1", 8001))
@@ -63,27 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def keys_new(args: argparse.Namespace) -> str:
-    key = new_key()
-    lines = ["[[keys]]", f'name = "{args.name}"', f'sha256 = "{key_digest(key)}"']
-    if args.group:
-        lines.append(f'group = "{args.group}"')
-    for field in ("rpm", "tpm", "budget_tokens"):
-        value = getattr(args, field)
-        if value is not None:
-            lines.append(f"{field} = {value}")
-    if args.models:
-        models = ", ".join(f'"{m.strip()}"' for m in args.models.split(",") if m.strip())
-        lines.append(f"models = [{models}]")
-    block = "\n".join(lines)
-    note = "# Give the key above to its user; it is not stored anywhere.\n# Add this block to the config:"
-    return f"{key}\n\n{note}\n{block}\n"
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if args.command == "keys":
+    if args.command == "keys" and args.keys_command == "new":
         sys.stdout.write(keys_new(args))
         return 0
     if args.command == "mock-upstream":
@@ -108,6 +94,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"warning: {warning}", file=sys.stderr)
         print(f"{path}: ok ({len(settings.providers)} providers, {len(settings.keys)} keys)")
         return 0
+    if args.command == "keys":
+        lines, code = asyncio.run(keys_usage(settings, args.name))
+        print("\n".join(lines), file=sys.stdout if code == 0 else sys.stderr)
+        return code
     if args.command == "demo":
         asyncio.run(run_demo(settings))
         return 0

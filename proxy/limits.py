@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from importlib.resources import files
 from typing import Any, Literal
@@ -176,10 +177,11 @@ class Limiter:
     async def close(self) -> None:
         await self.client.aclose()
 
-    async def _call(self, script: Any, keys: tuple[str, ...], args: tuple[Any, ...]) -> Any:
+    async def call(self, command: Awaitable[Any]) -> Any:
+        """Await one Redis command within timeout_s; any failure becomes LimiterFailure."""
         try:
             async with asyncio.timeout(self.timeout_s):
-                return await script(keys=keys, args=args)
+                return await command
         except REDIS_ERRORS as exc:
             self.errors += 1
             raise LimiterFailure(type(exc).__name__) from exc
@@ -187,7 +189,7 @@ class Limiter:
     async def admit(self, plan: Plan) -> list[Header]:
         """Take from every bucket or from none; return the x-ratelimit-* headers."""
         try:
-            result: list[int] = await self._call(self._admit, plan.keys, plan.args)
+            result: list[int] = await self.call(self._admit(keys=plan.keys, args=plan.args))
         except LimiterFailure as exc:
             if self.settings.on_error == "deny":
                 raise LimiterUnavailable("The rate limiter is unavailable; retry shortly.") from exc
@@ -220,13 +222,12 @@ class Limiter:
         args = (len(limits.token_buckets), tokens, 1 if limits.key.budget_tokens is not None else 0)
         # A failure is counted in self.errors; the answer has already gone out.
         with contextlib.suppress(LimiterFailure):
-            await self._call(self._charge, limits.charge_keys, args + limits.charge_tail)
+            await self.call(self._charge(keys=limits.charge_keys, args=args + limits.charge_tail))
 
     async def ping(self) -> str | None:
         """None when Redis answers, else the reason."""
         try:
-            async with asyncio.timeout(self.timeout_s):
-                await self.client.ping()
-        except REDIS_ERRORS as exc:
-            return f"redis: {type(exc).__name__}"
+            await self.call(self.client.ping())
+        except LimiterFailure as exc:
+            return f"redis: {exc}"
         return None

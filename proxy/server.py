@@ -11,6 +11,7 @@ import asyncio
 import logging
 import multiprocessing
 import os
+import shutil
 import signal
 import sys
 from collections.abc import Callable
@@ -24,6 +25,7 @@ from hypercorn.utils import wrap_app
 
 from .app import Gateway, create_app
 from .auth import key_digest, new_key
+from .limits import Limiter
 from .mock_upstream import MockOptions, bound_port, start_mock
 from .settings import KeySettings, Settings
 
@@ -99,12 +101,35 @@ def serve(settings: Settings, bind: str | None, workers: int) -> int:
     return max((child.exitcode or 0) for child in children)
 
 
+async def _local_redis(settings: Settings) -> asyncio.subprocess.Process | None:
+    """Start a throwaway redis-server for the demo when none answers and one is installed."""
+    limiter = Limiter(settings.redis)
+    try:
+        if await limiter.ping() is None:
+            return None
+    finally:
+        await limiter.close()
+    url = urlsplit(settings.redis.url)
+    binary = shutil.which("redis-server")
+    if binary is None or url.hostname not in ("127.0.0.1", "localhost"):
+        sys.stdout.write(f"no Redis at {settings.redis.url} and none to start: limits are NOT enforced\n")
+        return None
+    args = [binary, "--port", str(url.port or 6379), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+    proc = await asyncio.create_subprocess_exec(
+        *args, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL
+    )
+    sys.stdout.write(f"started redis-server on port {url.port or 6379} (pid {proc.pid}) for the demo\n")
+    await asyncio.sleep(0.3)
+    return proc
+
+
 async def run_demo(settings: Settings) -> None:
     """The mock upstream and the gateway in one process, with a key made now."""
+    redis_proc = await _local_redis(settings)
     upstream = urlsplit(settings.providers[0].base_url)
     runner = await start_mock(MockOptions(host=upstream.hostname or "127.0.0.1", port=upstream.port or 8001))
     key = new_key()
-    settings = settings.with_keys(KeySettings(name="demo", sha256=key_digest(key)))
+    settings = settings.with_keys(KeySettings(name="demo", sha256=key_digest(key), rpm=60, tpm=100000))
     app = create_app(settings)
     config = hypercorn_config(settings)
     base = f"http://{settings.server.host}:{settings.server.port}{settings.server.prefixes[0]}"
@@ -121,3 +146,6 @@ async def run_demo(settings: Settings) -> None:
         await _serve(app, config, None)
     finally:
         await runner.cleanup()
+        if redis_proc is not None:
+            redis_proc.terminate()
+            await redis_proc.wait()

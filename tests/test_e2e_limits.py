@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import math
+import os
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -306,3 +308,29 @@ def test_redis_down_with_deny_is_503_without_hanging(tmp_path: Path, mocks: Mock
     finally:
         proc.stop()
         redis.stop()
+
+
+def test_keys_usage_command(pair: Pair) -> None:
+    config = pair.procs[0].args[pair.procs[0].args.index("--config") + 1]
+    env = {**os.environ, "REDIS_URL": pair.redis.url}
+    out = subprocess.run(
+        [sys.executable, "-m", "proxy", "keys", "usage", "--config", config], env=env, capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr
+    rows = {line.split()[0]: line for line in out.stdout.splitlines()[1:]}
+    assert set(rows) == set(KEY_LIMITS)
+    assert rows["budget"].split()[2:4] == ["16", "10"]
+    assert "key rpm " in rows["r50"]
+    assert "group rpm" in rows["s1"]
+    assert rows["free"].split()[2:5] == ["0", "unlimited", "-"]
+    one = subprocess.run(
+        [sys.executable, "-m", "proxy", "keys", "usage", "--config", config, "--name", "nobody"],
+        env=env, capture_output=True, text=True,
+    )  # fmt: skip
+    assert one.returncode == 2
+    down = subprocess.run(
+        [sys.executable, "-m", "proxy", "keys", "usage", "--config", config],
+        env={**env, "REDIS_URL": "redis://127.0.0.1:1/0"}, capture_output=True, text=True,
+    )  # fmt: skip
+    assert down.returncode == 2
+    assert "does not answer" in down.stderr

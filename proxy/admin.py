@@ -1,0 +1,63 @@
+"""Operator commands: make a key, show what keys have spent."""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+from .auth import key_digest, new_key
+from .limits import Bucket, Limiter, LimiterFailure, buckets_for, budget_key, format_duration
+from .settings import Settings
+
+
+def keys_new(args: argparse.Namespace) -> str:
+    key = new_key()
+    lines = ["[[keys]]", f'name = "{args.name}"', f'sha256 = "{key_digest(key)}"']
+    if args.group:
+        lines.append(f'group = "{args.group}"')
+    for field in ("rpm", "tpm", "budget_tokens"):
+        value = getattr(args, field)
+        if value is not None:
+            lines.append(f"{field} = {value}")
+    if args.models:
+        models = ", ".join(f'"{m.strip()}"' for m in args.models.split(",") if m.strip())
+        lines.append(f"models = [{models}]")
+    block = "\n".join(lines)
+    note = "# Give the key above to its user; it is not stored anywhere.\n# Add this block to the config:"
+    return f"{key}\n\n{note}\n{block}\n"
+
+
+def _level(bucket: Bucket, state: list[bytes | None], now: float) -> str:
+    if state[0] is None or state[1] is None:
+        return f"{bucket.capacity}/{bucket.capacity}"
+    elapsed = max(0.0, now - float(state[1]))
+    level = min(bucket.capacity, float(state[0]) + elapsed * bucket.rate_per_s)
+    full_in = math.ceil((bucket.capacity - level) / bucket.rate_per_s * 1000)
+    shown = f"{math.floor(level)}/{bucket.capacity}"
+    return shown if full_in <= 0 else f"{shown} (full in {format_duration(full_in)})"
+
+
+async def keys_usage(settings: Settings, name: str | None) -> tuple[list[str], int]:
+    """One line per key: budget spent and current bucket levels. Exit code 2 when Redis fails."""
+    keys = [k for k in settings.keys.values() if name is None or k.name == name]
+    if not keys:
+        return [f"no key named {name!r} in {settings.source}" if name else f"no [[keys]] in {settings.source}"], 2
+    limiter = Limiter(settings.redis)
+    lines = [f"{'key':<20} {'group':<12} {'spent':>12} {'budget':>12}  buckets"]
+    try:
+        seconds, micros = await limiter.call(limiter.client.time())
+        now = seconds + micros / 1_000_000
+        for key in sorted(keys, key=lambda k: k.name):
+            raw = await limiter.call(limiter.client.get(budget_key(key)))
+            spent = int(raw) if raw is not None else 0
+            budget = "unlimited" if key.budget_tokens is None else str(key.budget_tokens)
+            levels = []
+            for bucket in buckets_for(key, settings.groups[key.group]):
+                state = await limiter.call(limiter.client.hmget(bucket.redis_key, ["t", "ts"]))
+                levels.append(f"{bucket.scope} {bucket.kind} {_level(bucket, state, now)}")
+            lines.append(f"{key.name:<20} {key.group:<12} {spent:>12} {budget:>12}  {'; '.join(levels) or '-'}")
+    except LimiterFailure as exc:
+        return [f"Redis at {settings.redis.url} does not answer ({exc})"], 2
+    finally:
+        await limiter.close()
+    return lines, 0
