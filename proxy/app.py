@@ -11,13 +11,15 @@ from dataclasses import dataclass
 
 import aiohttp
 import orjson
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.types import Receive, Scope, Send
 
 from .auth import authenticate, extract_key, mask_key
 from .endpoints import MODEL_ROUTES, Call, model_request, passthrough
-from .errors import GatewayError, Header, LimiterUnavailable, MethodNotAllowed, NotFound
-from .events import RequestRecord
+from .errors import GatewayError, Header, LimiterUnavailable, MethodNotAllowed, NotFound, RateLimited
+from .events import EventSink, RequestRecord
 from .limits import KeyLimits, Limiter
+from .metrics import Metrics, latency_bucket
 from .relay import ClientGone, Exchange, read_body
 from .routing import Router
 from .settings import ConfigError, KeySettings, Settings, load_settings
@@ -28,6 +30,7 @@ log = logging.getLogger("sluicegate")
 WANTED_HEADERS = frozenset({b"authorization", b"x-api-key", b"x-request-id", b"x-ai-provider", b"content-length"})
 SANE_REQUEST_ID = re.compile(rb"^[A-Za-z0-9._:@/+=-]{1,128}$")
 JSON_HEADERS: tuple[Header, ...] = ((b"content-type", b"application/json"),)
+INTERNAL_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,14 +41,17 @@ class Runtime:
     router: Router
     clients: Mapping[str, ProviderClient]
     limits: Mapping[str, KeyLimits]  # by key sha256
+    model_labels: frozenset[str]
 
     @classmethod
     def build(cls, settings: Settings) -> Runtime:
+        router = Router(settings)
         return cls(
             settings,
-            Router(settings),
+            router,
             {p.name: ProviderClient.build(p) for p in settings.providers},
             {k.sha256: KeyLimits.build(k, settings.groups[k.group]) for k in settings.keys.values()},
+            frozenset(router.known_models),
         )
 
 
@@ -54,6 +60,8 @@ class Gateway:
         self.runtime = Runtime.build(settings)
         self.session: aiohttp.ClientSession | None = None
         self.limiter: Limiter | None = None
+        self.events: EventSink | None = None
+        self.metrics = Metrics()
         self.started_at = int(time.time())
         self.draining = False
 
@@ -68,6 +76,8 @@ class Gateway:
         if settings.redis != self.runtime.settings.redis:
             log.warning("[redis] changed: the new settings take effect after a restart")
         self.runtime = Runtime.build(settings)
+        if self.events is not None:
+            self.events.reopen()
         log.info("config reloaded from %s", source)
         return True
 
@@ -84,6 +94,8 @@ class Gateway:
                 await self.startup()
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
+                if self.events is not None:
+                    await self.events.close()
                 if self.session is not None:
                     await self.session.close()
                 if self.limiter is not None:
@@ -94,7 +106,9 @@ class Gateway:
     async def startup(self) -> None:
         settings = self.runtime.settings
         self.session = create_session()
-        self.limiter = Limiter(settings.redis)
+        self.limiter = Limiter(settings.redis, on_error=self.metrics.limiter_errors.inc)
+        self.events = EventSink(settings.events, latency_bucket, self.metrics.events_dropped.inc, self.limiter.client)
+        self.events.start()
         for warning in settings.warnings:
             log.warning("%s", warning)
         problem = await self.limiter.ping()
@@ -103,6 +117,9 @@ class Gateway:
             log.warning("limits are NOT enforced: Redis does not answer (%s); %s until it does", problem, then)
 
     async def handle_http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope["path"]
+        if path in INTERNAL_PATHS:
+            return await self.internal(path, send)
         wanted: dict[bytes, bytes] = {}
         for name, value in scope["headers"]:
             if name in WANTED_HEADERS:
@@ -112,11 +129,14 @@ class Gateway:
             given_id.decode() if given_id and SANE_REQUEST_ID.match(given_id) else "req_" + secrets.token_hex(12)
         )
         record = RequestRecord.start(request_id, scope["method"])
-        ex = Exchange(send, record, [(b"x-request-id", request_id.encode())])
+        ex = Exchange(send, record, [(b"x-request-id", request_id.encode())], self.metrics.active_streams)
         runtime = self.runtime
+        self.metrics.inflight.inc()
         try:
             await self.dispatch(scope, receive, ex, runtime, wanted)
         except GatewayError as err:
+            if isinstance(err, RateLimited):
+                record.ratelimit = (err.scope, err.limit)
             if not ex.started:
                 await ex.error(err)
         except ClientGone:
@@ -128,16 +148,34 @@ class Gateway:
                 await ex.error(GatewayError("Internal error in the gateway."))
         finally:
             record.ended_at = time.perf_counter()
+            self.metrics.inflight.dec()
+            self.metrics.observe(record, runtime.model_labels, runtime.clients.keys())
+            if self.events is not None:
+                self.events.emit(record)
+
+    async def internal(self, path: str, send: Send) -> None:
+        if path == "/healthz":
+            status, body, content_type = 200, b'{"status":"ok"}', b"application/json"
+        elif path == "/readyz":
+            problem = "draining" if self.draining else None
+            if problem is None and self.limiter is not None:
+                problem = await self.limiter.ping()
+            status = 200 if problem is None else 503
+            body = orjson.dumps(
+                {"status": "ready"} if problem is None else {"status": "unavailable", "reason": problem}
+            )
+            content_type = b"application/json"
+        else:
+            status, body, content_type = 200, self.metrics.exposition(), CONTENT_TYPE_LATEST.encode()
+        headers = [(b"content-type", content_type), (b"content-length", str(len(body)).encode())]
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body, "more_body": False})
 
     async def dispatch(
         self, scope: Scope, receive: Receive, ex: Exchange, runtime: Runtime, wanted: dict[bytes, bytes]
     ) -> None:
         path: str = scope["path"]
         method: str = scope["method"]
-        if path == "/healthz":
-            return await ex.respond(200, JSON_HEADERS, b'{"status":"ok"}')
-        if path == "/readyz":
-            return await self.readyz(ex)
         if self.draining:
             raise LimiterUnavailable("The gateway is shutting down; retry on another instance.")
         rest = _strip_prefix(path, runtime.settings.server.prefixes)
@@ -163,14 +201,6 @@ class Gateway:
             rest + ("?" + query.decode("latin-1") if query else ""), body, pinned, self.session, self.limiter,
         )  # fmt: skip
         await (model_request(call) if rest in MODEL_ROUTES else passthrough(call))
-
-    async def readyz(self, ex: Exchange) -> None:
-        problem = "draining" if self.draining else None
-        if problem is None and self.limiter is not None:
-            problem = await self.limiter.ping()
-        if problem is not None:
-            return await ex.respond(503, JSON_HEADERS, orjson.dumps({"status": "unavailable", "reason": problem}))
-        await ex.respond(200, JSON_HEADERS, b'{"status":"ready"}')
 
     def authenticate(self, wanted: dict[bytes, bytes], record: RequestRecord, runtime: Runtime) -> KeySettings:
         auth = wanted.get(b"authorization")

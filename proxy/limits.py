@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from importlib.resources import files
 from typing import Any, Literal
@@ -160,7 +160,7 @@ def ratelimit_headers(plan: Plan, result: list[int]) -> list[Header]:
 class Limiter:
     """One Redis client per worker, opened in the lifespan."""
 
-    def __init__(self, settings: RedisSettings) -> None:
+    def __init__(self, settings: RedisSettings, on_error: Callable[[], object] | None = None) -> None:
         self.settings = settings
         self.timeout_s = settings.timeout_s
         self.client = aioredis.Redis.from_url(
@@ -172,7 +172,7 @@ class Limiter:
         )
         self._admit = self.client.register_script(ADMIT_LUA)
         self._charge = self.client.register_script(CHARGE_LUA)
-        self.errors = 0
+        self.on_error = on_error
 
     async def close(self) -> None:
         await self.client.aclose()
@@ -183,7 +183,8 @@ class Limiter:
             async with asyncio.timeout(self.timeout_s):
                 return await command
         except REDIS_ERRORS as exc:
-            self.errors += 1
+            if self.on_error is not None:
+                self.on_error()
             raise LimiterFailure(type(exc).__name__) from exc
 
     async def admit(self, plan: Plan) -> list[Header]:
@@ -220,7 +221,7 @@ class Limiter:
         if tokens <= 0 or not limits.charges_tokens:
             return
         args = (len(limits.token_buckets), tokens, 1 if limits.key.budget_tokens is not None else 0)
-        # A failure is counted in self.errors; the answer has already gone out.
+        # A failure is counted by on_error; the answer has already gone out.
         with contextlib.suppress(LimiterFailure):
             await self.call(self._charge(keys=limits.charge_keys, args=args + limits.charge_tail))
 

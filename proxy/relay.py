@@ -9,6 +9,7 @@ from typing import Literal
 
 import aiohttp
 import orjson
+from prometheus_client import Gauge
 from starlette.types import Receive, Send
 
 from .errors import GatewayError, Header, RequestTooLarge, UpstreamError
@@ -76,12 +77,13 @@ class DisconnectWatcher:
 class Exchange:
     """One client request's response side: what went out, and the record."""
 
-    __slots__ = ("extra_headers", "record", "send", "started")
+    __slots__ = ("active_streams", "extra_headers", "record", "send", "started")
 
-    def __init__(self, send: Send, record: RequestRecord, extra_headers: list[Header]) -> None:
+    def __init__(self, send: Send, record: RequestRecord, extra_headers: list[Header], active_streams: Gauge) -> None:
         self.send = send
         self.record = record
         self.extra_headers = extra_headers
+        self.active_streams = active_streams
         self.started = False
 
     async def start(self, status: int, headers: Sequence[Header]) -> None:
@@ -136,6 +138,7 @@ async def relay(
             async with open_upstream(session, client, method, client.base_url + path_and_query, headers, body) as resp:
                 if resp.status >= 500 or (resp.status == 429 and not final):
                     last = UpstreamError(f"Provider '{client.settings.name}' answered HTTP {resp.status}.")
+                    record.failures.append((client.settings.name, "http_429" if resp.status == 429 else "http_5xx"))
                     continue
                 is_sse = resp.content_type == "text/event-stream"
                 if kind == "raw" or (is_sse and resp.status == 200 and kind == "stream"):
@@ -146,6 +149,7 @@ async def relay(
                 return
         except Retryable as exc:
             last = exc.error
+            record.failures.append((client.settings.name, exc.reason))
     raise last
 
 
@@ -188,6 +192,7 @@ async def _forward_stream(
         headers.extend(STREAM_HEADERS)
     await ex.start(resp.status, headers)
     failure: GatewayError | None = None
+    ex.active_streams.inc()
     try:
         async for chunk in resp.content.iter_any():
             out = scanner.feed(chunk)
@@ -195,7 +200,9 @@ async def _forward_stream(
                 await ex.body(out, True)
     except MID_STREAM_ERRORS as exc:
         failure = mid_stream_error(exc, client.settings.name)
+        ex.record.failures.append((client.settings.name, failure.code))
     finally:
+        ex.active_streams.dec()
         # Runs on a client disconnect too: a stream cut short still charges what is known.
         if scanner.usage is not None:
             on_usage(scanner.usage)

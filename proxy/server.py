@@ -14,14 +14,17 @@ import os
 import shutil
 import signal
 import sys
+import tempfile
 from collections.abc import Callable
 from dataclasses import replace
+from pathlib import Path
 from types import FrameType
 from urllib.parse import urlsplit
 
 from hypercorn.asyncio.run import worker_serve
 from hypercorn.config import Config, Sockets
 from hypercorn.utils import wrap_app
+from prometheus_client.multiprocess import mark_process_dead
 
 from .app import Gateway, create_app
 from .auth import key_digest, new_key
@@ -83,6 +86,7 @@ def serve(settings: Settings, bind: str | None, workers: int) -> int:
     if workers == 1:
         run_worker(settings, config, None)
         return 0
+    _metrics_dir()
     sockets = config.create_sockets()
     ctx = multiprocessing.get_context("spawn")
     children = [ctx.Process(target=run_worker, args=(settings, config, sockets), daemon=False) for _ in range(workers)]
@@ -98,7 +102,18 @@ def serve(settings: Settings, bind: str | None, workers: int) -> int:
         signal.signal(signum, pass_on)
     for child in children:
         child.join()
+        if child.pid is not None:
+            mark_process_dead(child.pid)  # type: ignore[no-untyped-call]
     return max((child.exitcode or 0) for child in children)
+
+
+def _metrics_dir() -> None:
+    """prometheus-client multiprocess mode: set before the workers import it, emptied of old files."""
+    path = Path(os.environ.get("PROMETHEUS_MULTIPROC_DIR") or tempfile.mkdtemp(prefix="sluicegate-metrics-"))
+    path.mkdir(parents=True, exist_ok=True)
+    for old in path.glob("*.db"):
+        old.unlink()
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(path)
 
 
 async def _local_redis(settings: Settings) -> asyncio.subprocess.Process | None:

@@ -1,0 +1,98 @@
+"""Prometheus metrics, recorded once per request from its RequestRecord.
+
+Labels stay bounded: models and providers come from config, anything else is
+"other". With --workers N, PROMETHEUS_MULTIPROC_DIR is set before the workers
+start and /metrics aggregates their files.
+"""
+
+from __future__ import annotations
+
+import bisect
+import os
+from collections.abc import Collection
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.utils import floatToGoString
+
+from .events import RequestRecord
+
+DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+TTFB_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60)
+OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1)
+BUCKET_NAMES = tuple(floatToGoString(b) for b in DURATION_BUCKETS)  # type: ignore[no-untyped-call]
+OTHER = "other"
+CLIENT_CLOSED = 499  # nginx's code for a client that left before the status line
+
+
+def latency_bucket(seconds: float) -> str:
+    """The `le` of the duration histogram bucket this latency is counted in."""
+    i = bisect.bisect_left(DURATION_BUCKETS, seconds)
+    return BUCKET_NAMES[i] if i < len(BUCKET_NAMES) else "+Inf"
+
+
+def multiprocess() -> bool:
+    return bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "sluicegate_requests", "Requests answered", ["route", "model", "provider", "status"], registry=r
+        )
+        self.duration = Histogram(
+            "sluicegate_request_duration_seconds", "Time from request to the last byte of the answer",
+            ["route", "provider", "stream"], buckets=DURATION_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.ttfb = Histogram(
+            "sluicegate_time_to_first_byte_seconds", "Time from request to the first byte of the answer body",
+            ["route", "provider"], buckets=TTFB_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.overhead = Histogram(
+            "sluicegate_overhead_seconds", "Time in the gateway before the upstream request is sent",
+            ["route"], buckets=OVERHEAD_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.tokens = Counter("sluicegate_tokens", "Tokens used", ["model", "provider", "type"], registry=r)
+        self.ratelimited = Counter(
+            "sluicegate_ratelimited", "Requests refused by a rate limit", ["scope", "limit"], registry=r
+        )
+        self.upstream_errors = Counter(
+            "sluicegate_upstream_errors", "Failed upstream attempts", ["provider", "reason"], registry=r
+        )
+        self.inflight = Gauge(
+            "sluicegate_inflight_requests", "Requests in progress", registry=r, multiprocess_mode="livesum"
+        )
+        self.active_streams = Gauge(
+            "sluicegate_active_streams", "Streams being relayed", registry=r, multiprocess_mode="livesum"
+        )
+        self.events_dropped = Counter("sluicegate_events_dropped", "Event records dropped: queue full", registry=r)
+        self.limiter_errors = Counter("sluicegate_limiter_errors", "Redis calls that failed or timed out", registry=r)
+
+    def observe(self, record: RequestRecord, models: Collection[str], providers: Collection[str]) -> None:
+        route = record.route
+        model = record.model if record.model in models else OTHER
+        provider = record.provider if record.provider in providers else OTHER
+        status = str(record.status or CLIENT_CLOSED)
+        self.requests.labels(route, model, provider, status).inc()
+        self.duration.labels(route, provider, "true" if record.stream else "false").observe(record.latency_s)
+        if record.first_byte_at is not None:
+            self.ttfb.labels(route, provider).observe(record.first_byte_at - record.started)
+        if record.upstream_sent_at is not None:
+            self.overhead.labels(route).observe(record.upstream_sent_at - record.started)
+        if record.prompt_tokens:
+            self.tokens.labels(model, provider, "prompt").inc(record.prompt_tokens)
+        if record.completion_tokens:
+            self.tokens.labels(model, provider, "completion").inc(record.completion_tokens)
+        if record.ratelimit is not None:
+            self.ratelimited.labels(*record.ratelimit).inc()
+        for failed_provider, reason in record.failures:
+            self.upstream_errors.labels(failed_provider if failed_provider in providers else OTHER, reason).inc()
+
+    def exposition(self) -> bytes:
+        if multiprocess():
+            registry = CollectorRegistry()
+            MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+            return generate_latest(registry)
+        return generate_latest(self.registry)
