@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
+from collections.abc import Iterable, Iterator
+
+import orjson
 
 from .auth import key_digest, new_key
+from .events import REDIS_STREAM
 from .limits import Bucket, Limiter, LimiterFailure, buckets_for, budget_key, format_duration
 from .settings import Settings
 
@@ -61,3 +66,35 @@ async def keys_usage(settings: Settings, name: str | None) -> tuple[list[str], i
     finally:
         await limiter.close()
     return lines, 0
+
+
+def find_events(lines: Iterable[bytes], request_id: str) -> Iterator[bytes]:
+    """Event records (JSON lines) whose request_id is the one a user pasted."""
+    needle = request_id.encode()
+    for line in lines:
+        if needle in line:
+            with contextlib.suppress(orjson.JSONDecodeError):
+                if orjson.loads(line).get("request_id") == request_id:
+                    yield line.rstrip(b"\n")
+
+
+def search_file(path: str, request_id: str) -> tuple[list[bytes], int]:
+    """Exit code 1 when not found, 2 when the file cannot be read."""
+    try:
+        with open(path, "rb") as lines:
+            found = list(find_events(lines, request_id))
+    except OSError as exc:
+        return [f"cannot read {path}: {exc.strerror}".encode()], 2
+    return found, 0 if found else 1
+
+
+async def search_redis(settings: Settings, request_id: str) -> tuple[list[bytes], int]:
+    limiter = Limiter(settings.redis)
+    try:
+        entries = await limiter.call(limiter.client.xrange(REDIS_STREAM))
+    except LimiterFailure as exc:
+        return [f"Redis at {settings.redis.url} does not answer ({exc})".encode()], 2
+    finally:
+        await limiter.close()
+    found = list(find_events((fields[b"event"] for _, fields in entries), request_id))
+    return found, 0 if found else 1

@@ -9,7 +9,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from .admin import keys_new, keys_usage
+from .admin import keys_new, keys_usage, search_file, search_redis
 from .mock_upstream import MockOptions, run_mock
 from .server import run_demo, serve
 from .settings import ConfigError, config_path, load_settings
@@ -53,6 +53,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config")
     p.add_argument("--name", help="only this key")
 
+    p = sub.add_parser("events", help="find the event record of a request id (from the file or Redis sink)")
+    p.add_argument("--request-id", required=True)
+    p.add_argument("--config")
+    p.add_argument("--file", help="an events JSONL file (default: the config's [events] path or Redis stream)")
+
     p = sub.add_parser("mock-upstream", help="a built-in OpenAI-compatible fake LLM")
     p.add_argument("--bind", type=_bind, default=("127.0.0.1", 8001))
     p.add_argument("--chunks", type=_positive, default=8)
@@ -64,6 +69,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="run the mock upstream and the gateway together with a fresh demo key")
     p.add_argument("--config", default="config/demo.toml")
     return parser
+
+
+def _print_events(lines: list[bytes], code: int) -> int:
+    out = sys.stdout.buffer if code == 0 else sys.stderr.buffer
+    out.write(b"".join(line + b"\n" for line in lines) or b"no event record with that request id\n")
+    out.flush()
+    return code
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -83,6 +95,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         )  # fmt: skip
         return 0
     path = config_path(getattr(args, "config", None))
+    if args.command == "events" and args.file:
+        return _print_events(*search_file(args.file, args.request_id))
     try:
         settings = load_settings(path)
     except ConfigError as exc:
@@ -94,6 +108,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"warning: {warning}", file=sys.stderr)
         print(f"{path}: ok ({len(settings.providers)} providers, {len(settings.keys)} keys)")
         return 0
+    if args.command == "events":
+        if settings.events.sink == "redis":
+            return _print_events(*asyncio.run(search_redis(settings, args.request_id)))
+        return _print_events(*search_file(settings.events.path, args.request_id))
     if args.command == "keys":
         lines, code = asyncio.run(keys_usage(settings, args.name))
         print("\n".join(lines), file=sys.stdout if code == 0 else sys.stderr)
