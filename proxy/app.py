@@ -125,9 +125,8 @@ class Gateway:
             if name in WANTED_HEADERS:
                 wanted[name] = value
         given_id = wanted.get(b"x-request-id")
-        request_id = (
-            given_id.decode() if given_id and SANE_REQUEST_ID.match(given_id) else "req_" + secrets.token_hex(12)
-        )
+        sane = given_id is not None and SANE_REQUEST_ID.match(given_id) and not given_id.startswith(b"sk-")
+        request_id = given_id.decode() if sane and given_id else "req_" + secrets.token_hex(12)
         record = RequestRecord.start(request_id, scope["method"])
         ex = Exchange(send, record, [(b"x-request-id", request_id.encode())], self.metrics.active_streams)
         runtime = self.runtime
@@ -176,6 +175,12 @@ class Gateway:
     ) -> None:
         path: str = scope["path"]
         method: str = scope["method"]
+        # The body is read before any answer, even a 401: a response sent while the client is
+        # still sending makes hypercorn close the keep-alive connection under its next request.
+        length = wanted.get(b"content-length")
+        body = await read_body(
+            receive, runtime.settings.server.max_body_bytes, int(length) if length and length.isdigit() else None
+        )
         if self.draining:
             raise LimiterUnavailable("The gateway is shutting down; retry on another instance.")
         rest = _strip_prefix(path, runtime.settings.server.prefixes)
@@ -189,10 +194,6 @@ class Gateway:
             return await self.list_models(ex, runtime, key)
         if rest in MODEL_ROUTES and method != "POST":
             raise MethodNotAllowed(f"Expected POST for {path}, but got {method}.")
-        length = wanted.get(b"content-length")
-        body = await read_body(
-            receive, runtime.settings.server.max_body_bytes, int(length) if length and length.isdigit() else None
-        )
         pinned = wanted[b"x-ai-provider"].decode("latin-1") if b"x-ai-provider" in wanted else None
         query = scope.get("query_string", b"")
         assert self.session is not None and self.limiter is not None, "lifespan startup did not run"

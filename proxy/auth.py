@@ -10,9 +10,11 @@ import secrets
 from collections.abc import Mapping
 
 from .errors import InvalidApiKey
+from .redact import KEY_PREFIX, mask_key
+
+__all__ = ["KEY_PREFIX", "authenticate", "extract_key", "key_digest", "mask_key", "new_key"]
 from .settings import KeySettings
 
-KEY_PREFIX = "sk-"
 KEY_RANDOM_BYTES = 36  # 48 url-safe characters
 
 HOW_TO_SEND = "Send it as 'Authorization: Bearer sk-...' or 'X-API-Key: sk-...'."
@@ -24,14 +26,6 @@ def new_key() -> str:
 
 def key_digest(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
-
-
-def mask_key(key: str) -> str:
-    """`sk-` + first 4 + `…` + last 4; shorter strings show nothing of themselves."""
-    body = key[len(KEY_PREFIX) :] if key.startswith(KEY_PREFIX) else key
-    if len(body) < 12:
-        return KEY_PREFIX + "…"
-    return f"{KEY_PREFIX}{body[:4]}…{body[-4:]}"
 
 
 def extract_key(authorization: str | None, x_api_key: str | None) -> str:

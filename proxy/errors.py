@@ -6,6 +6,8 @@ from collections.abc import Sequence
 
 import orjson
 
+from .redact import redact
+
 Header = tuple[bytes, bytes]
 
 
@@ -34,10 +36,11 @@ class GatewayError(Exception):
 
 
 def error_body(message: str, type_: str, code: str, request_id: str, param: str | None = None) -> bytes:
+    # Messages may quote what the client sent (a model name, a path): never a key pasted there.
     return orjson.dumps(
         {
             "error": {
-                "message": f"{message} (request id: {request_id})",
+                "message": f"{redact(message)} (request id: {request_id})",
                 "type": type_,
                 "param": param,
                 "code": code,

@@ -18,6 +18,7 @@ from typing import IO, Any
 
 import orjson
 
+from .redact import redact
 from .settings import EventSettings
 
 log = logging.getLogger("sluicegate")
@@ -72,9 +73,9 @@ class RequestRecord:
             "group": self.group,
             "route": self.route,
             "method": self.method,
-            "model": self.model,
+            "model": None if self.model is None else redact(self.model),
             "provider": self.provider,
-            "upstream_model": self.upstream_model,
+            "upstream_model": None if self.upstream_model is None else redact(self.upstream_model),
             "stream": self.stream,
             "status": self.status or 499,
             "error": self.error,
