@@ -33,14 +33,16 @@ def extract_key(authorization: str | None, x_api_key: str | None) -> str:
     if authorization is not None:
         if not authorization.strip():
             raise InvalidApiKey("The Authorization header is empty. " + HOW_TO_SEND)
-        scheme, _, rest = authorization.partition(" ")
-        if scheme.lower() != "bearer":
+        scheme, separator = authorization[:6], authorization[6:7]
+        if scheme.lower() != "bearer" or not (separator == "" or separator.isspace()):
             if authorization.strip().startswith(KEY_PREFIX):
                 raise InvalidApiKey(
                     "The Authorization header is missing the 'Bearer ' prefix: send 'Authorization: Bearer sk-...'."
                 )
             raise InvalidApiKey("The Authorization header must use the Bearer scheme. " + HOW_TO_SEND)
-        return _check_shape(rest, "Authorization: Bearer")
+        if separator not in ("", " "):
+            raise InvalidApiKey("The Authorization header has a tab or line break after 'Bearer': use a single space.")
+        return _check_shape(authorization[7:], "Authorization: Bearer")
     if x_api_key is not None:
         return _check_shape(x_api_key, "X-API-Key")
     raise InvalidApiKey("Missing API key. " + HOW_TO_SEND)

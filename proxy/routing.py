@@ -28,7 +28,8 @@ class Router:
         self._rng = rng or random.Random()
         self._cache: dict[str, tuple[ProviderSettings, ...]] = {}
         exact = {m for p in settings.providers for m in p.patterns.exact}
-        self.known_models = sorted(exact | set(settings.aliases))
+        served_aliases = {a for a, target in settings.aliases.items() if self._serving(target)}
+        self.known_models = sorted(exact | served_aliases)
 
     def _serving(self, upstream_model: str) -> tuple[ProviderSettings, ...]:
         found = self._cache.get(upstream_model)

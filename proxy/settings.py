@@ -136,9 +136,7 @@ class _Reader:
         value = self.table.get(key, default)
         if value is default:
             return default
-        if isinstance(value, bool) and bool not in kinds:
-            value = None
-        if not isinstance(value, kinds):
+        if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
             self.problems.append(f"{self._name(key)}: expected {what}, got {value!r}")
             return default
         return value
@@ -413,6 +411,8 @@ def load_settings(path: str, env: Mapping[str, str] = os.environ) -> Settings:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError([f"{path}: cannot read the file ({exc.strerror})"]) from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError([f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})"]) from exc
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:

@@ -9,13 +9,15 @@ carries it so the client never sees an event it did not ask for.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
 
 USAGE_MARK = b'"usage"'
-EVENT_END = b"\n\n"
+# An event ends at a blank line; SSE allows LF and CRLF line ends.
+EVENT_END = re.compile(rb"\r?\n\r?\n")
 MAX_TAIL_BYTES = 1 << 20  # an event larger than this is not scanned
 
 
@@ -67,11 +69,11 @@ class StreamUsageScanner:
         self.events += chunk.count(b"data:")
         carried = len(self._tail)
         data = self._tail + chunk if carried else chunk
-        end = data.rfind(EVENT_END)
-        if end < 0:
+        lf, crlf = data.rfind(b"\n\n"), data.rfind(b"\n\r\n")
+        end = max(lf + 2 if lf >= 0 else 0, crlf + 3 if crlf >= 0 else 0)
+        if end == 0:
             self._tail = data if len(data) <= MAX_TAIL_BYTES else b""
             return chunk
-        end += len(EVENT_END)
         self._tail = data[end:] if len(data) - end <= MAX_TAIL_BYTES else b""
         if USAGE_MARK not in data[:end]:
             return chunk
@@ -79,9 +81,11 @@ class StreamUsageScanner:
 
     def _scan(self, data: bytes, end: int, carried: int, chunk: bytes) -> bytes:
         cut: list[tuple[int, int]] = []
+        bounds = [m.end() for m in EVENT_END.finditer(data, 0, end)]
+        if not bounds or bounds[-1] < end:
+            bounds.append(end)
         start = 0
-        while start < end:
-            stop = data.find(EVENT_END, start) + len(EVENT_END)
+        for stop in bounds:
             event = data[start:stop]
             if USAGE_MARK in event:
                 payload = _event_json(event)
@@ -105,7 +109,7 @@ class StreamUsageScanner:
 
 
 def _event_json(event: bytes) -> Any:
-    lines = [line[5:].strip() for line in event.split(b"\n") if line.startswith(b"data:")]
+    lines = [line[5:].strip() for line in event.splitlines() if line.startswith(b"data:")]
     if not lines:
         return None
     try:

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -237,7 +238,8 @@ def test_unlimited_key_has_no_ratelimit_headers(pair: Pair) -> None:
 # Redis faults: each test has its own Redis and gateway, so killing them disturbs nothing else.
 
 
-def fault_config(mocks: Mocks, key: str, on_error: str) -> str:
+def fault_config(mocks: Mocks, key: str, on_error: str, load_key: str | None = None) -> str:
+    load = f'\n[[keys]]\nname = "load"\nsha256 = "{key_digest(load_key)}"\nrpm = 1000000\n' if load_key else ""
     return f"""
 [redis]
 on_error = "{on_error}"
@@ -255,7 +257,7 @@ models = ["mock-chat"]
 name = "f"
 sha256 = "{key_digest(key)}"
 rpm = 5
-"""
+{load}"""
 
 
 def chat(proc: Proc, key: str) -> httpx.Response:
@@ -267,14 +269,34 @@ def ready(proc: Proc) -> httpx.Response:
     return httpx.get(f"http://127.0.0.1:{proc.port}/readyz", timeout=5)
 
 
+def limiter_errors(proc: Proc) -> float:
+    text = httpx.get(f"http://127.0.0.1:{proc.port}/metrics").text
+    return float(
+        next(line for line in text.splitlines() if line.startswith("sluicegate_limiter_errors_total ")).split()[1]
+    )
+
+
 def test_redis_down_with_allow_admits_and_recovers(tmp_path: Path, mocks: Mocks) -> None:
     redis = RedisServer(free_port(), tmp_path / "redis.log").start()
-    key = new_key()
-    proc = start_gateway(tmp_path, mocks, fault_config(mocks, key, "allow"), redis_url=redis.url)
+    key, load_key = new_key(), new_key()
+    proc = start_gateway(tmp_path, mocks, fault_config(mocks, key, "allow", load_key), redis_url=redis.url)
     try:
         assert [chat(proc, key).status_code for _ in range(6)] == [200] * 5 + [429]
-        redis.stop()
-        assert [chat(proc, key).status_code for _ in range(20)] == [200] * 20
+        assert limiter_errors(proc) == 0
+        # Kill Redis while four clients keep sending: every request still succeeds.
+        stop_at = time.monotonic() + 1.5
+        with ThreadPoolExecutor(4) as pool:
+
+            def load() -> list[int]:
+                return [chat(proc, load_key).status_code for _ in range(400) if time.monotonic() < stop_at]
+
+            loads = [pool.submit(load) for _ in range(4)]
+            time.sleep(0.4)
+            redis.stop()
+            statuses = [status for load in loads for status in load.result()]
+        assert set(statuses) == {200}, statuses
+        assert [chat(proc, key).status_code for _ in range(10)] == [200] * 10
+        assert limiter_errors(proc) >= 10
         down = ready(proc)
         assert down.status_code == 503
         assert down.json()["reason"].startswith("redis:")
