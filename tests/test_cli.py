@@ -1,0 +1,211 @@
+from __future__ import annotations
+
+import hashlib
+import re
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from proxy.auth import authenticate
+from proxy.cli import build_parser, keys_new, main
+from proxy.settings import load_settings
+
+NOTE = "# Give the key above to its user; it is not stored anywhere.\n# Add this block to the config:"
+
+GOOD = """
+[[providers]]
+name = "mock"
+base_url = "http://127.0.0.1:8001/v1"
+models = ["mock-chat", "mock-*"]
+
+[groups.gold]
+rpm = 600
+
+[[keys]]
+name = "alice"
+sha256 = "{digest}"
+group = "gold"
+"""
+
+BAD = """
+[server]
+bind = "localhost"
+
+[redis]
+on_error = "ignore"
+
+[[providers]]
+name = "mock"
+base_url = "127.0.0.1:8001"
+models = []
+weight = 0
+
+[[keys]]
+name = "alice"
+sha256 = "nothex"
+group = "silver"
+"""
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("SLUICEGATE_CONFIG", "SLUICEGATE_BIND", "REDIS_URL", "SLUICEGATE_TEST_UPSTREAM_KEY"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def run_keys_new(*argv: str) -> tuple[str, dict[str, object], str]:
+    """The printed key, the parsed [[keys]] table, and the whole output."""
+    output = keys_new(build_parser().parse_args(["keys", "new", *argv]))
+    key, rest = output.split("\n", 1)
+    (table,) = tomllib.loads(rest)["keys"]
+    return key, table, output
+
+
+def test_keys_new_minimal() -> None:
+    key, table, output = run_keys_new("--name", "alice")
+    assert re.fullmatch(r"sk-[A-Za-z0-9_-]{48}", key)
+    assert table == {"name": "alice", "sha256": hashlib.sha256(key.encode()).hexdigest()}
+    assert output == f'{key}\n\n{NOTE}\n[[keys]]\nname = "alice"\nsha256 = "{table["sha256"]}"\n'
+    assert output.count(key) == 1
+
+
+def test_keys_new_is_fresh_each_time() -> None:
+    first, _, _ = run_keys_new("--name", "alice")
+    second, _, _ = run_keys_new("--name", "alice")
+    assert first != second
+
+
+def test_keys_new_every_option() -> None:
+    key, table, output = run_keys_new(
+        "--name", "bob", "--group", "gold", "--rpm", "60", "--tpm", "100000", "--budget-tokens", "5000000",
+        "--models", "deepseek-chat, gpt-4o-mini,,deepseek-* ,",
+    )  # fmt: skip
+    assert table == {
+        "name": "bob",
+        "sha256": hashlib.sha256(key.encode()).hexdigest(),
+        "group": "gold",
+        "rpm": 60,
+        "tpm": 100000,
+        "budget_tokens": 5000000,
+        "models": ["deepseek-chat", "gpt-4o-mini", "deepseek-*"],
+    }
+    assert list(table) == ["name", "sha256", "group", "rpm", "tpm", "budget_tokens", "models"]
+    assert output.count(key) == 1
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "field", "parsed"),
+    [
+        ("--group", "gold", "group", "gold"),
+        ("--rpm", "1", "rpm", 1),
+        ("--tpm", "2500", "tpm", 2500),
+        ("--budget-tokens", "7", "budget_tokens", 7),
+        ("--models", "mock-chat", "models", ["mock-chat"]),
+    ],
+)
+def test_keys_new_optional_fields_appear_only_when_given(option: str, value: str, field: str, parsed: object) -> None:
+    key, table, _ = run_keys_new("--name", "carol", option, value)
+    assert table == {"name": "carol", "sha256": hashlib.sha256(key.encode()).hexdigest(), field: parsed}
+
+
+@pytest.mark.parametrize("option", ["--rpm", "--tpm", "--budget-tokens"])
+def test_keys_new_refuses_numbers_below_one(option: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        build_parser().parse_args(["keys", "new", "--name", "alice", option, "0"])
+    assert info.value.code == 2
+    assert "expected a whole number >= 1, got '0'" in capsys.readouterr().err
+
+
+def test_keys_new_block_loads_and_authenticates(tmp_path: Path) -> None:
+    key, _, output = run_keys_new("--name", "dave", "--group", "gold", "--models", "mock-chat")
+    path = tmp_path / "gateway.toml"
+    path.write_text(GOOD.format(digest="0" * 64) + "\n" + output.split("\n", 1)[1], encoding="utf-8")
+    settings = load_settings(str(path), env={})
+    found = authenticate(key, settings.keys)
+    assert (found.name, found.group) == ("dave", "gold")
+    assert found.models is not None and found.models.exact == frozenset({"mock-chat"})
+
+
+def test_main_keys_new_prints_to_stdout(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["keys", "new", "--name", "erin"]) == 0
+    captured = capsys.readouterr()
+    key = captured.out.split("\n", 1)[0]
+    assert re.fullmatch(r"sk-[A-Za-z0-9_-]{48}", key)
+    assert f'sha256 = "{hashlib.sha256(key.encode()).hexdigest()}"' in captured.out
+    assert captured.err == ""
+
+
+def test_check_config_good_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "gateway.toml"
+    path.write_text(GOOD.format(digest="ab" * 32), encoding="utf-8")
+    assert main(["check-config", "--config", str(path)]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == f"{path}: ok (1 providers, 1 keys)\n"
+    assert captured.err == ""
+
+
+def test_check_config_reports_warnings_and_still_passes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "gateway.toml"
+    with_env = 'api_key_env = "SLUICEGATE_TEST_UPSTREAM_KEY"\nmodels = ["mock-chat"'
+    text = GOOD.format(digest="ab" * 32).replace('models = ["mock-chat"', with_env)
+    path.write_text(text, encoding="utf-8")
+    assert main(["check-config", "--config", str(path)]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == f"{path}: ok (1 providers, 1 keys)\n"
+    assert captured.err == (
+        "warning: providers[0].api_key_env: environment variable SLUICEGATE_TEST_UPSTREAM_KEY is not set\n"
+    )
+
+
+def test_check_config_uses_sluicegate_config(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "from-env.toml"
+    path.write_text(GOOD.format(digest="ab" * 32), encoding="utf-8")
+    monkeypatch.setenv("SLUICEGATE_CONFIG", str(path))
+    assert main(["check-config"]) == 0
+    assert capsys.readouterr().out == f"{path}: ok (1 providers, 1 keys)\n"
+
+
+def test_check_config_bad_file_lists_every_problem(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "gateway.toml"
+    path.write_text(BAD, encoding="utf-8")
+    assert main(["check-config", "--config", str(path)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.splitlines() == [
+        "server.bind: expected HOST:PORT, got 'localhost'",
+        "redis.on_error: expected one of allow, deny, got 'ignore'",
+        "providers[0].base_url: expected an http:// or https:// URL",
+        "providers[0].models: expected a non-empty list of model names or globs",
+        "providers[0].weight: must be > 0",
+        "keys[0].sha256: expected 64 hex characters (sha256 of the full key)",
+        "keys[0].group: no [groups.silver] table",
+    ]
+
+
+def test_check_config_missing_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "missing.toml"
+    assert main(["check-config", "--config", str(path)]) == 2
+    captured = capsys.readouterr()
+    assert captured.err == f"{path}: cannot read the file (No such file or directory)\n"
+    assert captured.out == ""
+
+
+def test_check_config_invalid_toml(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "gateway.toml"
+    path.write_text("[[providers]\n", encoding="utf-8")
+    assert main(["check-config", "--config", str(path)]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"{path}: not valid TOML (")
+
+
+def test_check_config_honours_env_overrides(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "gateway.toml"
+    path.write_text(GOOD.format(digest="ab" * 32), encoding="utf-8")
+    monkeypatch.setenv("SLUICEGATE_BIND", "nope")
+    assert main(["check-config", "--config", str(path)]) == 2
+    assert capsys.readouterr().err == "SLUICEGATE_BIND: expected HOST:PORT, got 'nope'\n"

@@ -1,0 +1,422 @@
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from proxy.auth import key_digest, new_key
+from proxy.settings import (
+    ConfigError,
+    EventSettings,
+    GroupSettings,
+    ProviderSettings,
+    RedisSettings,
+    ServerSettings,
+    config_path,
+    load_settings,
+    parse_settings,
+)
+
+PROVIDER: dict[str, Any] = {"name": "mock", "base_url": "http://127.0.0.1:8001/v1", "models": ["mock-chat"]}
+
+
+def minimal(**sections: Any) -> dict[str, Any]:
+    return {"providers": [dict(PROVIDER)], **sections}
+
+
+def problems_of(raw: dict[str, Any], env: dict[str, str] | None = None) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        parse_settings(raw, env={} if env is None else env)
+    assert str(info.value) == "; ".join(info.value.problems)
+    return info.value.problems
+
+
+def test_defaults() -> None:
+    settings = parse_settings(minimal(), env={})
+    assert settings.server == ServerSettings()
+    assert settings.server.host == "127.0.0.1"
+    assert settings.server.port == 9090
+    assert settings.server.prefixes == ("/v1", "/api/v1")
+    assert settings.server.max_body_bytes == 10485760
+    assert settings.server.graceful_timeout_s == 120.0
+    assert settings.redis == RedisSettings(url="redis://127.0.0.1:6379/0", on_error="allow", timeout_s=0.25)
+    assert settings.events == EventSettings(sink="stdout", path="events.jsonl", queue_size=10000)
+    assert settings.groups == {"default": GroupSettings("default")}
+    assert settings.keys == {}
+    assert settings.aliases == {}
+    assert settings.warnings == ()
+    assert settings.source == "<memory>"
+
+
+def test_provider_defaults() -> None:
+    (provider,) = parse_settings(minimal(), env={}).providers
+    assert provider.name == "mock"
+    assert provider.base_url == "http://127.0.0.1:8001/v1"
+    assert (provider.api_key_env, provider.api_key) == (None, None)
+    assert provider.models == ("mock-chat",)
+    assert (provider.priority, provider.weight, provider.stream_usage) == (0, 1.0, True)
+    assert (provider.connect_timeout_s, provider.first_byte_timeout_s, provider.idle_timeout_s) == (5.0, 120.0, 120.0)
+
+
+def test_base_url_trailing_slash_is_dropped() -> None:
+    raw = {"providers": [{**PROVIDER, "base_url": "https://api.deepseek.com/v1/"}]}
+    assert parse_settings(raw, env={}).providers[0].base_url == "https://api.deepseek.com/v1"
+
+
+def test_key_defaults_to_the_default_group_and_no_limits() -> None:
+    digest = key_digest(new_key())
+    settings = parse_settings(minimal(keys=[{"name": "alice", "sha256": digest}]), env={})
+    key = settings.keys[digest]
+    assert (key.name, key.sha256, key.group) == ("alice", digest, "default")
+    limits = (key.rpm, key.tpm, key.burst, key.budget_tokens, key.models, key.enabled)
+    assert limits == (None, None, None, None, None, True)
+
+
+def test_keys_are_stored_by_lowercase_sha256() -> None:
+    digest = key_digest(new_key())
+    settings = parse_settings(minimal(keys=[{"name": "alice", "sha256": digest.upper()}]), env={})
+    assert list(settings.keys) == [digest]
+
+
+def test_key_with_every_field() -> None:
+    digest = key_digest(new_key())
+    raw = minimal(
+        groups={"gold": {"rpm": 600, "tpm": 1000000, "burst": 50}},
+        keys=[
+            {
+                "name": "alice",
+                "sha256": digest,
+                "group": "gold",
+                "rpm": 60,
+                "tpm": 100000,
+                "burst": 10,
+                "budget_tokens": 0,
+                "models": ["deepseek-chat", "gpt-*"],
+                "enabled": False,
+            }
+        ],
+    )
+    settings = parse_settings(raw, env={})
+    assert settings.groups == {"default": GroupSettings("default"), "gold": GroupSettings("gold", 600, 1000000, 50)}
+    key = settings.keys[digest]
+    limits = (key.group, key.rpm, key.tpm, key.burst, key.budget_tokens, key.enabled)
+    assert limits == ("gold", 60, 100000, 10, 0, False)
+    assert key.models is not None
+    assert key.models.exact == frozenset({"deepseek-chat"})
+    assert (key.models.matches("gpt-4o"), key.models.matches("deepseek-coder")) == (True, False)
+
+
+def test_default_group_limits_can_be_set() -> None:
+    settings = parse_settings(minimal(groups={"default": {"rpm": 600, "tpm": 1000000}}), env={})
+    assert settings.groups == {"default": GroupSettings("default", rpm=600, tpm=1000000)}
+
+
+def test_server_values_from_the_file() -> None:
+    raw = minimal(server={"bind": "0.0.0.0:8080", "prefixes": ["/v1"], "max_body_bytes": 1024, "graceful_timeout_s": 5})
+    assert parse_settings(raw, env={}).server == ServerSettings("0.0.0.0", 8080, ("/v1",), 1024, 5.0)
+
+
+@pytest.mark.parametrize(
+    ("bind", "host", "port"),
+    [("127.0.0.1:9090", "127.0.0.1", 9090), (":8080", "0.0.0.0", 8080), ("[::1]:9000", "::1", 9000)],
+)
+def test_bind_forms(bind: str, host: str, port: int) -> None:
+    server = parse_settings(minimal(server={"bind": bind}), env={}).server
+    assert (server.host, server.port) == (host, port)
+
+
+def test_sluicegate_bind_overrides_the_file() -> None:
+    raw = minimal(server={"bind": "127.0.0.1:9090"})
+    server = parse_settings(raw, env={"SLUICEGATE_BIND": "0.0.0.0:8088"}).server
+    assert (server.host, server.port) == ("0.0.0.0", 8088)
+
+
+def test_bad_sluicegate_bind_is_named_by_the_variable() -> None:
+    assert problems_of(minimal(), env={"SLUICEGATE_BIND": "0.0.0.0"}) == [
+        "SLUICEGATE_BIND: expected HOST:PORT, got '0.0.0.0'"
+    ]
+
+
+def test_redis_url_overrides_the_file() -> None:
+    raw = minimal(redis={"url": "redis://127.0.0.1:6379/0"})
+    assert parse_settings(raw, env={"REDIS_URL": "rediss://cache.internal:6380/3"}).redis.url == (
+        "rediss://cache.internal:6380/3"
+    )
+
+
+def test_empty_env_overrides_are_ignored() -> None:
+    raw = minimal(server={"bind": "127.0.0.1:9191"}, redis={"url": "unix:///run/redis.sock"})
+    settings = parse_settings(raw, env={"REDIS_URL": "", "SLUICEGATE_BIND": ""})
+    assert (settings.server.port, settings.redis.url) == (9191, "unix:///run/redis.sock")
+
+
+def test_provider_api_key_comes_from_the_named_env_var() -> None:
+    raw = {"providers": [{**PROVIDER, "api_key_env": "MOCK_API_KEY"}]}
+    (provider,) = parse_settings(raw, env={"MOCK_API_KEY": "upstream-secret-1"}).providers
+    assert (provider.api_key_env, provider.api_key) == ("MOCK_API_KEY", "upstream-secret-1")
+
+
+def test_provider_api_key_is_read_only_from_the_env_mapping_given(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MOCK_API_KEY", "from-the-process-env")
+    raw = {"providers": [{**PROVIDER, "api_key_env": "MOCK_API_KEY"}]}
+    settings = parse_settings(raw, env={"OTHER": "x"})
+    assert settings.providers[0].api_key is None
+
+
+def test_unset_provider_api_key_env_is_a_warning_not_an_error() -> None:
+    raw = {
+        "providers": [
+            {**PROVIDER, "api_key_env": "MOCK_API_KEY"},
+            {**PROVIDER, "name": "mock2", "api_key_env": "MOCK2_API_KEY"},
+        ]
+    }
+    settings = parse_settings(raw, env={"MOCK2_API_KEY": ""})
+    # An empty variable counts as unset; upstream.py only sends a non-empty key.
+    assert [p.api_key for p in settings.providers] == [None, ""]
+    assert settings.warnings == (
+        "providers[0].api_key_env: environment variable MOCK_API_KEY is not set",
+        "providers[1].api_key_env: environment variable MOCK2_API_KEY is not set",
+    )
+
+
+def test_an_api_key_written_in_the_file_is_refused() -> None:
+    raw = {"providers": [{**PROVIDER, "api_key": "upstream-secret-1"}]}
+    assert problems_of(raw) == ["providers[0].api_key: unknown key"]
+
+
+def test_every_problem_is_listed_at_once() -> None:
+    raw = {
+        "server": {"bind": "localhost", "max_body_bytes": -1, "graceful_timeout_s": -5, "port": 9090},
+        "redis": {"url": "http://redis:6379", "on_error": "ignore", "timeout_s": 0},
+        "events": {"sink": "kafka", "queue_size": 0},
+        "limits": {"rpm": 5},
+        "providers": [
+            {"name": "bad name!", "base_url": "ftp://files.example.com", "models": []},
+            {"name": "ok", "base_url": "https://a.example.com/v1", "models": ["m"], "weight": 0, "timeout": 3},
+            {"name": "ok", "base_url": "api.example.com", "models": ["m"], "weight": -2, "connect_timeout_s": -1},
+        ],
+        "aliases": {"fast": 5},
+        "groups": {"gold": {"rpm": 0, "rpd": 5}},
+        "keys": [
+            {"name": "alice", "sha256": "not-hex"},
+            {"name": "bob", "sha256": "a" * 64, "group": "silver", "rpm": -1},
+            {"name": "bob", "sha256": "A" * 64, "secret": "x"},
+        ],
+    }
+    assert problems_of(raw) == [
+        "limits: unknown section",
+        "groups.gold.rpd: unknown key",
+        "groups.gold.rpm: must be >= 1, got 0",
+        "server.port: unknown key",
+        "server.bind: expected HOST:PORT, got 'localhost'",
+        "server.max_body_bytes: must be >= 1, got -1",
+        "server.graceful_timeout_s: must be >= 0.0, got -5",
+        "redis.url: expected a redis://, rediss:// or unix:// URL",
+        "redis.on_error: expected one of allow, deny, got 'ignore'",
+        "redis.timeout_s: must be >= 0.001, got 0",
+        "events.sink: expected one of stdout, file, redis, off, got 'kafka'",
+        "events.queue_size: must be >= 1, got 0",
+        "providers[0].name: expected 1-64 of A-Z a-z 0-9 _ . -, got 'bad name!'",
+        "providers[0].base_url: expected an http:// or https:// URL",
+        "providers[0].models: expected a non-empty list of model names or globs",
+        "providers[1].timeout: unknown key",
+        "providers[1].weight: must be > 0",
+        "providers[2].name: 'ok' is used by another provider",
+        "providers[2].base_url: expected an http:// or https:// URL",
+        "providers[2].weight: must be >= 0.0, got -2",
+        "providers[2].connect_timeout_s: must be >= 0.001, got -1",
+        "aliases.fast: expected a model name string",
+        "keys[0].sha256: expected 64 hex characters (sha256 of the full key)",
+        "keys[1].group: no [groups.silver] table",
+        "keys[1].rpm: must be >= 1, got -1",
+        "keys[2].secret: unknown key",
+        "keys[2].name: 'bob' is used by another key",
+        "keys[2].sha256: the same key is configured twice",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("raw", "problems"),
+    [
+        (minimal(server={"bind": "127.0.0.1:70000"}), ["server.bind: expected HOST:PORT, got '127.0.0.1:70000'"]),
+        (minimal(server={"bind": "127.0.0.1:"}), ["server.bind: expected HOST:PORT, got '127.0.0.1:'"]),
+        (minimal(server={"bind": 9090}), ["server.bind: expected a string, got 9090"]),
+        (
+            minimal(server={"prefixes": ["/v1/", "api"]}),
+            [
+                "server.prefixes: '/v1/' must start with '/' and not end with '/'",
+                "server.prefixes: 'api' must start with '/' and not end with '/'",
+            ],
+        ),
+        (minimal(server={"prefixes": ["/v1", ""]}), ["server.prefixes: expected a list of non-empty strings"]),
+        (minimal(server={"max_body_bytes": 1.5}), ["server.max_body_bytes: expected a whole number, got 1.5"]),
+        (minimal(server="fast"), ["server: expected a table"]),
+        (minimal(redis={"on_error": "Deny"}), ["redis.on_error: expected one of allow, deny, got 'Deny'"]),
+        (minimal(events={"sink": "stderr"}), ["events.sink: expected one of stdout, file, redis, off, got 'stderr'"]),
+        ({"providers": []}, ["providers: at least one [[providers]] table is required"]),
+        ({}, ["providers: at least one [[providers]] table is required"]),
+        ({"providers": PROVIDER}, ["providers: expected an array of tables ([[providers]])"]),
+        ({"providers": ["mock"]}, ["providers[0]: expected a table"]),
+        (
+            {"providers": [{"base_url": "http://x/v1", "models": ["m"]}]},
+            ["providers[0].name: expected 1-64 of A-Z a-z 0-9 _ . -, got ''"],
+        ),
+        (
+            {"providers": [{**PROVIDER, "name": "x" * 65}]},
+            [f"providers[0].name: expected 1-64 of A-Z a-z 0-9 _ . -, got '{'x' * 65}'"],
+        ),
+        (
+            {"providers": [{**PROVIDER, "base_url": "127.0.0.1:8001"}]},
+            ["providers[0].base_url: expected an http:// or https:// URL"],
+        ),
+        (
+            {"providers": [{"name": "mock", "base_url": "http://x/v1"}]},
+            ["providers[0].models: expected a non-empty list of model names or globs"],
+        ),
+        ({"providers": [{**PROVIDER, "weight": 0}]}, ["providers[0].weight: must be > 0"]),
+        ({"providers": [{**PROVIDER, "weight": 0.0}]}, ["providers[0].weight: must be > 0"]),
+        (
+            {"providers": [{**PROVIDER, "stream_usage": "yes"}]},
+            ["providers[0].stream_usage: expected true or false, got 'yes'"],
+        ),
+        (
+            minimal(keys=[{"name": "alice", "sha256": "ab" * 31}]),
+            ["keys[0].sha256: expected 64 hex characters (sha256 of the full key)"],
+        ),
+        (minimal(keys=[{"name": "alice"}]), ["keys[0].sha256: expected 64 hex characters (sha256 of the full key)"]),
+        (
+            minimal(keys=[{"name": "alice", "sha256": "g" * 64}]),
+            ["keys[0].sha256: expected 64 hex characters (sha256 of the full key)"],
+        ),
+        (
+            minimal(keys=[{"name": "a", "sha256": "b" * 64}, {"name": "c", "sha256": "b" * 64}]),
+            ["keys[1].sha256: the same key is configured twice"],
+        ),
+        (minimal(keys=[{"name": "a", "sha256": "b" * 64, "group": "gold"}]), ["keys[0].group: no [groups.gold] table"]),
+        (minimal(keys={"name": "a"}), ["keys: expected an array of tables ([[keys]])"]),
+        (
+            minimal(keys=[{"name": "a", "sha256": "b" * 64, "budget_tokens": -1}]),
+            ["keys[0].budget_tokens: must be >= 0, got -1"],
+        ),
+        (minimal(groups={"gold": 5}), ["groups.gold: expected a table"]),
+        (minimal(groups={"gold tier": {"rpm": 5}}), ["groups.gold tier: group names are 1-64 of A-Z a-z 0-9 _ . -"]),
+        (minimal(aliases={"fast": ""}), ["aliases.fast: expected a model name string"]),
+    ],
+)
+def test_single_problems(raw: dict[str, Any], problems: list[str]) -> None:
+    assert problems_of(raw) == problems
+
+
+@pytest.mark.parametrize(
+    ("raw", "problem"),
+    [
+        (minimal(server={"max_body_bytes": True}), "server.max_body_bytes: expected a whole number, got True"),
+        (minimal(events={"sink": False}), "events.sink: expected a string, got False"),
+        ({"providers": [{**PROVIDER, "weight": True}]}, "providers[0].weight: expected a number, got True"),
+    ],
+)
+def test_a_boolean_where_another_type_belongs_is_named_in_the_problem(raw: dict[str, Any], problem: str) -> None:
+    # Regression: the bool was replaced by None before the message was written ("got None").
+    assert problems_of(raw) == [problem]
+
+
+def test_provider_repr_hides_the_api_key() -> None:
+    raw = {"providers": [{**PROVIDER, "api_key_env": "MOCK_API_KEY"}]}
+    secret = "upstream-secret-" + new_key()[3:19]
+    settings = parse_settings(raw, env={"MOCK_API_KEY": secret})
+    provider: ProviderSettings = settings.providers[0]
+    assert provider.api_key == secret
+    assert secret not in repr(provider)
+    assert "MOCK_API_KEY" in repr(provider)
+    assert secret not in repr(settings)
+
+
+def test_key_repr_hides_the_sha256() -> None:
+    digest = key_digest(new_key())
+    key = parse_settings(minimal(keys=[{"name": "alice", "sha256": digest}]), env={}).keys[digest]
+    assert digest not in repr(key)
+    assert "alice" in repr(key)
+
+
+def test_with_keys_adds_keys_by_sha256() -> None:
+    first, second = key_digest(new_key()), key_digest(new_key())
+    settings = parse_settings(minimal(keys=[{"name": "alice", "sha256": first}]), env={})
+    demo = parse_settings(minimal(keys=[{"name": "demo", "sha256": second}]), env={}).keys[second]
+    added = settings.with_keys(demo)
+    assert list(added.keys) == [first, second]
+    assert list(settings.keys) == [first]
+
+
+GOOD_TOML = """
+[server]
+bind = "127.0.0.1:9191"
+
+[[providers]]
+name = "deepseek"
+base_url = "https://api.deepseek.com/v1"
+api_key_env = "DEEPSEEK_API_KEY"
+models = ["deepseek-chat", "deepseek-*"]
+priority = 1
+weight = 2.5
+
+[aliases]
+"gpt-4o-mini" = "deepseek-chat"
+"""
+
+
+def test_load_settings_from_a_file(tmp_path: Path) -> None:
+    path = tmp_path / "gateway.toml"
+    path.write_text(GOOD_TOML, encoding="utf-8")
+    settings = load_settings(str(path), env={"DEEPSEEK_API_KEY": "upstream-secret-1"})
+    assert settings.source == str(path)
+    assert settings.server.port == 9191
+    (provider,) = settings.providers
+    assert (provider.name, provider.priority, provider.weight, provider.api_key) == (
+        "deepseek",
+        1,
+        2.5,
+        "upstream-secret-1",
+    )
+    assert dict(settings.aliases) == {"gpt-4o-mini": "deepseek-chat"}
+
+
+def test_the_shipped_demo_config_loads() -> None:
+    settings = load_settings(str(Path(__file__).parent.parent / "config" / "demo.toml"), env={})
+    assert [p.name for p in settings.providers] == ["mock"]
+
+
+def test_load_settings_missing_file(tmp_path: Path) -> None:
+    path = str(tmp_path / "missing.toml")
+    with pytest.raises(ConfigError) as info:
+        load_settings(path, env={})
+    assert info.value.problems == [f"{path}: cannot read the file (No such file or directory)"]
+
+
+def test_load_settings_directory(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings(str(tmp_path), env={})
+    assert info.value.problems == [f"{tmp_path}: cannot read the file (Is a directory)"]
+
+
+def test_load_settings_invalid_toml(tmp_path: Path) -> None:
+    path = tmp_path / "gateway.toml"
+    path.write_text('[server]\nbind = "127.0.0.1:9090\n', encoding="utf-8")
+    with pytest.raises(ConfigError) as info:
+        load_settings(str(path), env={})
+    assert info.value.problems == [f"{path}: not valid TOML (Illegal character '\\n' (at line 2, column 23))"]
+
+
+def test_load_settings_file_that_is_not_utf8(tmp_path: Path) -> None:
+    # Regression: UnicodeDecodeError is not an OSError and used to escape as a traceback.
+    path = tmp_path / "gateway.toml"
+    path.write_bytes(b'[server]\nbind = "caf\xe9:9090"\n')
+    with pytest.raises(ConfigError) as info:
+        load_settings(str(path), env={})
+    assert info.value.problems == [f"{path}: not UTF-8 text (invalid continuation byte at byte 20)"]
+
+
+def test_config_path_order() -> None:
+    assert config_path("a.toml", env={"SLUICEGATE_CONFIG": "b.toml"}) == "a.toml"
+    assert config_path(None, env={"SLUICEGATE_CONFIG": "b.toml"}) == "b.toml"
+    assert config_path(None, env={}) == "config/gateway.toml"

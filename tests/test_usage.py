@@ -1,0 +1,293 @@
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from collections.abc import Callable
+
+import pytest
+
+from proxy.usage import StreamUsageScanner, Usage, usage_from_body
+
+CONTENT = (
+    b'data: {"id":"chatcmpl-1","object":"chat.completion.chunk","model":"deepseek-chat",'
+    b'"choices":[{"index":0,"delta":{"content":"Hello"},"finish_reason":null}]}\n\n'
+)
+FINISH = (
+    b'data: {"id":"chatcmpl-1","object":"chat.completion.chunk","model":"deepseek-chat",'
+    b'"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}\n\n'
+)
+USAGE_ONLY = (
+    b'data: {"id":"chatcmpl-1","object":"chat.completion.chunk","model":"deepseek-chat","choices":[],'
+    b'"usage":{"prompt_tokens":9,"completion_tokens":12,"total_tokens":21}}\n\n'
+)
+DONE = b"data: [DONE]\n\n"
+USAGE = Usage(prompt_tokens=9, completion_tokens=12, total_tokens=21)
+
+
+def feed_all(scanner: StreamUsageScanner, chunks: list[bytes]) -> list[bytes]:
+    return [scanner.feed(chunk) for chunk in chunks]
+
+
+def crlf(event: bytes) -> bytes:
+    return event.replace(b"\n", b"\r\n")
+
+
+LINE_ENDS = [pytest.param(lambda e: e, id="lf"), pytest.param(crlf, id="crlf")]
+
+
+@pytest.mark.parametrize("strip", [True, False])
+def test_events_without_usage_pass_through_as_the_same_object(strip: bool) -> None:
+    scanner = StreamUsageScanner(strip_usage_event=strip)
+    for chunk in (CONTENT, FINISH, CONTENT + FINISH, CONTENT[:10], CONTENT[10:]):
+        assert scanner.feed(chunk) is chunk
+    assert scanner.usage is None
+
+
+def test_whole_usage_event_is_cut_when_stripping() -> None:
+    scanner = StreamUsageScanner(strip_usage_event=True)
+    out = feed_all(scanner, [CONTENT, FINISH, USAGE_ONLY, DONE])
+    assert out == [CONTENT, FINISH, b"", DONE]
+    assert scanner.usage == USAGE
+
+
+def test_whole_usage_event_is_kept_when_not_stripping() -> None:
+    scanner = StreamUsageScanner(strip_usage_event=False)
+    chunks = [CONTENT, FINISH, USAGE_ONLY, DONE]
+    out = feed_all(scanner, chunks)
+    assert out == chunks
+    assert all(o is c for o, c in zip(out, chunks, strict=True))
+    assert scanner.usage == USAGE
+
+
+@pytest.mark.parametrize(
+    ("chunk", "forwarded"),
+    [
+        (FINISH + USAGE_ONLY + DONE, FINISH + DONE),
+        (USAGE_ONLY + DONE, DONE),
+        (CONTENT + USAGE_ONLY, CONTENT),
+        (USAGE_ONLY, b""),
+        # An unfinished next event after the usage event is forwarded at once.
+        (USAGE_ONLY + DONE[:7], DONE[:7]),
+    ],
+)
+def test_usage_event_is_cut_out_of_the_middle_of_a_chunk(chunk: bytes, forwarded: bytes) -> None:
+    scanner = StreamUsageScanner(strip_usage_event=True)
+    assert scanner.feed(chunk) == forwarded
+    assert scanner.usage == USAGE
+
+
+def test_usage_event_after_a_carried_tail_is_cut() -> None:
+    scanner = StreamUsageScanner(strip_usage_event=True)
+    first, second = CONTENT[:50], CONTENT[50:] + USAGE_ONLY + DONE
+    assert scanner.feed(first) is first
+    assert scanner.feed(second) == CONTENT[50:] + DONE
+    assert scanner.usage == USAGE
+
+
+@pytest.mark.parametrize("line_end", LINE_ENDS)
+@pytest.mark.parametrize("strip", [True, False])
+def test_every_split_of_a_two_event_stream(strip: bool, line_end: Callable[[bytes], bytes]) -> None:
+    content, usage_only = line_end(CONTENT), line_end(USAGE_ONLY)
+    stream = content + usage_only
+    for i in range(len(stream) + 1):
+        scanner = StreamUsageScanner(strip_usage_event=strip)
+        first, second = stream[:i], stream[i:]
+        out_first = scanner.feed(first)
+        out_second = scanner.feed(second)
+        assert scanner.usage == USAGE, i
+        usage_whole_in_one_chunk = i <= len(content) or i == len(stream)
+        expected = content if strip and usage_whole_in_one_chunk else stream
+        assert out_first + out_second == expected, i
+        if i < len(stream):
+            # Nothing of the first chunk is held back: it never holds the whole usage event.
+            assert out_first == first, i
+
+
+@pytest.mark.parametrize("line_end", LINE_ENDS)
+def test_every_three_chunk_split_of_a_three_event_stream(line_end: Callable[[bytes], bytes]) -> None:
+    content, usage_only, done = line_end(CONTENT), line_end(USAGE_ONLY), line_end(DONE)
+    stream = content + usage_only + done
+    usage_start, usage_end = len(content), len(content) + len(usage_only)
+    for i in range(len(stream) + 1):
+        for j in range(i, len(stream) + 1):
+            scanner = StreamUsageScanner(strip_usage_event=True)
+            out = feed_all(scanner, [stream[:i], stream[i:j], stream[j:]])
+            assert scanner.usage == USAGE, (i, j)
+            split_inside_usage = any(usage_start < s < usage_end for s in (i, j))
+            expected = stream if split_inside_usage else content + done
+            assert b"".join(out) == expected, (i, j)
+
+
+def test_usage_on_a_content_chunk_is_read_but_never_cut() -> None:
+    # DeepSeek-style: the last content chunk carries the usage object.
+    last = (
+        b'data: {"id":"1","object":"chat.completion.chunk","choices":[{"index":0,"delta":{"content":""},'
+        b'"finish_reason":"stop"}],"usage":{"prompt_tokens":5,"completion_tokens":7,"total_tokens":12}}\n\n'
+    )
+    scanner = StreamUsageScanner(strip_usage_event=True)
+    chunks = [CONTENT, last, DONE]
+    out = feed_all(scanner, chunks)
+    assert out == chunks
+    assert out[1] is last
+    assert scanner.usage == Usage(5, 7, 12)
+
+
+@pytest.mark.parametrize("strip", [True, False])
+def test_usage_null_chunks_are_returned_as_the_same_object(strip: bool) -> None:
+    chunk = (
+        b'data: {"id":"1","object":"chat.completion.chunk","choices":[{"index":0,"delta":{"content":"Hi"},'
+        b'"finish_reason":null}],"usage":null}\n\n'
+    )
+    scanner = StreamUsageScanner(strip_usage_event=strip)
+    for _ in range(3):
+        out = scanner.feed(chunk)
+        assert out is chunk
+    assert scanner.usage is None
+
+
+def test_the_last_usage_wins() -> None:
+    later = USAGE_ONLY.replace(b'"completion_tokens":12,"total_tokens":21', b'"completion_tokens":30,"total_tokens":39')
+    scanner = StreamUsageScanner(strip_usage_event=False)
+    feed_all(scanner, [USAGE_ONLY, later])
+    assert scanner.usage == Usage(9, 30, 39)
+
+
+def test_usage_event_with_data_and_comment_lines() -> None:
+    event = (
+        b': keep-alive "usage"\nevent: message\n'
+        b'data:{"choices":[],"usage":{"prompt_tokens":1,"completion_tokens":2}}\n\n'
+    )
+    scanner = StreamUsageScanner(strip_usage_event=True)
+    assert scanner.feed(CONTENT + event) == CONTENT
+    assert scanner.usage == Usage(1, 2, 3)
+
+
+@pytest.mark.parametrize(
+    "chunk",
+    [
+        b"garbage without any event end",
+        b"\x00\xff\xfe binary\n\n",
+        b'data: {"usage": not json\n\n',
+        b'data: "usage"\n\n',
+        b'data: ["usage", 1]\n\n',
+        b'data: {"choices":[],"usage":"lots"}\n\n',
+        b'data: {"choices":[],"usage":[1,2]}\n\n',
+        b': comment mentioning "usage"\n\n',
+        b'"usage"\n\n\n\n',
+        b"\n\n",
+        b"",
+        DONE,
+    ],
+)
+@pytest.mark.parametrize("strip", [True, False])
+def test_garbage_does_not_raise(chunk: bytes, strip: bool) -> None:
+    scanner = StreamUsageScanner(strip_usage_event=strip)
+    assert scanner.feed(chunk) is chunk
+    assert scanner.usage is None
+    # The scanner still works after garbage.
+    assert scanner.feed(b"\n\n" + USAGE_ONLY) == (b"\n\n" if strip else b"\n\n" + USAGE_ONLY)
+    assert scanner.usage == USAGE
+
+
+HANG_CHECK = textwrap.dedent(
+    """
+    from proxy.usage import StreamUsageScanner
+
+    scanner = StreamUsageScanner(strip_usage_event=%s)
+    print(repr(scanner.feed(%r)))
+    print(repr(scanner.usage))
+    """
+)
+
+
+USAGE_NULL = CONTENT.replace(b"]}\n\n", b'],"usage":null}\n\n')
+PRINTED_USAGE = "Usage(prompt_tokens=9, completion_tokens=12, total_tokens=21)"
+
+
+@pytest.mark.parametrize(
+    ("strip", "chunk", "printed"),
+    [
+        # OpenAI-style content chunk with "usage":null and one blank line too many.
+        pytest.param(False, USAGE_NULL + b"\n", "None", id="usage-null-3-newlines"),
+        pytest.param(False, USAGE_NULL + b"\n\n\n", "None", id="usage-null-5-newlines"),
+        pytest.param(True, USAGE_ONLY + b"\n", PRINTED_USAGE, id="usage-only-3-newlines"),
+        pytest.param(True, crlf(USAGE_ONLY) + b"\r\n", PRINTED_USAGE, id="usage-only-crlf-extra-blank-line"),
+        pytest.param(True, USAGE_ONLY + b"\n" + DONE, PRINTED_USAGE, id="usage-only-3-newlines-then-done"),
+    ],
+)
+def test_an_extra_blank_line_does_not_hang_the_scanner(strip: bool, chunk: bytes, printed: str) -> None:
+    # Regression: an odd run of 3+ newlines at the last event end made the scan loop forever.
+    # Run in a child process so that a regression fails the test instead of hanging the run.
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", HANG_CHECK % (strip, chunk)],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"StreamUsageScanner.feed({chunk!r}) did not return within 5 s")
+    out, usage = done.stdout.splitlines()
+    assert usage == printed
+    # The usage event itself may be cut when stripping; the extra newline and everything else is forwarded.
+    assert out == repr(chunk.replace(crlf(USAGE_ONLY), b"").replace(USAGE_ONLY, b"") if strip else chunk)
+
+
+@pytest.mark.parametrize("strip", [True, False])
+def test_crlf_event_ends(strip: bool) -> None:
+    # Regression: only LF event ends were known, so a CRLF upstream's usage was never read.
+    stream = crlf(CONTENT + USAGE_ONLY + DONE)
+    scanner = StreamUsageScanner(strip_usage_event=strip)
+    out = scanner.feed(stream)
+    assert scanner.usage == USAGE
+    assert out == (crlf(CONTENT + DONE) if strip else stream)
+
+
+@pytest.mark.parametrize(
+    ("usage", "expected"),
+    [
+        ({"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}, Usage(3, 4, 7)),
+        ({"prompt_tokens": 3, "completion_tokens": 4}, Usage(3, 4, 7)),
+        ({"prompt_tokens": 8, "total_tokens": 8}, Usage(8, 0, 8)),
+        ({"prompt_tokens": True, "completion_tokens": -2, "total_tokens": "9"}, Usage(0, 0, 0)),
+        ({"prompt_tokens": 1.5, "completion_tokens": 2}, Usage(0, 2, 2)),
+        ({}, Usage(0, 0, 0)),
+        (None, None),
+        ("12", None),
+        ([1, 2], None),
+    ],
+)
+def test_usage_from_json(usage: object, expected: Usage | None) -> None:
+    assert Usage.from_json(usage) == expected
+
+
+def test_usage_from_body_of_a_chat_completion() -> None:
+    body = (
+        b'{"id":"chatcmpl-1","object":"chat.completion","created":1700000000,"model":"deepseek-chat",'
+        b'"choices":[{"index":0,"message":{"role":"assistant","content":"Hello"},"finish_reason":"stop"}],'
+        b'"usage":{"prompt_tokens":11,"completion_tokens":5,"total_tokens":16}}'
+    )
+    assert usage_from_body(body) == Usage(11, 5, 16)
+
+
+def test_usage_from_body_of_an_embedding() -> None:
+    body = b'{"object":"list","data":[],"model":"text-embedding-3-small","usage":{"prompt_tokens":8,"total_tokens":8}}'
+    assert usage_from_body(body) == Usage(8, 0, 8)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"id":"chatcmpl-1","object":"chat.completion","choices":[]}',
+        b'{"id":"chatcmpl-1","choices":[],"usage":null}',
+        b'{"id":"chatcmpl-1","usage":{"prompt_tokens":1',
+        b'["usage"]',
+        b'"usage"',
+        b"<html>502 Bad Gateway</html>",
+        b"",
+    ],
+)
+def test_usage_from_body_without_usage(body: bytes) -> None:
+    assert usage_from_body(body) is None
