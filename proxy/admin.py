@@ -12,10 +12,16 @@ import orjson
 from .auth import key_digest, new_key
 from .events import REDIS_STREAM
 from .limits import Bucket, Limiter, LimiterFailure, buckets_for, budget_key, format_duration
-from .settings import Settings
+from .settings import NAME_RE, Settings
 
 
 def keys_new(args: argparse.Namespace) -> str:
+    """The key and its [[keys]] block; raises ValueError for a name the config would reject."""
+    for label, value in (("--name", args.name), ("--group", args.group)):
+        if value is not None and not NAME_RE.match(value):
+            raise ValueError(f"{label}: expected 1-64 of A-Z a-z 0-9 _ . -, got {value!r}")
+    if args.models and any(c in args.models for c in '"\\\n'):
+        raise ValueError("--models: model names cannot contain quotes, backslashes or line breaks")
     key = new_key()
     lines = ["[[keys]]", f'name = "{args.name}"', f'sha256 = "{key_digest(key)}"']
     if args.group:

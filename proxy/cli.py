@@ -82,7 +82,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.command == "keys" and args.keys_command == "new":
-        sys.stdout.write(keys_new(args))
+        try:
+            sys.stdout.write(keys_new(args))
+        except ValueError as exc:
+            print(exc, file=sys.stderr)
+            return 2
         return 0
     if args.command == "mock-upstream":
         host, port = args.bind

@@ -75,7 +75,7 @@ class StreamUsageScanner:
             self._tail = data if len(data) <= MAX_TAIL_BYTES else b""
             return chunk
         self._tail = data[end:] if len(data) - end <= MAX_TAIL_BYTES else b""
-        if USAGE_MARK not in data[:end]:
+        if not _has_usage_object(data, end):
             return chunk
         return self._scan(data, end, carried, chunk)
 
@@ -106,6 +106,17 @@ class StreamUsageScanner:
             pos = b
         kept += chunk[pos:]
         return bytes(kept)
+
+
+def _has_usage_object(data: bytes, end: int) -> bool:
+    """True when some "usage" key before `end` holds an object: OpenAI sends "usage":null on every chunk."""
+    at = data.find(USAGE_MARK, 0, end)
+    while at >= 0:
+        rest = data[at + len(USAGE_MARK) : at + len(USAGE_MARK) + 8].lstrip(b" \t:")
+        if rest.startswith(b"{"):
+            return True
+        at = data.find(USAGE_MARK, at + 1, end)
+    return False
 
 
 def _event_json(event: bytes) -> Any:

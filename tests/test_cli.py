@@ -209,3 +209,20 @@ def test_check_config_honours_env_overrides(
     monkeypatch.setenv("SLUICEGATE_BIND", "nope")
     assert main(["check-config", "--config", str(path)]) == 2
     assert capsys.readouterr().err == "SLUICEGATE_BIND: expected HOST:PORT, got 'nope'\n"
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["keys", "new", "--name", "bad name"], "--name: expected 1-64"),
+        (["keys", "new", "--name", "ok", "--group", "a{b}"], "--group: expected 1-64"),
+        (["keys", "new", "--name", "ok", "--models", 'a"b'], "--models: model names cannot contain"),
+    ],
+)
+def test_keys_new_refuses_what_the_config_would_reject(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert message in captured.err

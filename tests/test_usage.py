@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 import pytest
 
+from proxy import usage as usage_module
 from proxy.usage import StreamUsageScanner, Usage, usage_from_body
 
 CONTENT = (
@@ -291,3 +292,14 @@ def test_usage_from_body_of_an_embedding() -> None:
 )
 def test_usage_from_body_without_usage(body: bytes) -> None:
     assert usage_from_body(body) is None
+
+
+def test_usage_null_chunks_are_never_parsed(monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_parse(_event: bytes) -> None:
+        raise AssertionError("a chunk without a usage object was parsed")
+
+    monkeypatch.setattr(usage_module, "_event_json", no_parse)
+    chunk = b'data: {"choices":[{"delta":{"content":"hi"}}],"usage":null}\n\ndata: {"usage": null}\n\n'
+    scanner = StreamUsageScanner(strip_usage_event=True)
+    assert scanner.feed(chunk) is chunk
+    assert scanner.usage is None
