@@ -1,0 +1,126 @@
+"""Behind a real nginx: streams stay unbuffered and a client leaving still closes the upstream."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import orjson
+import pytest
+
+from tests.conftest import Gateway, free_port, wait_for_port
+
+MESSAGES = [{"role": "user", "content": "say something"}]
+# nginx as most operators leave it: proxy_buffering on, no special streaming settings.
+DEFAULT_PROXY = """
+        location / {{
+            proxy_pass http://127.0.0.1:{gateway_port};
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+        }}
+"""
+
+
+def nginx_config(tmp: Path, port: int, server_block: str) -> str:
+    return f"""
+user root;
+daemon off;
+worker_processes 1;
+pid {tmp}/nginx.pid;
+error_log {tmp}/error.log warn;
+events {{ worker_connections 256; }}
+http {{
+    access_log off;
+    client_body_temp_path {tmp}/body;
+    proxy_temp_path {tmp}/proxy;
+    fastcgi_temp_path {tmp}/fastcgi;
+    uwsgi_temp_path {tmp}/uwsgi;
+    scgi_temp_path {tmp}/scgi;
+{server_block.replace("listen 80;", f"listen 127.0.0.1:{port};")}
+}}
+"""
+
+
+def shipped_server_block(gateway_port: int) -> str:
+    """deploy/nginx.conf as shipped, pointed at the test gateway."""
+    text = (Path(__file__).resolve().parent.parent / "deploy" / "nginx.conf").read_text()
+    return text.replace("server 127.0.0.1:9090;", f"server 127.0.0.1:{gateway_port};")
+
+
+def start_nginx(tmp: Path, server_block: str) -> tuple[subprocess.Popen[bytes], int]:
+    binary = shutil.which("nginx") or "/usr/sbin/nginx"
+    if not os.path.exists(binary):
+        if os.environ.get("CI") == "true":
+            pytest.fail(".ci/run must install Debian's nginx package")
+        pytest.skip("nginx is not installed")
+    port = free_port()
+    conf = tmp / "nginx.conf"
+    conf.write_text(nginx_config(tmp, port, server_block))
+    log = tmp / "nginx.out"
+    with log.open("ab") as out:
+        proc = subprocess.Popen([binary, "-c", str(conf), "-p", str(tmp)], stdout=out, stderr=subprocess.STDOUT)
+    wait_for_port(port, proc, log)
+    return proc, port
+
+
+@pytest.fixture(params=["default-proxy", "shipped-config"])
+def nginx(request: pytest.FixtureRequest, gw: Gateway, tmp_path: Path) -> Iterator[int]:
+    if request.param == "default-proxy":
+        block = "    server {\n        listen 80;\n" + DEFAULT_PROXY.format(gateway_port=gw.proc.port) + "    }\n"
+    else:
+        block = shipped_server_block(gw.proc.port)
+    proc, port = start_nginx(tmp_path, block)
+    try:
+        yield port
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def test_stream_is_unbuffered_through_nginx(gw: Gateway, nginx: int) -> None:
+    body = {"model": "mock-chat", "messages": MESSAGES, "stream": True}
+    headers = {**gw.auth(), "x-mock-chunks": "20", "x-mock-chunk-delay-ms": "50", "X-Request-ID": "nginx-1"}
+    arrivals: dict[int, float] = {}
+    buffer = b""
+    url = f"http://127.0.0.1:{nginx}/v1/chat/completions"
+    with httpx.stream("POST", url, json=body, headers=headers, timeout=10) as resp:
+        assert resp.status_code == 200
+        assert resp.headers["content-type"] == "text/event-stream"
+        for raw in resp.iter_raw():
+            now = time.time()
+            buffer += raw
+            *complete, buffer = buffer.split(b"\n\n")
+            for event in complete:
+                if b"tok" in event:
+                    content = orjson.loads(event[6:])["choices"][0]["delta"]["content"]
+                    arrivals[int(content.split("tok")[1].split()[0])] = now
+    sent = gw.mocks["alpha"].request("nginx-1")["chunk_sent_at"]
+    assert sorted(arrivals) == list(range(20))
+    assert arrivals[0] < sent[-1] - 0.5
+    lags = [arrivals[i] - sent[i] for i in range(20)]
+    assert max(lags) < 0.25, lags
+
+
+def test_client_leaving_nginx_closes_the_upstream(gw: Gateway, nginx: int) -> None:
+    payload = orjson.dumps({"model": "mock-chat", "messages": MESSAGES, "stream": True})
+    sock = socket.create_connection(("127.0.0.1", nginx), timeout=5)
+    sock.sendall(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        + f"Authorization: Bearer {gw.keys['main']}\r\nX-Request-ID: nginx-gone\r\n".encode()
+        + f"x-mock-chunks: 200\r\nx-mock-chunk-delay-ms: 50\r\nContent-Length: {len(payload)}\r\n\r\n".encode()
+        + payload
+    )
+    received = b""
+    while received.count(b"tok") < 3:
+        received += sock.recv(65536)
+    sock.close()
+    closed_at = time.time()
+    entry = gw.mocks["alpha"].request("nginx-gone", timeout_s=5)
+    assert entry["outcome"] == "disconnected"
+    assert entry["disconnected_at"] - closed_at < 1.0
