@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import orjson
 import pytest
 
 from proxy.auth import key_digest, new_key
@@ -292,3 +293,57 @@ def gw(gateway: Gateway) -> Iterator[Gateway]:
     yield gateway
     for mock in gateway.mocks.values():
         mock.reset()
+
+
+def beta_config(mocks: Mocks, keys_toml: str, redis_toml: str = "") -> str:
+    """One provider (mock-b serving mock-chat), no event records, and the given keys."""
+    return f"""
+{redis_toml}
+[events]
+sink = "off"
+
+[[providers]]
+name = "beta"
+base_url = "{mocks.beta.url}/v1"
+models = ["mock-chat"]
+{keys_toml}"""
+
+
+def send_raw(port: int, body: dict[str, Any], headers: dict[str, str]) -> socket.socket:
+    """A POST on a bare socket, so a test can close it mid-stream like a client that left."""
+    payload = orjson.dumps(body)
+    head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+    sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+    sock.sendall(
+        f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(payload)}\r\n{head}\r\n".encode()
+        + payload
+    )
+    return sock
+
+
+def assert_unbuffered(url: str, gw: Gateway, request_id: str) -> None:
+    """20 chunks 50 ms apart: each reaches the client about when the mock sent it."""
+    body = {"model": "mock-chat", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+    headers = {**gw.auth(), "x-mock-chunks": "20", "x-mock-chunk-delay-ms": "50", "X-Request-ID": request_id}
+    arrivals: dict[int, float] = {}
+    buffer = b""
+    with httpx.stream("POST", url, json=body, headers=headers, timeout=10) as resp:
+        assert resp.status_code == 200
+        assert resp.headers["content-type"] == "text/event-stream"
+        for raw in resp.iter_raw():
+            now = time.time()
+            buffer += raw
+            *complete, buffer = buffer.split(b"\n\n")
+            for event in complete:
+                if b"tok" in event:
+                    content = orjson.loads(event[6:])["choices"][0]["delta"]["content"]
+                    arrivals[int(content.split("tok")[1].split()[0])] = now
+    sent = gw.mocks["alpha"].request(request_id)["chunk_sent_at"]
+    assert len(sent) == 20
+    assert sorted(arrivals) == list(range(20))
+    # The first token is on the client's screen long before the upstream is done.
+    assert arrivals[0] < sent[-1] - 0.5
+    # Each chunk tracks its send time; a buffering proxy would deliver them in a burst at the end.
+    lags = [arrivals[i] - sent[i] for i in range(20)]
+    assert max(lags) < 0.25, lags

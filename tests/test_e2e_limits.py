@@ -21,7 +21,7 @@ import orjson
 import pytest
 
 from proxy.auth import key_digest, new_key
-from tests.conftest import Mocks, Proc, RedisServer, free_port, start_gateway
+from tests.conftest import Mocks, Proc, RedisServer, beta_config, free_port, start_gateway
 
 CHAT: dict[str, Any] = {"model": "mock-chat", "messages": [{"role": "user", "content": "say something"}]}
 KEY_LIMITS = {
@@ -43,24 +43,8 @@ def limits_config(mocks: Mocks, keys: dict[str, str]) -> str:
         f'\n[[keys]]\nname = "{name}"\nsha256 = "{key_digest(keys[name])}"\n{extra}\n'
         for name, extra in KEY_LIMITS.items()
     )
-    return f"""
-[redis]
-on_error = "allow"
-
-[events]
-sink = "off"
-
-[[providers]]
-name = "beta"
-base_url = "{mocks.beta.url}/v1"
-models = ["mock-chat"]
-
-[groups.free]
-
-[groups.shared]
-rpm = 50
-burst = 50
-{blocks}"""
+    groups = "\n[groups.free]\n\n[groups.shared]\nrpm = 50\nburst = 50\n"
+    return beta_config(mocks, blocks + groups, '[redis]\non_error = "allow"')
 
 
 @dataclass
@@ -239,25 +223,10 @@ def test_unlimited_key_has_no_ratelimit_headers(pair: Pair) -> None:
 
 
 def fault_config(mocks: Mocks, key: str, on_error: str, load_key: str | None = None) -> str:
-    load = f'\n[[keys]]\nname = "load"\nsha256 = "{key_digest(load_key)}"\nrpm = 1000000\n' if load_key else ""
-    return f"""
-[redis]
-on_error = "{on_error}"
-timeout_s = 0.25
-
-[events]
-sink = "off"
-
-[[providers]]
-name = "beta"
-base_url = "{mocks.beta.url}/v1"
-models = ["mock-chat"]
-
-[[keys]]
-name = "f"
-sha256 = "{key_digest(key)}"
-rpm = 5
-{load}"""
+    keys = f'\n[[keys]]\nname = "f"\nsha256 = "{key_digest(key)}"\nrpm = 5\n'
+    if load_key:
+        keys += f'\n[[keys]]\nname = "load"\nsha256 = "{key_digest(load_key)}"\nrpm = 1000000\n'
+    return beta_config(mocks, keys, f'[redis]\non_error = "{on_error}"\ntimeout_s = 0.25\n')
 
 
 def chat(proc: Proc, key: str) -> httpx.Response:

@@ -4,17 +4,14 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
-import orjson
 import pytest
 
-from tests.conftest import Gateway, free_port, wait_for_port
+from tests.conftest import Gateway, assert_unbuffered, free_port, send_raw, wait_for_port
 
 MESSAGES = [{"role": "user", "content": "say something"}]
 # nginx as most operators leave it: proxy_buffering on, no special streaming settings.
@@ -84,38 +81,12 @@ def nginx(request: pytest.FixtureRequest, gw: Gateway, tmp_path: Path) -> Iterat
 
 
 def test_stream_is_unbuffered_through_nginx(gw: Gateway, nginx: int) -> None:
-    body = {"model": "mock-chat", "messages": MESSAGES, "stream": True}
-    headers = {**gw.auth(), "x-mock-chunks": "20", "x-mock-chunk-delay-ms": "50", "X-Request-ID": "nginx-1"}
-    arrivals: dict[int, float] = {}
-    buffer = b""
-    url = f"http://127.0.0.1:{nginx}/v1/chat/completions"
-    with httpx.stream("POST", url, json=body, headers=headers, timeout=10) as resp:
-        assert resp.status_code == 200
-        assert resp.headers["content-type"] == "text/event-stream"
-        for raw in resp.iter_raw():
-            now = time.time()
-            buffer += raw
-            *complete, buffer = buffer.split(b"\n\n")
-            for event in complete:
-                if b"tok" in event:
-                    content = orjson.loads(event[6:])["choices"][0]["delta"]["content"]
-                    arrivals[int(content.split("tok")[1].split()[0])] = now
-    sent = gw.mocks["alpha"].request("nginx-1")["chunk_sent_at"]
-    assert sorted(arrivals) == list(range(20))
-    assert arrivals[0] < sent[-1] - 0.5
-    lags = [arrivals[i] - sent[i] for i in range(20)]
-    assert max(lags) < 0.25, lags
+    assert_unbuffered(f"http://127.0.0.1:{nginx}/v1/chat/completions", gw, "nginx-1")
 
 
 def test_client_leaving_nginx_closes_the_upstream(gw: Gateway, nginx: int) -> None:
-    payload = orjson.dumps({"model": "mock-chat", "messages": MESSAGES, "stream": True})
-    sock = socket.create_connection(("127.0.0.1", nginx), timeout=5)
-    sock.sendall(
-        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-        + f"Authorization: Bearer {gw.keys['main']}\r\nX-Request-ID: nginx-gone\r\n".encode()
-        + f"x-mock-chunks: 200\r\nx-mock-chunk-delay-ms: 50\r\nContent-Length: {len(payload)}\r\n\r\n".encode()
-        + payload
-    )
+    headers = {**gw.auth(), "X-Request-ID": "nginx-gone", "x-mock-chunks": "200", "x-mock-chunk-delay-ms": "50"}
+    sock = send_raw(nginx, {"model": "mock-chat", "messages": MESSAGES, "stream": True}, headers)
     received = b""
     while received.count(b"tok") < 3:
         received += sock.recv(65536)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -19,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.auth import key_digest, mask_key, new_key
 from proxy.metrics import DURATION_BUCKETS
-from tests.conftest import Mocks, Proc, RedisServer, start_gateway
+from tests.conftest import Mocks, Proc, RedisServer, send_raw, start_gateway
 
 CHAT: dict[str, Any] = {"model": "mock-chat", "messages": [{"role": "user", "content": "say something"}]}
 EVENT_FIELDS = [
@@ -153,14 +152,8 @@ def test_metrics_move_for_each_outcome(obs: Observed) -> None:
 
 def test_client_disconnect_is_counted_and_recorded(obs: Observed) -> None:
     before = obs.metrics()
-    payload = orjson.dumps({**CHAT, "stream": True})
-    sock = socket.create_connection(("127.0.0.1", obs.proc.port))
-    sock.sendall(
-        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-        + f"Authorization: Bearer {obs.keys['main']}\r\nX-Request-ID: obs-gone\r\nx-mock-chunks: 100\r\n".encode()
-        + f"x-mock-chunk-delay-ms: 50\r\nContent-Length: {len(payload)}\r\n\r\n".encode()
-        + payload
-    )
+    headers = {"Authorization": f"Bearer {obs.keys['main']}", "X-Request-ID": "obs-gone"}
+    sock = send_raw(obs.proc.port, {**CHAT, "stream": True}, {**headers, "x-mock-chunks": "100"})
     received = b""
     while b"tok1" not in received:
         received += sock.recv(65536)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import time
 from typing import Any
 
@@ -11,7 +10,7 @@ import openai
 import orjson
 import pytest
 
-from tests.conftest import Gateway
+from tests.conftest import Gateway, assert_unbuffered, send_raw
 
 MESSAGES: list[Any] = [{"role": "user", "content": "say something"}]
 
@@ -156,46 +155,13 @@ def test_stream_headers(gw: Gateway) -> None:
 
 
 def test_streaming_is_unbuffered(gw: Gateway) -> None:
-    """20 chunks 50 ms apart: each reaches the client about when the mock sent it."""
-    body = {"model": "mock-chat", "messages": MESSAGES, "stream": True}
-    headers = {**gw.auth(), "x-mock-chunks": "20", "x-mock-chunk-delay-ms": "50", "X-Request-ID": "unbuffered-1"}
-    arrivals: dict[int, float] = {}
-    buffer = b""
-    with httpx.stream("POST", gw.v1 + "/chat/completions", json=body, headers=headers, timeout=10) as resp:
-        for raw in resp.iter_raw():
-            now = time.time()
-            buffer += raw
-            *complete, buffer = buffer.split(b"\n\n")
-            for event in complete:
-                if b"tok" in event:
-                    content = orjson.loads(event[6:])["choices"][0]["delta"]["content"]
-                    arrivals[int(content.split("tok")[1].split()[0])] = now
-    sent = gw.mocks["alpha"].request("unbuffered-1")["chunk_sent_at"]
-    assert len(sent) == 20
-    assert sorted(arrivals) == list(range(20))
-    # The first token is on the client's screen long before the upstream is done.
-    assert arrivals[0] < sent[-1] - 0.5
-    # Each chunk tracks its send time; a buffering proxy would deliver them in a burst at the end.
-    lags = [arrivals[i] - sent[i] for i in range(20)]
-    assert max(lags) < 0.25, lags
-
-
-def _raw_request(gw: Gateway, body: dict[str, Any], headers: dict[str, str]) -> socket.socket:
-    payload = orjson.dumps(body)
-    head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
-    sock = socket.create_connection(("127.0.0.1", gw.proc.port), timeout=5)
-    sock.sendall(
-        f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-        f"Content-Length: {len(payload)}\r\n{head}\r\n".encode()
-        + payload
-    )
-    return sock
+    assert_unbuffered(gw.v1 + "/chat/completions", gw, "unbuffered-1")
 
 
 def test_client_disconnect_mid_stream_closes_upstream(gw: Gateway) -> None:
     body = {"model": "mock-chat", "messages": MESSAGES, "stream": True}
     headers = {**gw.auth(), "x-mock-chunks": "200", "x-mock-chunk-delay-ms": "50", "X-Request-ID": "gone-1"}
-    sock = _raw_request(gw, body, headers)
+    sock = send_raw(gw.proc.port, body, headers)
     received = b""
     while received.count(b"tok") < 3:
         received += sock.recv(65536)
@@ -209,7 +175,7 @@ def test_client_disconnect_mid_stream_closes_upstream(gw: Gateway) -> None:
 
 def test_client_disconnect_while_waiting_for_headers(gw: Gateway) -> None:
     body = {"model": "beta-chat", "messages": MESSAGES}
-    sock = _raw_request(gw, body, {**gw.auth(), "x-mock-hang": "headers", "X-Request-ID": "gone-2"})
+    sock = send_raw(gw.proc.port, body, {**gw.auth(), "x-mock-hang": "headers", "X-Request-ID": "gone-2"})
     gw.mocks["beta"].request("gone-2", done=False)
     time.sleep(0.2)
     sock.close()

@@ -10,22 +10,14 @@ import httpx
 import pytest
 
 from proxy.auth import key_digest, new_key
-from tests.conftest import Mocks, Proc, start_gateway
+from tests.conftest import Mocks, Proc, beta_config, start_gateway
 
 CHAT = {"model": "mock-chat", "messages": [{"role": "user", "content": "hi"}]}
 
 
 def config_text(mocks: Mocks, *keys: str) -> str:
     blocks = "".join(f'\n[[keys]]\nname = "k{i}"\nsha256 = "{key_digest(k)}"\n' for i, k in enumerate(keys))
-    return f"""
-[events]
-sink = "off"
-
-[[providers]]
-name = "beta"
-base_url = "{mocks.beta.url}/v1"
-models = ["mock-chat"]
-{blocks}"""
+    return beta_config(mocks, blocks)
 
 
 def chat(proc: Proc, key: str, **kw: object) -> httpx.Response:
