@@ -6,7 +6,10 @@ measures each path with one aiohttp client session at a fixed concurrency:
 
     python tests/bench/overhead.py [--requests 2000] [--concurrency 16] [--json]
 
-Numbers from a small box include the client, the mock and the relay competing for CPU.
+The requests are split into rounds that take turns between the targets, so drift hits each alike.
+On a 2-core box the client, the mock and the relay share the CPUs, so latency includes queueing;
+"CPU us/req" (CPU time of the process the client talks to) is the steadiest column. The header
+says how much CPU other processes used meanwhile; above 10% the numbers are flagged.
 """
 
 from __future__ import annotations
@@ -179,7 +182,7 @@ async def measure(session: aiohttp.ClientSession, tally: Tally, url: str, body: 
 
 
 async def run_all(args: Any, urls: dict[str, str], pids: dict[str, int]) -> dict[str, dict[str, Any]]:
-    """Warm up each target, then rounds that take turns between targets, so drift hits all of them alike."""
+    """Warm up each target, then rounds that take turns between the targets."""
     results: dict[str, dict[str, Any]] = {}
     timeout = aiohttp.ClientTimeout(total=30)
     connector = aiohttp.TCPConnector(limit=args.concurrency * len(TARGETS))
