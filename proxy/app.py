@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import re
 import secrets
@@ -73,8 +74,9 @@ class Gateway:
         except ConfigError as exc:
             log.error("config reload rejected, keeping the old config: %s", "; ".join(exc.problems))
             return False
-        if settings.redis != self.runtime.settings.redis:
-            log.warning("[redis] changed: the new settings take effect after a restart")
+        for section in ("redis", "events"):
+            if getattr(settings, section) != getattr(self.runtime.settings, section):
+                log.warning("[%s] changed: the new settings take effect after a restart", section)
         self.runtime = Runtime.build(settings)
         if self.events is not None:
             self.events.reopen()
@@ -115,6 +117,8 @@ class Gateway:
         if problem is not None:
             then = "requests are admitted unchecked" if settings.redis.on_error == "allow" else "requests get 503"
             log.warning("limits are NOT enforced: Redis does not answer (%s); %s until it does", problem, then)
+        # What exists now lives as long as the worker: keep it out of every later GC pass.
+        gc.freeze()
 
     async def handle_http(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope["path"]

@@ -6,6 +6,7 @@ The 401 messages name the mistake the client made but never repeat the key.
 from __future__ import annotations
 
 import hashlib
+import re
 import secrets
 from collections.abc import Mapping
 
@@ -17,6 +18,7 @@ from .settings import KeySettings
 
 KEY_RANDOM_BYTES = 36  # 48 url-safe characters
 
+WHITESPACE = re.compile(r"\s")
 HOW_TO_SEND = "Send it as 'Authorization: Bearer sk-...' or 'X-API-Key: sk-...'."
 
 
@@ -51,7 +53,7 @@ def extract_key(authorization: str | None, x_api_key: str | None) -> str:
 def _check_shape(key: str, where: str) -> str:
     if not key.strip():
         raise InvalidApiKey(f"The {where} header has no key after it. " + HOW_TO_SEND)
-    if key != key.strip() or any(c.isspace() for c in key):
+    if WHITESPACE.search(key):
         raise InvalidApiKey(
             f"The key in the {where} header has whitespace around or inside it: "
             "remove spaces, tabs and line breaks (often a copy-paste mistake)."

@@ -10,6 +10,7 @@ from __future__ import annotations
 import bisect
 import os
 from collections.abc import Collection
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
@@ -69,26 +70,35 @@ class Metrics:
         )
         self.events_dropped = Counter("sluicegate_events_dropped", "Event records dropped: queue full", registry=r)
         self.limiter_errors = Counter("sluicegate_limiter_errors", "Redis calls that failed or timed out", registry=r)
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
+
+    def _child(self, metric: Any, *labels: str) -> Any:
+        """metric.labels(...) takes a lock and validates each time; label sets are few, so keep them."""
+        key = (id(metric), labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
 
     def observe(self, record: RequestRecord, models: Collection[str], providers: Collection[str]) -> None:
         route = record.route
-        model = record.model if record.model in models else OTHER
-        provider = record.provider if record.provider in providers else OTHER
-        status = str(record.status or CLIENT_CLOSED)
-        self.requests.labels(route, model, provider, status).inc()
-        self.duration.labels(route, provider, "true" if record.stream else "false").observe(record.latency_s)
+        model = record.model if record.model is not None and record.model in models else OTHER
+        provider = record.provider if record.provider is not None and record.provider in providers else OTHER
+        child = self._child
+        child(self.requests, route, model, provider, str(record.status or CLIENT_CLOSED)).inc()
+        child(self.duration, route, provider, "true" if record.stream else "false").observe(record.latency_s)
         if record.first_byte_at is not None:
-            self.ttfb.labels(route, provider).observe(record.first_byte_at - record.started)
+            child(self.ttfb, route, provider).observe(record.first_byte_at - record.started)
         if record.upstream_sent_at is not None:
-            self.overhead.labels(route).observe(record.upstream_sent_at - record.started)
+            child(self.overhead, route).observe(record.upstream_sent_at - record.started)
         if record.prompt_tokens:
-            self.tokens.labels(model, provider, "prompt").inc(record.prompt_tokens)
+            child(self.tokens, model, provider, "prompt").inc(record.prompt_tokens)
         if record.completion_tokens:
-            self.tokens.labels(model, provider, "completion").inc(record.completion_tokens)
+            child(self.tokens, model, provider, "completion").inc(record.completion_tokens)
         if record.ratelimit is not None:
-            self.ratelimited.labels(*record.ratelimit).inc()
+            child(self.ratelimited, *record.ratelimit).inc()
         for failed_provider, reason in record.failures:
-            self.upstream_errors.labels(failed_provider if failed_provider in providers else OTHER, reason).inc()
+            child(self.upstream_errors, failed_provider if failed_provider in providers else OTHER, reason).inc()
 
     def exposition(self) -> bytes:
         if multiprocess():

@@ -15,7 +15,7 @@ from starlette.types import Receive, Send
 from .errors import GatewayError, Header, RequestTooLarge, UpstreamError
 from .events import RequestRecord
 from .upstream import ProviderClient, Retryable, mid_stream_error, open_upstream, response_headers
-from .usage import StreamUsageScanner, Usage, usage_from_body
+from .usage import StreamUsageScanner, Usage
 
 Kind = Literal["json", "stream", "raw"]
 BodyFor = Callable[["ProviderClient"], tuple[bytes, bool]]
@@ -60,7 +60,7 @@ class DisconnectWatcher:
     def __init__(self, receive: Receive) -> None:
         self.disconnected = False
         self._target = asyncio.current_task()
-        self._task = asyncio.create_task(self._watch(receive))
+        self._task: asyncio.Task[None] | None = asyncio.create_task(self._watch(receive))
 
     async def _watch(self, receive: Receive) -> None:
         while (await receive())["type"] != "http.disconnect":
@@ -71,7 +71,12 @@ class DisconnectWatcher:
 
     def stop(self) -> None:
         """Call before the last send: a disconnect after that is a normal end."""
-        self._task.cancel()
+        if self._task is not None:
+            self._task.cancel()
+            # The cancelled task's traceback holds our frame: without this, every request
+            # leaves a reference cycle for the garbage collector (p99 pauses under load).
+            self._task = None
+            self._target = None
 
 
 class Exchange:
@@ -166,11 +171,11 @@ async def _forward_whole(
         raise Retryable(mid_stream_error(exc, client.settings.name), "read_error") from exc
     if resp.status == 200:
         try:
-            orjson.loads(body)
+            parsed = orjson.loads(body)
         except orjson.JSONDecodeError as exc:
             err = UpstreamError(f"Provider '{client.settings.name}' answered something that is not JSON.")
             raise Retryable(err, "bad_json") from exc
-        usage = usage_from_body(body)
+        usage = Usage.from_json(parsed.get("usage")) if isinstance(parsed, dict) else None
         if usage is not None:
             on_usage(usage)
     watcher.stop()

@@ -13,7 +13,8 @@ from .settings import ProviderSettings
 
 POOL_LIMIT = 1000
 REQUEST_DROP = frozenset(
-    {
+    name.encode()
+    for name in {
         # hop-by-hop (RFC 9110 7.6.1) and framing the client connection owned
         "connection", "keep-alive", "proxy-connection", "proxy-authenticate",
         "proxy-authorization", "te", "trailer", "transfer-encoding", "upgrade",
@@ -27,7 +28,8 @@ REQUEST_DROP = frozenset(
     }
 )  # fmt: skip
 RESPONSE_DROP = frozenset(
-    {
+    name.encode()
+    for name in {
         "connection", "keep-alive", "proxy-connection", "te", "trailer",
         "transfer-encoding", "upgrade", "content-length", "date", "server",
         "set-cookie", "x-request-id", "openai-organization", "openai-project",
@@ -73,10 +75,11 @@ class ProviderClient:
         )
 
     def headers(self, client_headers: Iterable[Header], request_id: str) -> dict[str, str]:
+        # ASGI header names arrive lowercased.
         out = {
             name.decode("latin-1"): value.decode("latin-1")
             for name, value in client_headers
-            if name.decode("latin-1").lower() not in REQUEST_DROP
+            if name not in REQUEST_DROP
         }
         out["Accept-Encoding"] = "identity"
         out["X-Request-ID"] = request_id
@@ -98,7 +101,8 @@ def create_session() -> aiohttp.ClientSession:
 
 
 def response_headers(resp: aiohttp.ClientResponse) -> list[Header]:
-    return [(k.lower(), v) for k, v in resp.raw_headers if k.decode("latin-1").lower() not in RESPONSE_DROP]
+    headers = [(k.lower(), v) for k, v in resp.raw_headers]
+    return [(k, v) for k, v in headers if k not in RESPONSE_DROP]
 
 
 def start_idle_timeout(resp: aiohttp.ClientResponse, idle_timeout_s: float) -> None:

@@ -87,7 +87,7 @@ class StreamUsageScanner:
         start = 0
         for stop in bounds:
             event = data[start:stop]
-            if USAGE_MARK in event:
+            if _has_usage_object(event, len(event)):
                 payload = _event_json(event)
                 if isinstance(payload, dict):
                     usage = Usage.from_json(payload.get("usage"))
