@@ -121,9 +121,6 @@ class Gateway:
         gc.freeze()
 
     async def handle_http(self, scope: Scope, receive: Receive, send: Send) -> None:
-        path = scope["path"]
-        if path in INTERNAL_PATHS:
-            return await self.internal(path, send)
         wanted: dict[bytes, bytes] = {}
         for name, value in scope["headers"]:
             if name in WANTED_HEADERS:
@@ -131,6 +128,8 @@ class Gateway:
         given_id = wanted.get(b"x-request-id")
         sane = given_id is not None and SANE_REQUEST_ID.match(given_id) and not given_id.startswith(b"sk-")
         request_id = given_id.decode() if sane and given_id else "req_" + secrets.token_hex(12)
+        if scope["path"] in INTERNAL_PATHS:
+            return await self.internal(scope["path"], send, request_id)
         record = RequestRecord.start(request_id, scope["method"])
         ex = Exchange(send, record, [(b"x-request-id", request_id.encode())], self.metrics.active_streams)
         runtime = self.runtime
@@ -156,7 +155,7 @@ class Gateway:
             if self.events is not None:
                 self.events.emit(record)
 
-    async def internal(self, path: str, send: Send) -> None:
+    async def internal(self, path: str, send: Send, request_id: str) -> None:
         if path == "/healthz":
             status, body, content_type = 200, b'{"status":"ok"}', b"application/json"
         elif path == "/readyz":
@@ -170,7 +169,11 @@ class Gateway:
             content_type = b"application/json"
         else:
             status, body, content_type = 200, self.metrics.exposition(), CONTENT_TYPE_LATEST.encode()
-        headers = [(b"content-type", content_type), (b"content-length", str(len(body)).encode())]
+        headers = [
+            (b"content-type", content_type),
+            (b"content-length", str(len(body)).encode()),
+            (b"x-request-id", request_id.encode()),
+        ]
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body, "more_body": False})
 

@@ -233,6 +233,8 @@ def test_passthrough_routes(gw: Gateway) -> None:
     assert gw.mocks["alpha"].requests()[-1]["path"] == "/v1/files"
 
 
-def test_health_and_ready(gw: Gateway) -> None:
-    assert httpx.get(gw.base + "/healthz").status_code == 200
-    assert httpx.get(gw.base + "/readyz").status_code == 200
+def test_health_ready_and_metrics_carry_a_request_id(gw: Gateway) -> None:
+    for path in ("/healthz", "/readyz", "/metrics"):
+        resp = httpx.get(gw.base + path, headers={"X-Request-ID": "probe-1"})
+        assert resp.status_code == 200
+        assert resp.headers["x-request-id"] == "probe-1"
