@@ -192,7 +192,8 @@ async def _forward_stream(
     request_bytes: int,
 ) -> None:
     headers = response_headers(resp)
-    if resp.content_type == "text/event-stream":
+    is_sse = resp.content_type == "text/event-stream"
+    if is_sse:
         headers = [h for h in headers if h[0] not in STREAM_HEADER_NAMES]
         headers.extend(STREAM_HEADERS)
     await ex.start(resp.status, headers)
@@ -218,6 +219,10 @@ async def _forward_stream(
         await ex.body(b"", False)
         return
     ex.record.error = failure.code
+    if not is_sse:
+        # No way to say it inside an image or audio body: ending without the last message
+        # makes hypercorn close the connection, so the client sees a cut answer, not a whole one.
+        return
     event = {"error": {"message": failure.message, "type": failure.type, "param": None, "code": failure.code}}
     event["error"]["request_id"] = ex.record.request_id
     await ex.body(b"data: " + orjson.dumps(event) + b"\n\n", False)
