@@ -63,7 +63,7 @@ def test_in_flight_stream_finishes_on_sigterm(tmp_path: Path, mocks: Mocks) -> N
             first = next(stream)
             proc.signal(signal.SIGTERM)
             rest = b"".join(stream)
-        assert b"tok0" in first
+        assert first.startswith(b"data: ")  # SIGTERM went out while the stream was under way
         assert (first + rest).count(b"tok") == 20
         assert (first + rest).endswith(b"data: [DONE]\n\n")
         assert proc.proc is not None
