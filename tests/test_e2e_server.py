@@ -74,10 +74,15 @@ def test_in_flight_stream_finishes_on_sigterm(tmp_path: Path, mocks: Mocks) -> N
 
 @pytest.mark.parametrize("workers", [2])
 def test_workers_serve_and_stop(tmp_path: Path, mocks: Mocks, workers: int) -> None:
-    key = new_key()
+    key, added = new_key(), new_key()
     proc = start_gateway(tmp_path, mocks, config_text(mocks, key), "--workers", str(workers))
     try:
         assert [chat(proc, key).status_code for _ in range(20)] == [200] * 20
+        # SIGHUP to the parent reaches every worker.
+        (tmp_path / "gateway.toml").write_text(config_text(mocks, key, added))
+        proc.signal(signal.SIGHUP)
+        wait_until(lambda: proc.log.read_text().count("config reloaded") == workers)
+        assert [chat(proc, added).status_code for _ in range(20)] == [200] * 20
         proc.signal(signal.SIGTERM)
         assert proc.proc is not None
         assert proc.proc.wait(timeout=15) == 0
