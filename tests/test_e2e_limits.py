@@ -35,6 +35,7 @@ KEY_LIMITS = {
     "budget": "budget_tokens = 10",
     "sdk": "rpm = 1",
     "free": "",
+    "both": 'rpm = 100\ngroup = "tiny"',
 }
 
 
@@ -43,7 +44,7 @@ def limits_config(mocks: Mocks, keys: dict[str, str]) -> str:
         f'\n[[keys]]\nname = "{name}"\nsha256 = "{key_digest(keys[name])}"\n{extra}\n'
         for name, extra in KEY_LIMITS.items()
     )
-    groups = "\n[groups.free]\n\n[groups.shared]\nrpm = 50\nburst = 50\n"
+    groups = "\n[groups.free]\n\n[groups.shared]\nrpm = 50\nburst = 50\n\n[groups.tiny]\nrpm = 1\n"
     return beta_config(mocks, blocks + groups, '[redis]\non_error = "allow"')
 
 
@@ -211,6 +212,27 @@ def test_sdk_gets_rate_limit_error_with_retry_after_ms(pair: Pair) -> None:
         client.chat.completions.create(model="mock-chat", messages=CHAT["messages"])
     assert int(info.value.response.headers["retry-after-ms"]) > 0
     assert info.value.code == "rate_limit_exceeded"
+
+
+def redis_cli(pair: Pair, *args: str) -> str:
+    return subprocess.run(
+        ["redis-cli", "-p", str(pair.redis.port), *args], capture_output=True, text=True, check=True
+    ).stdout.strip()
+
+
+def test_refused_request_takes_nothing_and_keys_share_a_hash_tag(pair: Pair) -> None:
+    assert pair.post("both").status_code == 200  # key bucket 100 -> 99, group bucket 1 -> 0
+    refused = [pair.post("both") for _ in range(5)]
+    assert [r.status_code for r in refused] == [429] * 5
+    assert "rpm limit of group 'tiny'" in refused[0].json()["error"]["message"]
+    # The key's own bucket gave nothing to the five refused requests.
+    assert 99 <= pair.bucket("sg:{g:tiny}:k:both:rpm") < 99.5
+    assert refused[0].headers["x-ratelimit-remaining-requests"] == "0"
+    names = redis_cli(pair, "--scan", "--pattern", "sg:*tiny*").split()
+    assert sorted(names) == ["sg:{g:tiny}:g:rpm", "sg:{g:tiny}:k:both:rpm"]
+    # Keys expire once the bucket would be full again: the group's in about a minute, plus a second.
+    assert 0 < int(redis_cli(pair, "PTTL", "sg:{g:tiny}:g:rpm")) <= 61_000
+    assert 0 < int(redis_cli(pair, "PTTL", "sg:{g:tiny}:k:both:rpm")) <= 1_600
 
 
 def test_unlimited_key_has_no_ratelimit_headers(pair: Pair) -> None:
