@@ -9,22 +9,23 @@ import secrets
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from urllib.parse import quote
 
-import aiohttp
 import orjson
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.types import Receive, Scope, Send
 
 from .auth import authenticate, extract_key, mask_key
 from .endpoints import MODEL_ROUTES, Call, model_request, passthrough
-from .errors import GatewayError, Header, LimiterUnavailable, MethodNotAllowed, NotFound, RateLimited
+from .errors import GatewayError, Header, InvalidRequest, LimiterUnavailable, MethodNotAllowed, NotFound, RateLimited
 from .events import EventSink, RequestRecord
 from .limits import KeyLimits, Limiter
 from .metrics import Metrics, latency_bucket
+from .redact import KEY_LIKE
 from .relay import ClientGone, Exchange, read_body
 from .routing import Router
 from .settings import ConfigError, KeySettings, Settings, load_settings
-from .upstream import ProviderClient, create_session
+from .upstream import ProviderClient, Sessions
 
 log = logging.getLogger("sluicegate")
 
@@ -59,7 +60,7 @@ class Runtime:
 class Gateway:
     def __init__(self, settings: Settings) -> None:
         self.runtime = Runtime.build(settings)
-        self.session: aiohttp.ClientSession | None = None
+        self.sessions: Sessions | None = None
         self.limiter: Limiter | None = None
         self.events: EventSink | None = None
         self.metrics = Metrics()
@@ -93,13 +94,19 @@ class Gateway:
         while True:
             message = await receive()
             if message["type"] == "lifespan.startup":
-                await self.startup()
+                try:
+                    await self.startup()
+                except Exception as exc:
+                    # Said plainly and fatal: hypercorn would otherwise serve on without the lifespan.
+                    log.exception("start-up failed")
+                    await send({"type": "lifespan.startup.failed", "message": f"start-up failed: {exc}"})
+                    return
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
                 if self.events is not None:
                     await self.events.close()
-                if self.session is not None:
-                    await self.session.close()
+                if self.sessions is not None:
+                    await self.sessions.close()
                 if self.limiter is not None:
                     await self.limiter.close()
                 await send({"type": "lifespan.shutdown.complete"})
@@ -107,7 +114,7 @@ class Gateway:
 
     async def startup(self) -> None:
         settings = self.runtime.settings
-        self.session = create_session()
+        self.sessions = Sessions()
         self.limiter = Limiter(settings.redis, on_error=self.metrics.limiter_errors.inc)
         self.events = EventSink(settings.events, latency_bucket, self.metrics.events_dropped.inc, self.limiter.client)
         self.events.start()
@@ -126,7 +133,8 @@ class Gateway:
             if name in WANTED_HEADERS:
                 wanted[name] = value
         given_id = wanted.get(b"x-request-id")
-        sane = given_id is not None and SANE_REQUEST_ID.match(given_id) and not given_id.startswith(b"sk-")
+        # An id is echoed everywhere (headers, errors, events, upstream): never one that holds a key.
+        sane = given_id is not None and SANE_REQUEST_ID.match(given_id) and not KEY_LIKE.search(given_id.decode())
         request_id = given_id.decode() if sane and given_id else "req_" + secrets.token_hex(12)
         if scope["path"] in INTERNAL_PATHS:
             return await self.internal(scope["path"], send, request_id)
@@ -160,6 +168,8 @@ class Gateway:
             status, body, content_type = 200, b'{"status":"ok"}', b"application/json"
         elif path == "/readyz":
             problem = "draining" if self.draining else None
+            if self.sessions is None or self.limiter is None:
+                problem = "start-up did not complete"
             if problem is None and self.limiter is not None:
                 problem = await self.limiter.ping()
             status = 200 if problem is None else 503
@@ -188,6 +198,7 @@ class Gateway:
         body = await read_body(
             receive, runtime.settings.server.max_body_bytes, int(length) if length and length.isdigit() else None
         )
+        ex.record.body_read_at = time.perf_counter()
         if self.draining:
             raise LimiterUnavailable("The gateway is shutting down; retry on another instance.")
         rest = _strip_prefix(path, runtime.settings.server.prefixes)
@@ -203,10 +214,14 @@ class Gateway:
             raise MethodNotAllowed(f"Expected POST for {path}, but got {method}.")
         pinned = wanted[b"x-ai-provider"].decode("latin-1") if b"x-ai-provider" in wanted else None
         query = scope.get("query_string", b"")
-        assert self.session is not None and self.limiter is not None, "lifespan startup did not run"
+        upstream_path = (
+            rest if rest in MODEL_ROUTES else _passthrough_path(scope, rest, runtime.settings.server.prefixes)
+        )
+        if self.sessions is None or self.limiter is None:
+            raise LimiterUnavailable("The gateway did not start properly; see its log.")
         call = Call(
             scope, receive, ex, runtime, key, runtime.limits[key.sha256], rest,
-            rest + ("?" + query.decode("latin-1") if query else ""), body, pinned, self.session, self.limiter,
+            upstream_path + ("?" + query.decode("latin-1") if query else ""), body, pinned, self.sessions, self.limiter,
         )  # fmt: skip
         await (model_request(call) if rest in MODEL_ROUTES else passthrough(call))
 
@@ -236,6 +251,26 @@ def _strip_prefix(path: str, prefixes: tuple[str, ...]) -> str | None:
         if path.startswith(prefix) and len(path) > len(prefix) and path[len(prefix)] == "/":
             return path[len(prefix) :]
     return None
+
+
+def _passthrough_path(scope: Scope, rest: str, prefixes: tuple[str, ...]) -> str:
+    """The path to forward, still percent-encoded as the client sent it.
+
+    ASGI's `path` is decoded: forwarding it would turn %2F, %3F or %23 into a new
+    path segment, query or fragment on the provider's side, with our credential.
+    """
+    segments = rest.split("/")
+    if any(s in (".", "..") for s in segments) or any(c in rest for c in "?#\\%"):
+        raise InvalidRequest(
+            "The path has a '.' or '..' segment, '?', '#', '%' or '\\' once decoded; it is not forwarded."
+        )
+    raw = scope.get("raw_path")
+    raw_rest = _strip_prefix(raw.decode("latin-1"), prefixes) if raw else None
+    if raw_rest is None:
+        return quote(rest)
+    if "%2f" in raw_rest.lower():
+        raise InvalidRequest("The path has an encoded '/' (%2F); it is not forwarded.")
+    return raw_rest
 
 
 def _missing_prefix_message(path: str, prefixes: tuple[str, ...]) -> str:

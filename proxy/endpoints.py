@@ -13,12 +13,10 @@ from .errors import InvalidRequest, NotFound
 from .limits import KeyLimits, Limiter
 from .relay import BodyFor, DisconnectWatcher, Exchange, Kind, relay
 from .settings import KeySettings, ProviderSettings
-from .upstream import ProviderClient
+from .upstream import ProviderClient, Sessions
 from .usage import Usage
 
 if TYPE_CHECKING:
-    import aiohttp
-
     from .app import Runtime
 
 MODEL_ROUTES = frozenset({"/chat/completions", "/completions", "/embeddings"})
@@ -40,7 +38,7 @@ class Call:
     path_and_query: str
     body: bytes
     pinned: str | None
-    session: aiohttp.ClientSession
+    sessions: Sessions
     limiter: Limiter
 
 
@@ -110,7 +108,7 @@ async def _relay(call: Call, providers: tuple[ProviderSettings, ...], body_for: 
     watcher = DisconnectWatcher(call.receive)
     try:
         await relay(
-            ex, call.session, attempts, call.scope["method"], call.path_and_query, call.scope["headers"],
+            ex, call.sessions, attempts, call.scope["method"], call.path_and_query, call.scope["headers"],
             body_for, kind, watcher, on_usage, len(call.body),
         )  # fmt: skip
     except asyncio.CancelledError:

@@ -44,6 +44,7 @@ class RequestRecord:
     stream: bool = False
     status: int = 0
     error: str | None = None
+    body_read_at: float | None = None  # the gateway's own time starts here, not while the client uploads
     upstream_sent_at: float | None = None
     first_byte_at: float | None = None
     ended_at: float | None = None

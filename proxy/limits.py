@@ -93,7 +93,7 @@ class Plan:
 class KeyLimits:
     key: KeySettings
     model: Plan | None  # chat, completions, embeddings: rpm and tpm buckets, budget
-    passthrough: Plan | None  # other routes: rpm buckets only
+    passthrough: Plan | None  # other routes: rpm buckets and the budget
     token_buckets: tuple[Bucket, ...]
     charge_keys: tuple[str, ...]
     charge_tail: tuple[Any, ...]
@@ -111,7 +111,7 @@ class KeyLimits:
         return cls(
             key=key,
             model=Plan.build(buckets, spent, budget) if buckets or budget is not None else None,
-            passthrough=Plan.build(rpm, spent, None) if rpm else None,
+            passthrough=Plan.build(rpm, spent, budget) if rpm or budget is not None else None,
             token_buckets=tpm,
             charge_keys=tuple(b.redis_key for b in tpm) + ((spent,) if budget is not None else ()),
             charge_tail=tuple(tail),

@@ -89,8 +89,8 @@ class Metrics:
         child(self.duration, route, provider, "true" if record.stream else "false").observe(record.latency_s)
         if record.first_byte_at is not None:
             child(self.ttfb, route, provider).observe(record.first_byte_at - record.started)
-        if record.upstream_sent_at is not None:
-            child(self.overhead, route).observe(record.upstream_sent_at - record.started)
+        if record.upstream_sent_at is not None and record.body_read_at is not None:
+            child(self.overhead, route).observe(record.upstream_sent_at - record.body_read_at)
         if record.prompt_tokens:
             child(self.tokens, model, provider, "prompt").inc(record.prompt_tokens)
         if record.completion_tokens:

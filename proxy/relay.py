@@ -14,7 +14,7 @@ from starlette.types import Receive, Send
 
 from .errors import GatewayError, Header, RequestTooLarge, UpstreamError
 from .events import RequestRecord
-from .upstream import ProviderClient, Retryable, mid_stream_error, open_upstream, response_headers
+from .upstream import ProviderClient, Retryable, Sessions, mid_stream_error, open_upstream, response_headers
 from .usage import StreamUsageScanner, Usage
 
 Kind = Literal["json", "stream", "raw"]
@@ -113,7 +113,7 @@ class Exchange:
 
 async def relay(
     ex: Exchange,
-    session: aiohttp.ClientSession,
+    sessions: Sessions,
     attempts: Sequence[ProviderClient],
     method: str,
     path_and_query: str,
@@ -140,6 +140,7 @@ async def relay(
         if record.upstream_sent_at is None:
             record.upstream_sent_at = time.perf_counter()
         try:
+            session = sessions.get(client.settings.name)
             async with open_upstream(session, client, method, client.base_url + path_and_query, headers, body) as resp:
                 if resp.status >= 500 or (resp.status == 429 and not final):
                     last = UpstreamError(f"Provider '{client.settings.name}' answered HTTP {resp.status}.")

@@ -6,6 +6,7 @@ Every problem is collected with the dotted name of the key that is wrong, so
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import tomllib
@@ -15,9 +16,12 @@ from fnmatch import translate
 from pathlib import Path
 from typing import Any, Literal
 
+from redis.connection import parse_url
+
 DEFAULT_CONFIG_PATH = "config/gateway.toml"
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
 
 
 class ConfigError(Exception):
@@ -151,6 +155,9 @@ class _Reader:
 
     def number(self, key: str, default: float, minimum: float = 0.0) -> float:
         value = self._get(key, default, (int, float), "a number")
+        if not math.isfinite(value):
+            self.problems.append(f"{self._name(key)}: expected a finite number, got {value!r}")
+            return default
         if value < minimum:
             self.problems.append(f"{self._name(key)}: must be >= {minimum}, got {value!r}")
             return default
@@ -225,8 +232,14 @@ def _redis(raw: Mapping[str, Any], env: Mapping[str, str], problems: list[str]) 
     r.unknown({"url", "on_error", "timeout_s"})
     default_url = "redis://127.0.0.1:6379/0"
     url = env.get("REDIS_URL") or r.text("url", default_url) or default_url
+    where = "REDIS_URL" if env.get("REDIS_URL") else "redis.url"
     if not url.startswith(("redis://", "rediss://", "unix://")):
-        problems.append("redis.url: expected a redis://, rediss:// or unix:// URL")
+        problems.append(f"{where}: expected a redis://, rediss:// or unix:// URL")
+    else:
+        try:
+            parse_url(url)  # type: ignore[no-untyped-call]
+        except ValueError as exc:
+            problems.append(f"{where}: {exc}")
     return RedisSettings(
         url=url,
         on_error=r.choice("on_error", "allow", ("allow", "deny")),
@@ -279,6 +292,10 @@ def _providers(
             problems.append(f"{where}.models: expected a non-empty list of model names or globs")
             models = ()
         key_env = r.text("api_key_env")
+        if key_env and not ENV_NAME_RE.match(key_env):
+            # Not echoed: people paste the key itself here.
+            problems.append(f"{where}.api_key_env: expected the NAME of an environment variable (A-Z, 0-9, _)")
+            key_env = None
         api_key = env.get(key_env) if key_env else None
         if key_env and not api_key:
             warnings.append(f"{where}.api_key_env: environment variable {key_env} is not set")

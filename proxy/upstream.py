@@ -88,6 +88,24 @@ class ProviderClient:
         return out
 
 
+class Sessions:
+    """One aiohttp session, so one connection pool, per provider: a slow provider's
+    streams cannot take the connections another provider needs."""
+
+    def __init__(self) -> None:
+        self._by_provider: dict[str, aiohttp.ClientSession] = {}
+
+    def get(self, provider: str) -> aiohttp.ClientSession:
+        session = self._by_provider.get(provider)
+        if session is None:
+            session = self._by_provider[provider] = create_session()
+        return session
+
+    async def close(self) -> None:
+        for session in self._by_provider.values():
+            await session.close()
+
+
 def create_session() -> aiohttp.ClientSession:
     connector = aiohttp.TCPConnector(limit=POOL_LIMIT, limit_per_host=0, ttl_dns_cache=300)
     return aiohttp.ClientSession(

@@ -246,7 +246,7 @@ class Mocks:
 def mocks(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mocks]:
     """Two mock upstreams; alpha requires the provider key that the gateway holds."""
     tmp = tmp_path_factory.mktemp("mocks")
-    provider_key = "pk-alpha-" + new_key()[3:]
+    provider_key = "sk-provider-" + new_key()[3:]  # shaped like OpenAI's and DeepSeek's keys
     alpha = start_mock(tmp, "mock-a", {"SG_TEST_ALPHA_KEY": provider_key}, "--api-key-env", "SG_TEST_ALPHA_KEY")
     beta = start_mock(tmp, "mock-b")
     try:

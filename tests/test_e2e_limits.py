@@ -36,6 +36,7 @@ KEY_LIMITS = {
     "sdk": "rpm = 1",
     "free": "",
     "both": 'rpm = 100\ngroup = "tiny"',
+    "broke": "budget_tokens = 0",
 }
 
 
@@ -201,6 +202,14 @@ def test_budget_crossing_request_completes_then_402(pair: Pair) -> None:
     assert spent.status_code == 402
     assert spent.headers["x-should-retry"] == "false"
     assert spent.json()["error"]["code"] == "insufficient_quota"
+
+
+def test_spent_budget_blocks_passthrough_too(pair: Pair) -> None:
+    assert pair.post("broke").status_code == 402
+    url = pair.url().replace("/chat/completions", "/responses")
+    resp = httpx.post(url, json={"model": "mock-chat", "input": "hi"}, headers=pair.auth("broke"), timeout=10)
+    assert resp.status_code == 402
+    assert resp.json()["error"]["code"] == "insufficient_quota"
 
 
 def test_sdk_gets_rate_limit_error_with_retry_after_ms(pair: Pair) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -169,6 +170,37 @@ def test_client_disconnect_is_counted_and_recorded(obs: Observed) -> None:
         == 1
     )
     assert sample(after, "sluicegate_active_streams") == 0
+
+
+def test_overhead_excludes_the_clients_upload(obs: Observed) -> None:
+    """A body trickled in over ~1 s is the client's time, not the gateway's."""
+    before = obs.metrics()
+    payload = orjson.dumps(CHAT)
+    with socket.create_connection(("127.0.0.1", obs.proc.port), timeout=10) as sock:
+        sock.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nConnection: close\r\n"
+            + f"Authorization: Bearer {obs.keys['main']}\r\nContent-Length: {len(payload)}\r\n\r\n".encode()
+        )
+        for i in range(0, len(payload), len(payload) // 4 + 1):
+            sock.sendall(payload[i : i + len(payload) // 4 + 1])
+            time.sleep(0.3)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 200")
+    after = obs.metrics()
+    chat = {"route": "/chat/completions"}
+    added = {
+        name: sample(after, name, **labels) - sample(before, name, **labels)
+        for name, labels in (
+            ("sluicegate_overhead_seconds_sum", chat),
+            ("sluicegate_overhead_seconds_count", chat),
+            ("sluicegate_request_duration_seconds_sum", {**chat, "provider": "alpha", "stream": "false"}),
+        )
+    }
+    assert added["sluicegate_overhead_seconds_count"] == 1
+    assert added["sluicegate_request_duration_seconds_sum"] > 0.9
+    assert added["sluicegate_overhead_seconds_sum"] < 0.1
 
 
 def test_labels_stay_bounded(obs: Observed) -> None:

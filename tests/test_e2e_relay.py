@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import time
 from typing import Any
 
@@ -238,3 +239,38 @@ def test_health_ready_and_metrics_carry_a_request_id(gw: Gateway) -> None:
         resp = httpx.get(gw.base + path, headers={"X-Request-ID": "probe-1"})
         assert resp.status_code == 200
         assert resp.headers["x-request-id"] == "probe-1"
+
+
+def raw_get(port: int, target: str, headers: dict[str, str]) -> tuple[int, bytes]:
+    """A GET whose target goes out byte for byte (clients normalise '..' and escapes)."""
+    head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(f"GET {target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n{head}\r\n".encode())
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    return int(answer.split(b" ", 2)[1]), answer
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        "/v1/files/a%2F..%2F..%2Fadmin",
+        "/v1/files/file-abc%3Fpurpose%3Devil%23frag",
+        "/v1/..%2Finternal%2Fmetrics",
+        "/v1/files/../../admin",
+        "/v1/files/%252e%252e/admin",
+        "/v1/files/a%5Cb",
+    ],
+)
+def test_passthrough_never_forwards_a_path_that_escapes(gw: Gateway, target: str) -> None:
+    status, answer = raw_get(gw.proc.port, target, {**gw.auth(), "X-AI-Provider": "alpha"})
+    assert status in (400, 404), answer
+    assert gw.mocks["alpha"].requests() == []
+
+
+def test_passthrough_keeps_the_path_encoded(gw: Gateway) -> None:
+    status, _ = raw_get(gw.proc.port, "/v1/files/my%20file?purpose=a%26b", {**gw.auth(), "X-AI-Provider": "alpha"})
+    assert status == 200
+    entry = gw.mocks["alpha"].requests()[-1]
+    assert entry["path"] == "/v1/files/my file"

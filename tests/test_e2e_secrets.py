@@ -66,6 +66,8 @@ def session_of_requests(base: str, keys: dict[str, str], provider_key: str) -> l
         {"Authorization": f"Bearer {keys['tight']}"},
         {"Authorization": f"Bearer {keys['tight']}"},
         {"Authorization": f"Bearer {good}", "X-Request-ID": good},
+        {"Authorization": f"Bearer {good}", "X-Request-ID": f"id-{good}"},
+        {"Authorization": f"Bearer {good}", "X-Request-ID": f"x/{provider_key}"},
     ]
     with httpx.Client(timeout=10) as client:
         for headers in attempts:

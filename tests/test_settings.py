@@ -420,3 +420,32 @@ def test_config_path_order() -> None:
     assert config_path("a.toml", env={"SLUICEGATE_CONFIG": "b.toml"}) == "a.toml"
     assert config_path(None, env={"SLUICEGATE_CONFIG": "b.toml"}) == "b.toml"
     assert config_path(None, env={}) == "config/gateway.toml"
+
+
+def test_api_key_env_holding_a_key_is_refused_without_echo() -> None:
+    pasted = "sk-proj-" + "A1b2" * 10
+    raw = {"providers": [{"name": "p", "base_url": "http://x/v1", "models": ["m"], "api_key_env": pasted}]}
+    with pytest.raises(ConfigError) as info:
+        parse_settings(raw, {})
+    assert info.value.problems == [
+        "providers[0].api_key_env: expected the NAME of an environment variable (A-Z, 0-9, _)"
+    ]
+    assert pasted not in str(info.value)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_numbers_must_be_finite(value: float) -> None:
+    raw = {"providers": [{"name": "p", "base_url": "http://x/v1", "models": ["m"], "weight": value}]}
+    with pytest.raises(ConfigError) as info:
+        parse_settings(raw, {})
+    assert info.value.problems == [f"providers[0].weight: expected a finite number, got {value!r}"]
+
+
+def test_bad_redis_url_names_the_variable_it_came_from() -> None:
+    raw = {"providers": [{"name": "p", "base_url": "http://x/v1", "models": ["m"]}]}
+    with pytest.raises(ConfigError) as info:
+        parse_settings(raw, {"REDIS_URL": "redis://127.0.0.1:notaport/0"})
+    assert info.value.problems == ["REDIS_URL: Port could not be cast to integer value as 'notaport'"]
+    with pytest.raises(ConfigError) as info:
+        parse_settings({**raw, "redis": {"url": "redis://h:99999/0"}}, {})
+    assert info.value.problems == ["redis.url: Port out of range 0-65535"]
