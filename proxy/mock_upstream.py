@@ -24,7 +24,7 @@ import orjson
 from aiohttp import ClientConnectionResetError, web
 
 TIMING_KNOBS = ("chunks", "chunk-delay-ms", "ttfb-ms", "slow-chunk")
-FAULT_KNOBS = ("status", "hang", "reset-after", "garbage")
+FAULT_KNOBS = ("status", "hang", "reset-after", "reset-mid-event", "split-events", "garbage")
 KNOBS = TIMING_KNOBS + FAULT_KNOBS
 OFF = ("", "none", "off")
 HANG_LIMIT_S = 600.0
@@ -76,6 +76,8 @@ class Knobs:
     status: int | None = None
     hang: bool = False
     reset_after: int | None = None
+    reset_mid_event: int | None = None  # like reset_after, but half of the next event goes out first
+    split_events: bool = False  # every event in two writes 5 ms apart, as TCP may deliver it
     garbage: bool = False
 
 
@@ -103,6 +105,8 @@ def resolve_knobs(headers: Mapping[str, str], faults: Mapping[str, str], options
         status=status,
         hang=hang == "headers",
         reset_after=int(raw["reset-after"]) if "reset-after" in raw else None,
+        reset_mid_event=int(raw["reset-mid-event"]) if "reset-mid-event" in raw else None,
+        split_events=raw.get("split-events", "0").strip().lower() in ("1", "true", "yes"),
         garbage=raw.get("garbage", "0").strip().lower() in ("1", "true", "yes"),
     )
 
@@ -309,27 +313,40 @@ class MockUpstream:
             # OpenAI marks every chunk before the usage one with an explicit null.
             base["usage"] = None
         resp = web.StreamResponse(headers={"content-type": "text/event-stream", "cache-control": "no-cache"})
+
+        async def emit(event: bytes) -> None:
+            if knobs.split_events:
+                await resp.write(event[: len(event) // 2])
+                await asyncio.sleep(0.005)
+                event = event[len(event) // 2 :]
+            await resp.write(event)
+
+        reset_at = knobs.reset_after if knobs.reset_after is not None else knobs.reset_mid_event
         try:
             await resp.prepare(ex.request)
             record.headers_sent_at = time.time()
             if chat:
-                await resp.write(sse({**base, "choices": [choice("", None, role=True)]}))
+                await emit(sse({**base, "choices": [choice("", None, role=True)]}))
             for i, text in enumerate(texts):
-                if knobs.reset_after is not None and i >= knobs.reset_after:
+                if reset_at is not None and i >= reset_at:
                     break
                 delay = knobs.chunk_delay_ms if i else 0.0
                 if knobs.slow_chunk is not None and knobs.slow_chunk[0] == i:
                     delay += knobs.slow_chunk[1]
                 await asyncio.sleep(delay / 1000)
-                await resp.write(sse({**base, "choices": [choice(text, None)]}))
+                await emit(sse({**base, "choices": [choice(text, None)]}))
                 record.chunk_sent_at.append(time.time())
-            if knobs.reset_after is not None:
+            if reset_at is not None:
+                if knobs.reset_mid_event is not None:
+                    half = sse({**base, "choices": [choice("cut", None)]})
+                    await resp.write(half[: len(half) // 2])
+                    await asyncio.sleep(0.02)
                 ex.reset()
                 return resp
-            await resp.write(sse({**base, "choices": [choice(None, "stop")]}))
+            await emit(sse({**base, "choices": [choice(None, "stop")]}))
             if include_usage:
-                await resp.write(sse({**base, "choices": [], "usage": usage}))
-            await resp.write(b"data: [DONE]\n\n")
+                await emit(sse({**base, "choices": [], "usage": usage}))
+            await emit(b"data: [DONE]\n\n")
             await resp.write_eof()
         except (ConnectionResetError, ClientConnectionResetError):
             record.finish("disconnected")

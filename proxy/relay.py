@@ -217,7 +217,7 @@ async def _forward_stream(
             on_usage(Usage.estimate(request_bytes, scanner.events))
     watcher.stop()
     if failure is None:
-        await ex.body(b"", False)
+        await ex.body(scanner.flush(), False)
         return
     ex.record.error = failure.code
     if not is_sse:
@@ -226,4 +226,7 @@ async def _forward_stream(
         return
     event = {"error": {"message": failure.message, "type": failure.type, "param": None, "code": failure.code}}
     event["error"]["request_id"] = ex.record.request_id
-    await ex.body(b"data: " + orjson.dumps(event) + b"\n\n", False)
+    # Held bytes of an unfinished event are dropped; one cut off mid-way gets its end first,
+    # or the error would be glued onto it and clients could not parse either.
+    fresh_line = b"\n\n" if scanner.mid_event else b""
+    await ex.body(fresh_line + b"data: " + orjson.dumps(event) + b"\n\n", False)

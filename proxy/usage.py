@@ -1,10 +1,12 @@
-"""Token usage from upstream answers, read without holding bytes back.
+"""Token usage from upstream answers, read while the stream is forwarded.
 
-A stream is forwarded chunk by chunk as it arrives. The scanner only looks at
-events that mention "usage" (one memmem per chunk on the fast path), keeps the
-unfinished tail of the current event for parsing, and, when the gateway itself
-asked for include_usage, cuts the usage-only event out of the chunk that
-carries it so the client never sees an event it did not ask for.
+A stream goes out chunk by chunk as it arrives. The scanner only parses events
+whose "usage" holds an object (a memmem per chunk on the fast path) and keeps
+the unfinished event at the end for parsing. When the gateway itself asked for
+include_usage, the usage-only event must not reach the client: once an event
+with a finish_reason has gone by, only that usage event and [DONE] can follow,
+so from then on an unfinished event is held until its end is in and the
+usage-only one is dropped. Content is never held.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import orjson
 USAGE_MARK = b'"usage"'
 # An event ends at a blank line; SSE allows LF and CRLF line ends.
 EVENT_END = re.compile(rb"\r?\n\r?\n")
+FINISHED = re.compile(rb'"finish_reason"\s*:\s*"')
 MAX_TAIL_BYTES = 1 << 20  # an event larger than this is not scanned
 
 
@@ -62,50 +65,77 @@ class StreamUsageScanner:
         self.strip_usage_event = strip_usage_event
         self.usage: Usage | None = None
         self.events = 0  # data: lines seen, for an estimate when no usage arrives
-        self._tail = b""
+        self._pending = b""  # the unfinished event at the end of what came so far
+        self._sent = 0  # how many of its bytes already went to the client
+        self._finished = False  # an event with a finish_reason went by
+
+    @property
+    def mid_event(self) -> bool:
+        """Part of an event went out without its end: anything we add must start on a fresh line."""
+        return self._sent > 0
 
     def feed(self, chunk: bytes) -> bytes:
-        """Return the bytes of `chunk` to forward (the chunk itself, or less)."""
+        """Return the bytes to forward now: `chunk` itself on the fast path."""
         self.events += chunk.count(b"data:")
-        carried = len(self._tail)
-        data = self._tail + chunk if carried else chunk
-        lf, crlf = data.rfind(b"\n\n"), data.rfind(b"\n\r\n")
-        end = max(lf + 2 if lf >= 0 else 0, crlf + 3 if crlf >= 0 else 0)
-        if end == 0:
-            self._tail = data if len(data) <= MAX_TAIL_BYTES else b""
-            return chunk
-        self._tail = data[end:] if len(data) - end <= MAX_TAIL_BYTES else b""
-        if not _has_usage_object(data, end):
-            return chunk
-        return self._scan(data, end, carried, chunk)
+        sent = self._sent
+        data = self._pending + chunk if self._pending else chunk
+        end = _last_event_end(data)
+        if self.strip_usage_event and not self._finished and FINISHED.search(data, 0, end):
+            self._finished = True
+        hold = self._finished and self.strip_usage_event
+        scan = _has_usage_object(data, end)
+        rest = len(data) - end
+        if rest > MAX_TAIL_BYTES:
+            hold = False  # an event this large is neither parsed nor held
+        if hold:
+            self._pending, self._sent = data[end:], (sent if end == 0 else 0)
+        else:
+            self._pending, self._sent = (data[end:], rest) if rest <= MAX_TAIL_BYTES else (b"", 0)
+            if not scan:
+                return chunk
+        out = self._scan(data, end, sent) if scan else data[sent:end]
+        if not hold:
+            out += data[max(end, sent) :]
+        return chunk if out == chunk else out
 
-    def _scan(self, data: bytes, end: int, carried: int, chunk: bytes) -> bytes:
-        cut: list[tuple[int, int]] = []
-        bounds = [m.end() for m in EVENT_END.finditer(data, 0, end)]
-        if not bounds or bounds[-1] < end:
-            bounds.append(end)
+    def flush(self) -> bytes:
+        """At the end of the stream: held bytes that never got their event end."""
+        held = self._pending[self._sent :]
+        self._pending, self._sent = b"", 0
+        return held
+
+    def _scan(self, data: bytes, end: int, sent: int) -> bytes:
+        """data[sent:end] without the usage-only event, reading usage on the way."""
+        kept = bytearray()
         start = 0
-        for stop in bounds:
+        for stop in _event_ends(data, end):
             event = data[start:stop]
+            cut = False
             if _has_usage_object(event, len(event)):
                 payload = _event_json(event)
                 if isinstance(payload, dict):
                     usage = Usage.from_json(payload.get("usage"))
                     if usage is not None:
                         self.usage = usage
-                        # Only an event wholly inside this chunk can still be withheld.
-                        if self.strip_usage_event and payload.get("choices") == [] and start >= carried:
-                            cut.append((start - carried, stop - carried))
+                        # An event part of which already went out cannot be withheld.
+                        cut = self.strip_usage_event and payload.get("choices") == [] and start >= sent
+            if not cut and stop > sent:
+                kept += data[max(start, sent) : stop]
             start = stop
-        if not cut:
-            return chunk
-        kept = bytearray()
-        pos = 0
-        for a, b in cut:
-            kept += chunk[pos:a]
-            pos = b
-        kept += chunk[pos:]
         return bytes(kept)
+
+
+def _last_event_end(data: bytes) -> int:
+    """Just past the last blank line in data, or 0."""
+    lf, crlf = data.rfind(b"\n\n"), data.rfind(b"\n\r\n")
+    return max(lf + 2 if lf >= 0 else 0, crlf + 3 if crlf >= 0 else 0)
+
+
+def _event_ends(data: bytes, end: int) -> list[int]:
+    bounds = [m.end() for m in EVENT_END.finditer(data, 0, end)]
+    if end and (not bounds or bounds[-1] < end):
+        bounds.append(end)
+    return bounds
 
 
 def _has_usage_object(data: bytes, end: int) -> bool:

@@ -274,3 +274,38 @@ def test_passthrough_keeps_the_path_encoded(gw: Gateway) -> None:
     assert status == 200
     entry = gw.mocks["alpha"].requests()[-1]
     assert entry["path"] == "/v1/files/my file"
+
+
+def test_usage_event_split_across_writes_never_reaches_a_client_that_did_not_ask(gw: Gateway) -> None:
+    headers = {**gw.auth(), "x-mock-split-events": "1"}
+    client = openai.OpenAI(base_url=gw.v1, api_key=gw.keys["main"], max_retries=0, default_headers=headers)
+    chunks = list(client.chat.completions.create(model="mock-chat", messages=MESSAGES, stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices).startswith("[mock-a] tok0")
+    assert all(c.choices for c in chunks)
+    with httpx.stream(
+        "POST",
+        gw.v1 + "/chat/completions",
+        json={"model": "mock-chat", "messages": MESSAGES, "stream": True},
+        headers=headers,
+    ) as resp:
+        raw = resp.read()  # fmt: skip
+    assert b'"choices":[]' not in raw
+    assert raw.endswith(b"data: [DONE]\n\n")
+
+
+def test_reset_in_the_middle_of_an_event_still_gives_a_parseable_error_event(gw: Gateway) -> None:
+    body = {"model": "mock-chat", "messages": MESSAGES, "stream": True}
+    with httpx.stream(
+        "POST", gw.v1 + "/chat/completions", json=body, headers={**gw.auth(), "x-mock-reset-mid-event": "2"}
+    ) as resp:
+        raw = resp.read()
+    last = raw.rstrip(b"\n").split(b"\n\n")[-1]
+    assert last.startswith(b"data: {")
+    assert orjson.loads(last[len(b"data: ") :])["error"]["code"] == "upstream_error"
+    # The half event already went out (SPEC: no line buffering), so the SDK fails on it before it reaches
+    # the error event; what matters is that the stream fails loudly instead of ending as if complete.
+    client = openai.OpenAI(
+        base_url=gw.v1, api_key=gw.keys["main"], max_retries=0, default_headers={"x-mock-reset-mid-event": "2"}
+    )
+    with pytest.raises((openai.APIError, ValueError)):
+        list(client.chat.completions.create(model="mock-chat", messages=MESSAGES, stream=True))

@@ -40,9 +40,27 @@ LINE_ENDS = [pytest.param(lambda e: e, id="lf"), pytest.param(crlf, id="crlf")]
 @pytest.mark.parametrize("strip", [True, False])
 def test_events_without_usage_pass_through_as_the_same_object(strip: bool) -> None:
     scanner = StreamUsageScanner(strip_usage_event=strip)
-    for chunk in (CONTENT, FINISH, CONTENT + FINISH, CONTENT[:10], CONTENT[10:]):
+    for chunk in (CONTENT, CONTENT[:10], CONTENT[10:], CONTENT + CONTENT[:10], CONTENT[10:] + FINISH):
         assert scanner.feed(chunk) is chunk
     assert scanner.usage is None
+
+
+def test_after_the_finish_event_an_unfinished_event_is_held_only_when_stripping() -> None:
+    keep = StreamUsageScanner(strip_usage_event=False)
+    assert feed_all(keep, [FINISH, DONE[:7], DONE[7:]]) == [FINISH, DONE[:7], DONE[7:]]
+    strip = StreamUsageScanner(strip_usage_event=True)
+    assert feed_all(strip, [FINISH, DONE[:7], DONE[7:]]) == [FINISH, b"", DONE]
+    assert strip.feed(DONE[:5]) == b""
+    assert strip.flush() == DONE[:5]
+    assert strip.flush() == b""
+
+
+def test_mid_event_says_when_forwarded_bytes_lack_their_event_end() -> None:
+    scanner = StreamUsageScanner(strip_usage_event=True)
+    scanner.feed(CONTENT[:20])
+    assert scanner.mid_event
+    scanner.feed(CONTENT[20:])
+    assert not scanner.mid_event
 
 
 def test_whole_usage_event_is_cut_when_stripping() -> None:
@@ -88,36 +106,41 @@ def test_usage_event_after_a_carried_tail_is_cut() -> None:
 
 @pytest.mark.parametrize("line_end", LINE_ENDS)
 @pytest.mark.parametrize("strip", [True, False])
-def test_every_split_of_a_two_event_stream(strip: bool, line_end: Callable[[bytes], bytes]) -> None:
-    content, usage_only = line_end(CONTENT), line_end(USAGE_ONLY)
-    stream = content + usage_only
+def test_every_split_of_a_stream(strip: bool, line_end: Callable[[bytes], bytes]) -> None:
+    content, finish, usage_only, done = (line_end(e) for e in (CONTENT, FINISH, USAGE_ONLY, DONE))
+    stream = content + finish + usage_only + done
     for i in range(len(stream) + 1):
         scanner = StreamUsageScanner(strip_usage_event=strip)
         first, second = stream[:i], stream[i:]
         out_first = scanner.feed(first)
         out_second = scanner.feed(second)
         assert scanner.usage == USAGE, i
-        usage_whole_in_one_chunk = i <= len(content) or i == len(stream)
-        expected = content if strip and usage_whole_in_one_chunk else stream
-        assert out_first + out_second == expected, i
-        if i < len(stream):
-            # Nothing of the first chunk is held back: it never holds the whole usage event.
+        assert out_first + out_second + scanner.flush() == (content + finish + done if strip else stream), i
+        if not strip or i <= len(content + finish):
+            # Content is never held: until the finish event everything goes out as it comes.
             assert out_first == first, i
 
 
 @pytest.mark.parametrize("line_end", LINE_ENDS)
-def test_every_three_chunk_split_of_a_three_event_stream(line_end: Callable[[bytes], bytes]) -> None:
-    content, usage_only, done = line_end(CONTENT), line_end(USAGE_ONLY), line_end(DONE)
-    stream = content + usage_only + done
-    usage_start, usage_end = len(content), len(content) + len(usage_only)
+def test_every_three_chunk_split_never_shows_the_usage_event(line_end: Callable[[bytes], bytes]) -> None:
+    content, finish, usage_only, done = (line_end(e) for e in (CONTENT, FINISH, USAGE_ONLY, DONE))
+    stream = content + finish + usage_only + done
     for i in range(len(stream) + 1):
         for j in range(i, len(stream) + 1):
             scanner = StreamUsageScanner(strip_usage_event=True)
             out = feed_all(scanner, [stream[:i], stream[i:j], stream[j:]])
             assert scanner.usage == USAGE, (i, j)
-            split_inside_usage = any(usage_start < s < usage_end for s in (i, j))
-            expected = stream if split_inside_usage else content + done
-            assert b"".join(out) == expected, (i, j)
+            assert b"".join(out) + scanner.flush() == content + finish + done, (i, j)
+
+
+def test_usage_event_split_before_any_finish_event_still_counts() -> None:
+    # No finish_reason went by (an unusual upstream): what already went out cannot be withdrawn.
+    scanner = StreamUsageScanner(strip_usage_event=True)
+    stream = CONTENT + USAGE_ONLY
+    split = len(CONTENT) + 20
+    assert scanner.feed(stream[:split]) == stream[:split]
+    assert scanner.feed(stream[split:]) == stream[split:]
+    assert scanner.usage == USAGE
 
 
 def test_usage_on_a_content_chunk_is_read_but_never_cut() -> None:
