@@ -24,9 +24,9 @@ def _positive(text: str) -> int:
 
 def _bind(text: str) -> tuple[str, int]:
     host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit():
-        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}")
-    return host.strip("[]") or "127.0.0.1", int(port)
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT with a port from 0 to 65535, got {text!r}")
+    return host.strip("[]") or "0.0.0.0", int(port)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="run the gateway under hypercorn")
     p.add_argument("--config", help="TOML config (default: $SLUICEGATE_CONFIG or config/gateway.toml)")
-    p.add_argument("--bind", help="HOST:PORT (overrides server.bind and $SLUICEGATE_BIND)")
+    p.add_argument("--bind", type=_bind, help="HOST:PORT (overrides server.bind and $SLUICEGATE_BIND)")
     p.add_argument("--workers", type=_positive, default=1, help="worker processes (default 1)")
 
     p = sub.add_parser("check-config", help="validate a config file; exit 2 listing every problem")
@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--file", help="an events JSONL file (default: the config's [events] path or Redis stream)")
 
     p = sub.add_parser("mock-upstream", help="a built-in OpenAI-compatible fake LLM")
-    p.add_argument("--bind", type=_bind, default=("127.0.0.1", 8001))
+    p.add_argument("--bind", type=_bind, default=("127.0.0.1", 8001), help="HOST:PORT (default 127.0.0.1:8001)")
     p.add_argument("--chunks", type=_positive, default=8)
     p.add_argument("--chunk-delay-ms", type=float, default=20.0)
     p.add_argument("--ttfb-ms", type=float, default=0.0)

@@ -10,12 +10,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import multiprocessing
+import multiprocessing.connection
+import multiprocessing.process
 import os
 import shutil
 import signal
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from types import FrameType
@@ -76,12 +78,9 @@ def run_worker(settings: Settings, config: Config, sockets: Sockets | None) -> N
         runner.run(_serve(create_app(settings), config, sockets))
 
 
-def serve(settings: Settings, bind: str | None, workers: int) -> int:
+def serve(settings: Settings, bind: tuple[str, int] | None, workers: int) -> int:
     if bind:
-        host, _, port = bind.rpartition(":")
-        settings = replace(
-            settings, server=replace(settings.server, host=host.strip("[]") or "0.0.0.0", port=int(port))
-        )
+        settings = replace(settings, server=replace(settings.server, host=bind[0], port=bind[1]))
     config = hypercorn_config(settings)
     if workers == 1:
         run_worker(settings, config, None)
@@ -90,21 +89,47 @@ def serve(settings: Settings, bind: str | None, workers: int) -> int:
     sockets = config.create_sockets()
     ctx = multiprocessing.get_context("spawn")
     children = [ctx.Process(target=run_worker, args=(settings, config, sockets), daemon=False) for _ in range(workers)]
-    for child in children:
-        child.start()
+    stopping = False
 
     def pass_on(signum: int, _frame: FrameType | None) -> None:
+        nonlocal stopping
+        stopping = stopping or signum != signal.SIGHUP
         for child in children:
             if child.pid is not None and child.is_alive():
                 os.kill(child.pid, signum)
 
-    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+    # An ignored SIGHUP survives exec: a worker still starting up ignores a reload rather
+    # than dying of it, until its event loop installs the real handler.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, pass_on)
     for child in children:
-        child.join()
-        if child.pid is not None:
-            mark_process_dead(child.pid)  # type: ignore[no-untyped-call]
-    return max((child.exitcode or 0) for child in children)
+        child.start()
+        if stopping:
+            child.terminate()
+    signal.signal(signal.SIGHUP, pass_on)
+    return _wait_for_workers(children, lambda: stopping, lambda: pass_on(signal.SIGTERM, None))
+
+
+def _wait_for_workers(
+    children: Sequence[multiprocessing.process.BaseProcess], stopping: Callable[[], bool], stop_all: Callable[[], None]
+) -> int:
+    """Until every worker is gone; one that dies on its own takes the others down, so a supervisor restarts all."""
+    exit_code = 0
+    running = list(children)
+    while running:
+        ready = multiprocessing.connection.wait([child.sentinel for child in running])
+        for child in [c for c in running if c.sentinel in ready]:
+            child.join()
+            running.remove(child)
+            if child.pid is not None:
+                mark_process_dead(child.pid)  # type: ignore[no-untyped-call]
+            if not stopping():
+                log.error("worker %s exited with code %s: stopping the others", child.pid, child.exitcode)
+                exit_code = child.exitcode or 1
+                stop_all()
+            exit_code = exit_code or (child.exitcode or 0)
+    return exit_code
 
 
 def _metrics_dir() -> None:

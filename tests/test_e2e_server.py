@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -10,7 +13,7 @@ import httpx
 import pytest
 
 from proxy.auth import key_digest, new_key
-from tests.conftest import Mocks, Proc, beta_config, start_gateway
+from tests.conftest import Mocks, Proc, beta_config, free_port, start_gateway, wait_for_port
 
 CHAT = {"model": "mock-chat", "messages": [{"role": "user", "content": "hi"}]}
 
@@ -86,5 +89,50 @@ def test_workers_serve_and_stop(tmp_path: Path, mocks: Mocks, workers: int) -> N
         proc.signal(signal.SIGTERM)
         assert proc.proc is not None
         assert proc.proc.wait(timeout=15) == 0
+    finally:
+        proc.stop()
+
+
+def worker_pids(proc: Proc) -> list[int]:
+    assert proc.proc is not None
+    out = subprocess.run(["pgrep", "-P", str(proc.proc.pid), "-f", "spawn_main"], capture_output=True, text=True)
+    return [int(pid) for pid in out.stdout.split()]
+
+
+def test_a_worker_that_dies_takes_the_gateway_down(tmp_path: Path, mocks: Mocks) -> None:
+    key = new_key()
+    proc = start_gateway(tmp_path, mocks, config_text(mocks, key), "--workers", "2")
+    try:
+        wait_until(lambda: len(worker_pids(proc)) == 2)
+        os.kill(worker_pids(proc)[0], signal.SIGKILL)
+        assert proc.proc is not None
+        assert proc.proc.wait(timeout=15) != 0  # so a supervisor restarts a whole gateway
+        assert "exited with code" in proc.log.read_text()
+    finally:
+        proc.stop()
+
+
+def test_sighup_while_workers_start_kills_nothing(tmp_path: Path, mocks: Mocks) -> None:
+    key = new_key()
+    config = tmp_path / "gateway.toml"
+    config.write_text(config_text(mocks, key))
+    port = free_port()
+    proc = Proc(
+        ["serve", "--config", str(config), "--bind", f"127.0.0.1:{port}", "--workers", "2"], port, tmp_path / "log"
+    )
+    with proc.log.open("ab") as out:
+        proc.proc = subprocess.Popen(
+            [sys.executable, "-m", "proxy", *proc.args], stdout=out, stderr=subprocess.STDOUT, cwd=Path.cwd()
+        )
+    try:
+        # From the moment the workers exist until well after they serve: a reload at boot.
+        wait_until(lambda: len(worker_pids(proc)) == 2)
+        for _ in range(20):
+            proc.signal(signal.SIGHUP)
+            time.sleep(0.05)
+        wait_for_port(port, proc.proc, proc.log)
+        assert [chat(proc, key).status_code for _ in range(10)] == [200] * 10
+        assert proc.proc.poll() is None
+        wait_until(lambda: len(worker_pids(proc)) == 2)
     finally:
         proc.stop()
