@@ -12,6 +12,7 @@ import orjson
 from .auth import key_digest, new_key
 from .events import REDIS_STREAM
 from .limits import Bucket, Limiter, LimiterFailure, buckets_for, budget_key, format_duration
+from .redact import safe_url
 from .settings import NAME_RE, Settings
 
 
@@ -68,7 +69,7 @@ async def keys_usage(settings: Settings, name: str | None) -> tuple[list[str], i
                 levels.append(f"{bucket.scope} {bucket.kind} {_level(bucket, state, now)}")
             lines.append(f"{key.name:<20} {key.group:<12} {spent:>12} {budget:>12}  {'; '.join(levels) or '-'}")
     except LimiterFailure as exc:
-        return [f"Redis at {settings.redis.url} does not answer ({exc})"], 2
+        return [f"Redis at {safe_url(settings.redis.url)} does not answer ({exc})"], 2
     finally:
         await limiter.close()
     return lines, 0
@@ -99,7 +100,7 @@ async def search_redis(settings: Settings, request_id: str) -> tuple[list[bytes]
     try:
         entries = await limiter.call(limiter.client.xrange(REDIS_STREAM))
     except LimiterFailure as exc:
-        return [f"Redis at {settings.redis.url} does not answer ({exc})".encode()], 2
+        return [f"Redis at {safe_url(settings.redis.url)} does not answer ({exc})".encode()], 2
     finally:
         await limiter.close()
     found = list(find_events((fields[b"event"] for _, fields in entries), request_id))

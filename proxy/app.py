@@ -58,8 +58,10 @@ class Runtime:
 
 
 class Gateway:
-    def __init__(self, settings: Settings) -> None:
-        self.runtime = Runtime.build(settings)
+    def __init__(self, settings: Settings, extra_keys: tuple[KeySettings, ...] = ()) -> None:
+        """extra_keys: keys made at start-up (the demo's), kept across config reloads."""
+        self.extra_keys = extra_keys
+        self.runtime = Runtime.build(settings.with_keys(*extra_keys))
         self.sessions: Sessions | None = None
         self.limiter: Limiter | None = None
         self.events: EventSink | None = None
@@ -71,7 +73,7 @@ class Gateway:
         """Re-read the config file; a broken file keeps the old config."""
         source = self.runtime.settings.source
         try:
-            settings = load_settings(source)
+            settings = load_settings(source).with_keys(*self.extra_keys)
         except ConfigError as exc:
             log.error("config reload rejected, keeping the old config: %s", "; ".join(exc.problems))
             return False
@@ -136,8 +138,9 @@ class Gateway:
         # An id is echoed everywhere (headers, errors, events, upstream): never one that holds a key.
         sane = given_id is not None and SANE_REQUEST_ID.match(given_id) and not KEY_LIKE.search(given_id.decode())
         request_id = given_id.decode() if sane and given_id else "req_" + secrets.token_hex(12)
-        if scope["path"] in INTERNAL_PATHS:
-            return await self.internal(scope["path"], send, request_id)
+        internal = _internal_path(scope["path"], self.runtime.settings.server.prefixes)
+        if internal is not None:
+            return await self.internal(internal, send, request_id)
         record = RequestRecord.start(request_id, scope["method"])
         ex = Exchange(send, record, [(b"x-request-id", request_id.encode())], self.metrics.active_streams)
         runtime = self.runtime
@@ -253,6 +256,14 @@ def _strip_prefix(path: str, prefixes: tuple[str, ...]) -> str | None:
     return None
 
 
+def _internal_path(path: str, prefixes: tuple[str, ...]) -> str | None:
+    """/healthz, /readyz and /metrics, also under each prefix (/v1/healthz)."""
+    if path in INTERNAL_PATHS:
+        return path
+    rest = _strip_prefix(path, prefixes)
+    return rest if rest in INTERNAL_PATHS else None
+
+
 def _passthrough_path(scope: Scope, rest: str, prefixes: tuple[str, ...]) -> str:
     """The path to forward, still percent-encoded as the client sent it.
 
@@ -280,5 +291,5 @@ def _missing_prefix_message(path: str, prefixes: tuple[str, ...]) -> str:
     )
 
 
-def create_app(settings: Settings) -> Gateway:
-    return Gateway(settings)
+def create_app(settings: Settings, extra_keys: tuple[KeySettings, ...] = ()) -> Gateway:
+    return Gateway(settings, extra_keys)

@@ -32,6 +32,9 @@ def key_digest(key: str) -> str:
 
 def extract_key(authorization: str | None, x_api_key: str | None) -> str:
     """Return the presented key or raise InvalidApiKey naming the mistake."""
+    if authorization is not None and x_api_key is not None and not authorization[:7].lower().startswith("bearer"):
+        # Authorization belongs to something else (nginx auth_basic forwards its own): X-API-Key speaks.
+        authorization = None
     if authorization is not None:
         if not authorization.strip():
             raise InvalidApiKey("The Authorization header is empty. " + HOW_TO_SEND)

@@ -22,3 +22,13 @@ def redact(text: str) -> str:
     if KEY_PREFIX not in text:
         return text
     return KEY_LIKE.sub(lambda m: mask_key(m.group()), text)
+
+
+def safe_url(url: str) -> str:
+    """A URL fit for a log line: any password in it replaced."""
+    scheme, sep, rest = url.partition("://")
+    userinfo, at, host = rest.rpartition("@")
+    if not sep or not at:
+        return url
+    user = userinfo.partition(":")[0]
+    return f"{scheme}://{user}:***@{host}" if ":" in userinfo else f"{scheme}://***@{host}"

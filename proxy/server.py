@@ -32,6 +32,7 @@ from .app import Gateway, create_app
 from .auth import key_digest, new_key
 from .limits import Limiter
 from .mock_upstream import MockOptions, bound_port, start_mock
+from .redact import safe_url
 from .settings import KeySettings, Settings
 
 log = logging.getLogger("sluicegate")
@@ -152,7 +153,7 @@ async def _local_redis(settings: Settings) -> asyncio.subprocess.Process | None:
     url = urlsplit(settings.redis.url)
     binary = shutil.which("redis-server")
     if binary is None or url.hostname not in ("127.0.0.1", "localhost"):
-        sys.stdout.write(f"no Redis at {settings.redis.url} and none to start: limits are NOT enforced\n")
+        sys.stdout.write(f"no Redis at {safe_url(settings.redis.url)} and none to start: limits are NOT enforced\n")
         return None
     args = [binary, "--port", str(url.port or 6379), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
     proc = await asyncio.create_subprocess_exec(
@@ -169,8 +170,8 @@ async def run_demo(settings: Settings) -> None:
     upstream = urlsplit(settings.providers[0].base_url)
     runner = await start_mock(MockOptions(host=upstream.hostname or "127.0.0.1", port=upstream.port or 8001))
     key = new_key()
-    settings = settings.with_keys(KeySettings(name="demo", sha256=key_digest(key), rpm=60, tpm=100000))
-    app = create_app(settings)
+    demo_key = KeySettings(name="demo", sha256=key_digest(key), rpm=60, tpm=100000)
+    app = create_app(settings, (demo_key,))
     config = hypercorn_config(settings)
     base = f"http://{settings.server.host}:{settings.server.port}{settings.server.prefixes[0]}"
     model = next(iter(app.runtime.router.known_models), "mock-chat")

@@ -234,8 +234,19 @@ def test_passthrough_routes(gw: Gateway) -> None:
     assert gw.mocks["alpha"].requests()[-1]["path"] == "/v1/files"
 
 
+def test_x_api_key_wins_over_someone_elses_authorization(gw: Gateway) -> None:
+    # nginx auth_basic in front forwards its own Authorization header.
+    headers = {"Authorization": "Basic dXNlcjpwYXNz", "X-API-Key": gw.keys["main"]}
+    assert (
+        httpx.post(
+            gw.v1 + "/chat/completions", json={"model": "mock-chat", "messages": MESSAGES}, headers=headers
+        ).status_code
+        == 200
+    )
+
+
 def test_health_ready_and_metrics_carry_a_request_id(gw: Gateway) -> None:
-    for path in ("/healthz", "/readyz", "/metrics"):
+    for path in ("/healthz", "/readyz", "/metrics", "/v1/healthz", "/api/v1/readyz"):
         resp = httpx.get(gw.base + path, headers={"X-Request-ID": "probe-1"})
         assert resp.status_code == 200
         assert resp.headers["x-request-id"] == "probe-1"
