@@ -143,6 +143,9 @@ class _BodyVariants:
         if body is None:
             if not inject and not self.renamed:
                 body = self.raw
+            elif inject and not self.renamed and "stream_options" not in self.payload and self.payload:
+                # The common case, spliced in rather than re-encoding the whole conversation.
+                body = self.raw.rstrip()[:-1] + b',"stream_options":{"include_usage":true}}'
             else:
                 payload = dict(self.payload)
                 if self.renamed:

@@ -15,7 +15,7 @@ from starlette.types import Receive, Send
 from .errors import GatewayError, Header, RequestTooLarge, UpstreamError
 from .events import RequestRecord
 from .upstream import ProviderClient, Retryable, Sessions, mid_stream_error, open_upstream, response_headers
-from .usage import StreamUsageScanner, Usage
+from .usage import NotJson, StreamUsageScanner, Usage, usage_from_body
 
 Kind = Literal["json", "stream", "raw"]
 BodyFor = Callable[["ProviderClient"], tuple[bytes, bool]]
@@ -172,11 +172,10 @@ async def _forward_whole(
         raise Retryable(mid_stream_error(exc, client.settings.name), "read_error") from exc
     if resp.status == 200:
         try:
-            parsed = orjson.loads(body)
-        except orjson.JSONDecodeError as exc:
+            usage = usage_from_body(body)
+        except NotJson as exc:
             err = UpstreamError(f"Provider '{client.settings.name}' answered something that is not JSON.")
             raise Retryable(err, "bad_json") from exc
-        usage = Usage.from_json(parsed.get("usage")) if isinstance(parsed, dict) else None
         if usage is not None:
             on_usage(usage)
     watcher.stop()

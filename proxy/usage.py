@@ -22,6 +22,7 @@ USAGE_MARK = b'"usage"'
 EVENT_END = re.compile(rb"\r?\n\r?\n")
 FINISHED = re.compile(rb'"finish_reason"\s*:\s*"')
 MAX_TAIL_BYTES = 1 << 20  # an event larger than this is not scanned
+FULL_PARSE_BYTES = 64 * 1024  # non-stream answers up to this size are parsed whole
 
 
 @dataclass(slots=True)
@@ -50,14 +51,58 @@ def _int(value: Any) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
 
 
+class NotJson(ValueError):
+    """An answer that should be JSON and is not."""
+
+
 def usage_from_body(body: bytes) -> Usage | None:
-    if USAGE_MARK not in body:
+    """Usage of a JSON answer; raises NotJson for one that is not JSON.
+
+    Small answers are parsed whole. A large one (embeddings run to megabytes) is only
+    checked for JSON's outline, and just its top-level usage object is parsed: a full
+    parse would hold the event loop for tens of milliseconds.
+    """
+    if len(body) <= FULL_PARSE_BYTES:
+        try:
+            parsed = orjson.loads(body)
+        except orjson.JSONDecodeError as exc:
+            raise NotJson(str(exc)) from exc
+        return Usage.from_json(parsed.get("usage")) if isinstance(parsed, dict) else None
+    if body.lstrip()[:1] not in (b"{", b"[") or body.rstrip()[-1:] not in (b"}", b"]"):
+        raise NotJson("not a JSON object or array")
+    at = body.rfind(USAGE_MARK)
+    start = body.find(b"{", at, at + 64) if at >= 0 else -1
+    end = _object_end(body, start) if start >= 0 else -1
+    if end < 0:
         return None
     try:
-        parsed = orjson.loads(body)
+        return Usage.from_json(orjson.loads(body[start:end]))
     except orjson.JSONDecodeError:
         return None
-    return Usage.from_json(parsed.get("usage")) if isinstance(parsed, dict) else None
+
+
+def _object_end(body: bytes, start: int) -> int:
+    """Just past the object opening at `start` (usage objects are small: a plain scan)."""
+    depth = 0
+    in_string = False
+    i = start
+    while i < len(body) and i - start < 4096:
+        c = body[i]
+        if in_string:
+            if c == 0x5C:  # backslash: skip the escaped byte
+                i += 1
+            elif c == 0x22:
+                in_string = False
+        elif c == 0x22:
+            in_string = True
+        elif c == 0x7B:
+            depth += 1
+        elif c == 0x7D:
+            depth -= 1
+            if depth == 0:
+                return i + 1
+        i += 1
+    return -1
 
 
 class StreamUsageScanner:

@@ -306,15 +306,40 @@ def test_usage_from_body_of_an_embedding() -> None:
     [
         b'{"id":"chatcmpl-1","object":"chat.completion","choices":[]}',
         b'{"id":"chatcmpl-1","choices":[],"usage":null}',
-        b'{"id":"chatcmpl-1","usage":{"prompt_tokens":1',
         b'["usage"]',
         b'"usage"',
-        b"<html>502 Bad Gateway</html>",
-        b"",
     ],
 )
 def test_usage_from_body_without_usage(body: bytes) -> None:
     assert usage_from_body(body) is None
+
+
+@pytest.mark.parametrize(
+    "body", [b'{"id":"chatcmpl-1","usage":{"prompt_tokens":1', b"<html>502 Bad Gateway</html>", b""]
+)
+def test_usage_from_body_of_something_not_json(body: bytes) -> None:
+    with pytest.raises(usage_module.NotJson):
+        usage_from_body(body)
+
+
+def test_large_bodies_have_only_their_usage_parsed(monkeypatch: pytest.MonkeyPatch) -> None:
+    vectors = b",".join(
+        b'{"object":"embedding","index":%d,"embedding":[%s]}' % (i, b"0.125," * 1500 + b"1") for i in range(40)
+    )
+    body = b'{"object":"list","data":[' + vectors + b'],"model":"e","usage":{"prompt_tokens":8,"total_tokens":8}}'
+    assert len(body) > usage_module.FULL_PARSE_BYTES
+    parsed: list[int] = []
+    real_loads = usage_module.orjson.loads
+
+    def loads(data: bytes) -> object:
+        parsed.append(len(data))
+        return real_loads(data)
+
+    monkeypatch.setattr(usage_module.orjson, "loads", loads)
+    assert usage_from_body(body) == Usage(8, 0, 8)
+    assert parsed == [len(b'{"prompt_tokens":8,"total_tokens":8}')]
+    with pytest.raises(usage_module.NotJson):
+        usage_from_body(b"<html>" + body)
 
 
 def test_usage_null_chunks_are_never_parsed(monkeypatch: pytest.MonkeyPatch) -> None:
