@@ -8,6 +8,7 @@ import socket
 import subprocess
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -288,13 +289,31 @@ def test_nothing_lost_on_sigterm(tmp_path: Path, mocks: Mocks, redis_server: Red
     events = tmp_path / "events.jsonl"
     proc = start_gateway(tmp_path, mocks, obs_config(mocks, keys, "file", events), redis_url=redis_server.url)
     url = f"http://127.0.0.1:{proc.port}/v1/chat/completions"
-    with httpx.Client(headers={"Authorization": f"Bearer {keys['main']}"}) as client:
-        ids = [client.post(url, json=CHAT).headers["x-request-id"] for _ in range(150)]
-    proc.signal(signal.SIGTERM)
+    auth = {"Authorization": f"Bearer {keys['main']}"}
+    with httpx.Client(headers=auth) as client:
+        ids = [client.post(url, json=CHAT).headers["x-request-id"] for _ in range(100)]
+
+    def slow_stream(i: int) -> bytes:
+        headers = {**auth, "X-Request-ID": f"drain-{i}", "x-mock-chunks": "15", "x-mock-chunk-delay-ms": "60"}
+        with httpx.stream("POST", url, json={**CHAT, "stream": True}, headers=headers, timeout=15) as resp:
+            return resp.read()
+
+    # Streams still running at SIGTERM finish, and their records (written last of all) are kept.
+    with ThreadPoolExecutor(10) as pool:
+        streams = [pool.submit(slow_stream, i) for i in range(10)]
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            started = [e for e in mocks.alpha.requests() if e["id"].startswith("drain-") and e["chunk_sent_at"]]
+            if len(started) == 10:
+                break
+            time.sleep(0.02)
+        proc.signal(signal.SIGTERM)
+        bodies = [stream.result() for stream in streams]
+    assert all(body.endswith(b"data: [DONE]\n\n") and body.count(b"tok") == 15 for body in bodies)
     assert proc.proc is not None
     assert proc.proc.wait(timeout=15) == 0
     recorded = [orjson.loads(line)["request_id"] for line in events.read_bytes().splitlines()]
-    assert sorted(recorded) == sorted(ids)
+    assert sorted(recorded) == sorted(ids + [f"drain-{i}" for i in range(10)])
 
 
 def test_redis_stream_sink(tmp_path: Path, mocks: Mocks, redis_server: RedisServer) -> None:
