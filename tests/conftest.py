@@ -263,13 +263,14 @@ def start_gateway(
     *extra: str,
     redis_url: str = "redis://127.0.0.1:1/0",
     name: str = "gateway",
+    env: dict[str, str] | None = None,
 ) -> Proc:
     """A `sluicegate serve` process; REDIS_URL points at the tests' own Redis (or nowhere)."""
     config = tmp / f"{name}.toml"
     config.write_text(config_text)
     port = free_port()
     args = ["serve", "--config", str(config), "--bind", f"127.0.0.1:{port}", *extra]
-    env = {"SG_TEST_ALPHA_KEY": mocks.provider_key, "REDIS_URL": redis_url}
+    env = {"SG_TEST_ALPHA_KEY": mocks.provider_key, "REDIS_URL": redis_url, **(env or {})}
     return Proc(args, port, tmp / f"{name}.log", env).start()
 
 

@@ -361,7 +361,11 @@ def test_full_queue_drops_and_counts_without_blocking(tmp_path: Path, mocks: Moc
 def test_workers_aggregate_metrics(tmp_path: Path, mocks: Mocks, redis_server: RedisServer) -> None:
     keys = {"main": new_key(), "tight": new_key()}
     config = obs_config(mocks, keys, "off", tmp_path / "x")
-    proc = start_gateway(tmp_path, mocks, config, "--workers", "2", redis_url=redis_server.url)
+    metrics_dir = tmp_path / "metrics"
+    metrics_dir.mkdir()
+    (metrics_dir / "counter_999999.db").write_bytes(b"left over from an earlier run")
+    env = {"PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)}
+    proc = start_gateway(tmp_path, mocks, config, "--workers", "2", redis_url=redis_server.url, env=env)
     try:
         url = f"http://127.0.0.1:{proc.port}"
         for _ in range(30):
@@ -375,5 +379,7 @@ def test_workers_aggregate_metrics(tmp_path: Path, mocks: Mocks, redis_server: R
             }
             labels = {"route": "/chat/completions", "model": "mock-chat", "provider": "alpha", "status": "200"}
             assert sample(metrics, "sluicegate_requests_total", **labels) == 30
+        # One file per worker, aggregated above; the left-over file was cleaned away at start.
+        assert len(list(metrics_dir.glob("counter_*.db"))) == 2
     finally:
         proc.stop()
