@@ -47,6 +47,7 @@ class MockOptions:
 class RequestRecord:
     id: str
     path: str
+    raw_path: str
     method: str
     headers: dict[str, str]
     started_at: float
@@ -197,6 +198,7 @@ class MockUpstream:
         record = RequestRecord(
             id=request.headers.get("x-request-id") or str(next(self._ids)),
             path=request.path,
+            raw_path=request.raw_path,
             method=request.method,
             headers={k.lower(): v for k, v in request.headers.items()},
             started_at=time.time(),

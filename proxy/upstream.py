@@ -7,6 +7,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 import aiohttp
+from yarl import URL
 
 from .errors import Header, UpstreamError, UpstreamTimeout
 from .settings import ProviderSettings
@@ -66,9 +67,10 @@ class ProviderClient:
             auth=("Authorization", f"Bearer {provider.api_key}") if provider.api_key else None,
             # aiohttp starts sock_read once the request is written: until the headers
             # are in it is the first-byte limit, then start_idle_timeout() re-arms it.
+            # `connect` also bounds the wait for a free pooled connection.
             timeout=aiohttp.ClientTimeout(
                 total=None,
-                connect=None,
+                connect=provider.connect_timeout_s + provider.first_byte_timeout_s,
                 sock_connect=provider.connect_timeout_s,
                 sock_read=provider.first_byte_timeout_s,
             ),
@@ -147,8 +149,9 @@ async def open_upstream(
     """
     name = client.settings.name
     try:
+        # encoded=True: the path goes out byte for byte as the client sent it, never re-normalised.
         resp = await session.request(
-            method, url, headers=headers, data=body, allow_redirects=False, timeout=client.timeout
+            method, URL(url, encoded=True), headers=headers, data=body, allow_redirects=False, timeout=client.timeout
         )
     except aiohttp.ConnectionTimeoutError as exc:
         raise Retryable(UpstreamTimeout(f"Timed out connecting to provider '{name}'."), "connect_timeout") from exc

@@ -281,10 +281,12 @@ def test_passthrough_never_forwards_a_path_that_escapes(gw: Gateway, target: str
 
 
 def test_passthrough_keeps_the_path_encoded(gw: Gateway) -> None:
-    status, _ = raw_get(gw.proc.port, "/v1/files/my%20file?purpose=a%26b", {**gw.auth(), "X-AI-Provider": "alpha"})
+    target = "/v1/files/my%20file%7E1?purpose=a%26b"
+    status, _ = raw_get(gw.proc.port, target, {**gw.auth(), "X-AI-Provider": "alpha"})
     assert status == 200
     entry = gw.mocks["alpha"].requests()[-1]
-    assert entry["path"] == "/v1/files/my file"
+    assert entry["path"] == "/v1/files/my file~1"
+    assert entry["raw_path"] == target
 
 
 def test_usage_event_split_across_writes_never_reaches_a_client_that_did_not_ask(gw: Gateway) -> None:
