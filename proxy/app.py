@@ -17,12 +17,12 @@ from starlette.types import Receive, Scope, Send
 
 from .auth import authenticate, extract_key, mask_key
 from .endpoints import MODEL_ROUTES, Call, model_request, passthrough
-from .errors import GatewayError, Header, InvalidRequest, LimiterUnavailable, MethodNotAllowed, NotFound, RateLimited
+from .errors import GatewayError, InvalidRequest, LimiterUnavailable, MethodNotAllowed, NotFound, RateLimited
 from .events import EventSink, RequestRecord
 from .limits import KeyLimits, Limiter
 from .metrics import Metrics, latency_bucket
 from .redact import KEY_LIKE
-from .relay import ClientGone, Exchange, read_body
+from .relay import JSON_HEADERS, ClientGone, Exchange, read_body
 from .routing import Router
 from .settings import ConfigError, KeySettings, Settings, load_settings
 from .upstream import ProviderClient, Sessions
@@ -31,7 +31,6 @@ log = logging.getLogger("sluicegate")
 
 WANTED_HEADERS = frozenset({b"authorization", b"x-api-key", b"x-request-id", b"x-ai-provider", b"content-length"})
 SANE_REQUEST_ID = re.compile(rb"^[A-Za-z0-9._:@/+=-]{1,128}$")
-JSON_HEADERS: tuple[Header, ...] = ((b"content-type", b"application/json"),)
 INTERNAL_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 
 
@@ -170,10 +169,11 @@ class Gateway:
         if path == "/healthz":
             status, body, content_type = 200, b'{"status":"ok"}', b"application/json"
         elif path == "/readyz":
-            problem = "draining" if self.draining else None
-            if self.sessions is None or self.limiter is None:
+            if self.draining:
+                problem: str | None = "draining"
+            elif self.sessions is None or self.limiter is None:
                 problem = "start-up did not complete"
-            if problem is None and self.limiter is not None:
+            else:
                 problem = await self.limiter.ping()
             status = 200 if problem is None else 503
             body = orjson.dumps(

@@ -70,16 +70,14 @@ async def model_request(call: Call) -> None:
 async def passthrough(call: Call) -> None:
     record = call.ex.record
     body = call.body
-    model = _model_field(body)
-    if model is not None:
+    payload, model = _model_field(body)
+    if payload is not None and model is not None:
         record.model = model
         chosen = call.runtime.router.route(model, call.key, call.pinned)
         providers = chosen.providers
         record.upstream_model = chosen.upstream_model
         if chosen.upstream_model != model:
-            payload = _json_object(body)
-            payload["model"] = chosen.upstream_model
-            body = orjson.dumps(payload)
+            body = orjson.dumps({**payload, "model": chosen.upstream_model})
     elif call.pinned is not None:
         providers = (call.runtime.router.pinned(call.pinned),)
     else:
@@ -171,12 +169,15 @@ def _json_object(body: bytes) -> dict[str, object]:
     return payload
 
 
-def _model_field(body: bytes) -> str | None:
+def _model_field(body: bytes) -> tuple[dict[str, object] | None, str | None]:
+    """A passthrough body's JSON object and its `model`, when it has them (it may be multipart, audio...)."""
     if not body.lstrip().startswith(b"{"):
-        return None
+        return None, None
     try:
         payload = orjson.loads(body)
     except orjson.JSONDecodeError:
-        return None
-    model = payload.get("model") if isinstance(payload, dict) else None
-    return model if isinstance(model, str) and model else None
+        return None, None
+    if not isinstance(payload, dict):
+        return None, None
+    model = payload.get("model")
+    return payload, model if isinstance(model, str) and model else None

@@ -91,9 +91,6 @@ class RequestRecord:
         }
 
 
-Writer = Callable[[list[bytes]], Any]
-
-
 class EventSink:
     """A bounded queue and one writer task for the configured sink."""
 

@@ -14,7 +14,15 @@ from starlette.types import Receive, Send
 
 from .errors import GatewayError, Header, RequestTooLarge, UpstreamError
 from .events import RequestRecord
-from .upstream import ProviderClient, Retryable, Sessions, mid_stream_error, open_upstream, response_headers
+from .upstream import (
+    ProviderClient,
+    Retryable,
+    Sessions,
+    forwarded_headers,
+    mid_stream_error,
+    open_upstream,
+    response_headers,
+)
 from .usage import NotJson, StreamUsageScanner, Usage, usage_from_body
 
 Kind = Literal["json", "stream", "raw"]
@@ -24,6 +32,7 @@ STREAM_HEADERS: tuple[Header, ...] = (
     (b"cache-control", b"no-cache"),
     (b"x-accel-buffering", b"no"),
 )
+JSON_HEADERS: tuple[Header, ...] = ((b"content-type", b"application/json"),)
 STREAM_HEADER_NAMES = frozenset(name for name, _ in STREAM_HEADERS)
 MID_STREAM_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError, OSError)
 
@@ -108,7 +117,7 @@ class Exchange:
     async def error(self, err: GatewayError) -> None:
         self.record.error = err.code
         body = err.body(self.record.request_id)
-        await self.respond(err.status, [(b"content-type", b"application/json"), *err.headers], body)
+        await self.respond(err.status, [*JSON_HEADERS, *err.headers], body)
 
 
 async def relay(
@@ -130,13 +139,14 @@ async def relay(
     added include_usage (so the usage-only event is withheld from the client).
     """
     record = ex.record
+    forwarded = forwarded_headers(client_headers, record.request_id)
     last: GatewayError = UpstreamError("No provider could be tried.")
     for number, client in enumerate(attempts, 1):
         final = number == len(attempts)
         record.attempts = number
         record.provider = client.settings.name
         body, injected = body_for(client)
-        headers = client.headers(client_headers, record.request_id)
+        headers = {**forwarded, **client.auth}
         if record.upstream_sent_at is None:
             record.upstream_sent_at = time.perf_counter()
         try:

@@ -56,7 +56,7 @@ class ProviderClient:
 
     settings: ProviderSettings
     base_url: str
-    auth: tuple[str, str] | None
+    auth: dict[str, str]  # the provider's credential, added to every request
     timeout: aiohttp.ClientTimeout
 
     @classmethod
@@ -64,7 +64,7 @@ class ProviderClient:
         return cls(
             settings=provider,
             base_url=provider.base_url,
-            auth=("Authorization", f"Bearer {provider.api_key}") if provider.api_key else None,
+            auth={"Authorization": f"Bearer {provider.api_key}"} if provider.api_key else {},
             # aiohttp starts sock_read once the request is written: until the headers
             # are in it is the first-byte limit, then start_idle_timeout() re-arms it.
             # `connect` also bounds the wait for a free pooled connection.
@@ -76,18 +76,16 @@ class ProviderClient:
             ),
         )
 
-    def headers(self, client_headers: Iterable[Header], request_id: str) -> dict[str, str]:
-        # ASGI header names arrive lowercased.
-        out = {
-            name.decode("latin-1"): value.decode("latin-1")
-            for name, value in client_headers
-            if name not in REQUEST_DROP
-        }
-        out["Accept-Encoding"] = "identity"
-        out["X-Request-ID"] = request_id
-        if self.auth is not None:
-            out[self.auth[0]] = self.auth[1]
-        return out
+
+def forwarded_headers(client_headers: Iterable[Header], request_id: str) -> dict[str, str]:
+    """The client's headers fit to go upstream, once per request; each attempt adds its provider's auth."""
+    # ASGI header names arrive lowercased.
+    out = {
+        name.decode("latin-1"): value.decode("latin-1") for name, value in client_headers if name not in REQUEST_DROP
+    }
+    out["Accept-Encoding"] = "identity"
+    out["X-Request-ID"] = request_id
+    return out
 
 
 class Sessions:
