@@ -348,3 +348,19 @@ def assert_unbuffered(url: str, gw: Gateway, request_id: str) -> None:
     # Each chunk tracks its send time; a buffering proxy would deliver them in a burst at the end.
     lags = [arrivals[i] - sent[i] for i in range(20)]
     assert max(lags) < 0.25, lags
+
+
+def assert_upstream_closed_on_leave(port: int, gw: Gateway, request_id: str) -> dict[str, Any]:
+    """Leave a long stream after three tokens: the mock sees its request closed within a second."""
+    body = {"model": "mock-chat", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+    headers = {**gw.auth(), "x-mock-chunks": "200", "x-mock-chunk-delay-ms": "50", "X-Request-ID": request_id}
+    sock = send_raw(port, body, headers)
+    received = b""
+    while received.count(b"tok") < 3:
+        received += sock.recv(65536)
+    sock.close()
+    closed_at = time.time()
+    entry = gw.mocks["alpha"].request(request_id, timeout_s=5)
+    assert entry["outcome"] == "disconnected"
+    assert entry["disconnected_at"] - closed_at < 1.0
+    return entry

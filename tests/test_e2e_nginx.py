@@ -5,13 +5,12 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import Gateway, assert_unbuffered, free_port, send_raw, wait_for_port
+from tests.conftest import Gateway, assert_unbuffered, assert_upstream_closed_on_leave, free_port, wait_for_port
 
 MESSAGES = [{"role": "user", "content": "say something"}]
 # nginx as most operators leave it: proxy_buffering on, no special streaming settings.
@@ -85,13 +84,4 @@ def test_stream_is_unbuffered_through_nginx(gw: Gateway, nginx: int) -> None:
 
 
 def test_client_leaving_nginx_closes_the_upstream(gw: Gateway, nginx: int) -> None:
-    headers = {**gw.auth(), "X-Request-ID": "nginx-gone", "x-mock-chunks": "200", "x-mock-chunk-delay-ms": "50"}
-    sock = send_raw(nginx, {"model": "mock-chat", "messages": MESSAGES, "stream": True}, headers)
-    received = b""
-    while received.count(b"tok") < 3:
-        received += sock.recv(65536)
-    sock.close()
-    closed_at = time.time()
-    entry = gw.mocks["alpha"].request("nginx-gone", timeout_s=5)
-    assert entry["outcome"] == "disconnected"
-    assert entry["disconnected_at"] - closed_at < 1.0
+    assert_upstream_closed_on_leave(nginx, gw, "nginx-gone")

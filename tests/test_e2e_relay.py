@@ -11,7 +11,7 @@ import openai
 import orjson
 import pytest
 
-from tests.conftest import Gateway, assert_unbuffered, send_raw
+from tests.conftest import Gateway, assert_unbuffered, assert_upstream_closed_on_leave, send_raw
 
 MESSAGES: list[Any] = [{"role": "user", "content": "say something"}]
 
@@ -160,17 +160,7 @@ def test_streaming_is_unbuffered(gw: Gateway) -> None:
 
 
 def test_client_disconnect_mid_stream_closes_upstream(gw: Gateway) -> None:
-    body = {"model": "mock-chat", "messages": MESSAGES, "stream": True}
-    headers = {**gw.auth(), "x-mock-chunks": "200", "x-mock-chunk-delay-ms": "50", "X-Request-ID": "gone-1"}
-    sock = send_raw(gw.proc.port, body, headers)
-    received = b""
-    while received.count(b"tok") < 3:
-        received += sock.recv(65536)
-    sock.close()
-    closed_at = time.time()
-    entry = gw.mocks["alpha"].request("gone-1", timeout_s=5)
-    assert entry["outcome"] == "disconnected"
-    assert entry["disconnected_at"] - closed_at < 1.0
+    entry = assert_upstream_closed_on_leave(gw.proc.port, gw, "gone-1")
     assert len(entry["chunk_sent_at"]) < 200
 
 
