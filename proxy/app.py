@@ -116,7 +116,9 @@ class Gateway:
     async def startup(self) -> None:
         settings = self.runtime.settings
         self.sessions = Sessions()
-        self.limiter = Limiter(settings.redis, on_error=self.metrics.limiter_errors.inc)
+        self.limiter = Limiter(
+            settings.redis, on_error=self.metrics.limiter_errors.inc, on_circuit=self.circuit_changed
+        )
         self.events = EventSink(settings.events, latency_bucket, self.metrics.events_dropped.inc, self.limiter.client)
         self.events.start()
         for warning in settings.warnings:
@@ -127,6 +129,17 @@ class Gateway:
             log.warning("limits are NOT enforced: Redis does not answer (%s); %s until it does", problem, then)
         # What exists now lives as long as the worker: keep it out of every later GC pass.
         gc.freeze()
+
+    def circuit_changed(self, is_open: bool) -> None:
+        self.metrics.limiter_circuit_open.set(1 if is_open else 0)
+        redis = self.runtime.settings.redis
+        if is_open:
+            log.warning(
+                "Redis failed %d times in a row: for %gs no request waits on it (on_error = %s), then one probes",
+                redis.circuit_failures, redis.circuit_cooldown_s, redis.on_error,
+            )  # fmt: skip
+        else:
+            log.info("Redis answers again: limits are enforced")
 
     async def handle_http(self, scope: Scope, receive: Receive, send: Send) -> None:
         wanted: dict[bytes, bytes] = {}

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import math
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from importlib.resources import files
@@ -29,7 +31,58 @@ REDIS_ERRORS = (RedisError, OSError, TimeoutError)
 
 
 class LimiterFailure(Exception):
-    """Redis did not answer in time or at all."""
+    """Redis did not answer in time or at all, or the circuit is open."""
+
+
+class Circuit:
+    """Stops requests from waiting on a Redis that keeps failing.
+
+    Closed: every call goes to Redis. After `threshold` consecutive failures it
+    opens: for `cooldown_s` no call is made and the caller's on_error applies at
+    once. Then one call goes through as a probe (the others still fail fast);
+    its success closes the circuit, its failure opens it for another cool-down.
+    """
+
+    def __init__(self, threshold: int, cooldown_s: float, on_change: Callable[[bool], object] | None = None) -> None:
+        self.threshold = threshold
+        self.cooldown_s = cooldown_s
+        self.on_change = on_change
+        self.failures = 0
+        self.open_until = 0.0  # time.monotonic()
+        self.probing = False
+
+    @property
+    def is_open(self) -> bool:
+        return self.failures >= self.threshold
+
+    def allow(self) -> bool:
+        if self.failures < self.threshold:
+            return True
+        if self.probing or time.monotonic() < self.open_until:
+            return False
+        self.probing = True
+        return True
+
+    def success(self) -> None:
+        if self.failures:
+            was_open = self.is_open
+            self.failures = 0
+            self.probing = False
+            if was_open and self.on_change is not None:
+                self.on_change(False)
+
+    def failure(self) -> None:
+        was_open = self.is_open
+        self.failures += 1
+        self.probing = False
+        if self.is_open:
+            self.open_until = time.monotonic() + self.cooldown_s
+            if not was_open and self.on_change is not None:
+                self.on_change(True)
+
+    def abandon(self) -> None:
+        """A call ended without an answer either way (its request was cancelled): free the probe slot."""
+        self.probing = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,7 +213,12 @@ def ratelimit_headers(plan: Plan, result: list[int]) -> list[Header]:
 class Limiter:
     """One Redis client per worker, opened in the lifespan."""
 
-    def __init__(self, settings: RedisSettings, on_error: Callable[[], object] | None = None) -> None:
+    def __init__(
+        self,
+        settings: RedisSettings,
+        on_error: Callable[[], object] | None = None,
+        on_circuit: Callable[[bool], object] | None = None,
+    ) -> None:
         self.settings = settings
         self.timeout_s = settings.timeout_s
         self.client = aioredis.Redis.from_url(
@@ -173,19 +231,36 @@ class Limiter:
         self._admit = self.client.register_script(ADMIT_LUA)
         self._charge = self.client.register_script(CHARGE_LUA)
         self.on_error = on_error
+        self.circuit = Circuit(settings.circuit_failures, settings.circuit_cooldown_s, on_circuit)
 
     async def close(self) -> None:
         await self.client.aclose()
 
     async def call(self, command: Awaitable[Any]) -> Any:
-        """Await one Redis command within timeout_s; any failure becomes LimiterFailure."""
+        """Await one Redis command within timeout_s; any failure becomes LimiterFailure.
+
+        While the circuit is open the command is not sent at all.
+        """
+        circuit = self.circuit
+        if not circuit.allow():
+            if inspect.iscoroutine(command):
+                command.close()  # never sent: no "was never awaited" warning
+            if self.on_error is not None:
+                self.on_error()
+            raise LimiterFailure("circuit open")
         try:
             async with asyncio.timeout(self.timeout_s):
-                return await command
+                result = await command
         except REDIS_ERRORS as exc:
+            circuit.failure()
             if self.on_error is not None:
                 self.on_error()
             raise LimiterFailure(type(exc).__name__) from exc
+        except BaseException:
+            circuit.abandon()
+            raise
+        circuit.success()
+        return result
 
     async def admit(self, plan: Plan) -> list[Header]:
         """Take from every bucket or from none; return the x-ratelimit-* headers."""

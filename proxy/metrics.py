@@ -69,7 +69,14 @@ class Metrics:
             "sluicegate_active_streams", "Streams being relayed", registry=r, multiprocess_mode="livesum"
         )
         self.events_dropped = Counter("sluicegate_events_dropped", "Event records dropped: queue full", registry=r)
-        self.limiter_errors = Counter("sluicegate_limiter_errors", "Redis calls that failed or timed out", registry=r)
+        self.limiter_errors = Counter(
+            "sluicegate_limiter_errors", "Redis calls that failed, timed out or were skipped by the open circuit",
+            registry=r,
+        )  # fmt: skip
+        self.limiter_circuit_open = Gauge(
+            "sluicegate_limiter_circuit_open", "1 while Redis calls are skipped after repeated failures, per worker",
+            registry=r, multiprocess_mode="livesum",
+        )  # fmt: skip
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
 
     def _child(self, metric: Any, *labels: str) -> Any:

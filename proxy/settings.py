@@ -44,6 +44,8 @@ class RedisSettings:
     url: str = "redis://127.0.0.1:6379/0"
     on_error: Literal["allow", "deny"] = "allow"
     timeout_s: float = 0.25
+    circuit_failures: int = 3  # consecutive failures that open the circuit
+    circuit_cooldown_s: float = 5.0  # how long no request waits on Redis once it is open
 
 
 @dataclass(frozen=True, slots=True)
@@ -229,7 +231,7 @@ def _server(raw: Mapping[str, Any], env: Mapping[str, str], problems: list[str])
 
 def _redis(raw: Mapping[str, Any], env: Mapping[str, str], problems: list[str]) -> RedisSettings:
     r = _Reader(_table(raw, "redis", problems), "redis", problems)
-    r.unknown({"url", "on_error", "timeout_s"})
+    r.unknown({"url", "on_error", "timeout_s", "circuit_failures", "circuit_cooldown_s"})
     default_url = "redis://127.0.0.1:6379/0"
     url = env.get("REDIS_URL") or r.text("url", default_url) or default_url
     where = "REDIS_URL" if env.get("REDIS_URL") else "redis.url"
@@ -244,6 +246,8 @@ def _redis(raw: Mapping[str, Any], env: Mapping[str, str], problems: list[str]) 
         url=url,
         on_error=r.choice("on_error", "allow", ("allow", "deny")),
         timeout_s=r.number("timeout_s", 0.25, minimum=0.001),
+        circuit_failures=r.count("circuit_failures", 3, minimum=1) or 3,
+        circuit_cooldown_s=r.number("circuit_cooldown_s", 5.0, minimum=0.001),
     )
 
 

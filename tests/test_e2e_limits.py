@@ -257,7 +257,8 @@ def fault_config(mocks: Mocks, key: str, on_error: str, load_key: str | None = N
     keys = f'\n[[keys]]\nname = "f"\nsha256 = "{key_digest(key)}"\nrpm = 5\n'
     if load_key:
         keys += f'\n[[keys]]\nname = "load"\nsha256 = "{key_digest(load_key)}"\nrpm = 1000000\n'
-    return beta_config(mocks, keys, f'[redis]\non_error = "{on_error}"\ntimeout_s = 0.25\n')
+    redis_toml = f'[redis]\non_error = "{on_error}"\ntimeout_s = 0.25\ncircuit_cooldown_s = 0.5\n'
+    return beta_config(mocks, keys, redis_toml)
 
 
 def chat(proc: Proc, key: str) -> httpx.Response:
@@ -301,6 +302,10 @@ def test_redis_down_with_allow_admits_and_recovers(tmp_path: Path, mocks: Mocks)
         assert down.status_code == 503
         assert down.json()["reason"].startswith("redis:")
         redis.start()
+        # The circuit opened while Redis was down: the first probe after its cool-down finds it back.
+        deadline = time.monotonic() + 5
+        while ready(proc).status_code != 200 and time.monotonic() < deadline:
+            time.sleep(0.1)
         assert ready(proc).status_code == 200
         assert [chat(proc, key).status_code for _ in range(6)] == [200] * 5 + [429]
     finally:

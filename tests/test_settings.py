@@ -41,6 +41,7 @@ def test_defaults() -> None:
     assert settings.server.max_body_bytes == 10485760
     assert settings.server.graceful_timeout_s == 120.0
     assert settings.redis == RedisSettings(url="redis://127.0.0.1:6379/0", on_error="allow", timeout_s=0.25)
+    assert (settings.redis.circuit_failures, settings.redis.circuit_cooldown_s) == (3, 5.0)
     assert settings.events == EventSettings(sink="stdout", path="events.jsonl", queue_size=10000)
     assert settings.groups == {"default": GroupSettings("default")}
     assert settings.keys == {}
@@ -253,6 +254,8 @@ def test_every_problem_is_listed_at_once() -> None:
         (minimal(server={"max_body_bytes": 1.5}), ["server.max_body_bytes: expected a whole number, got 1.5"]),
         (minimal(server="fast"), ["server: expected a table"]),
         (minimal(redis={"on_error": "Deny"}), ["redis.on_error: expected one of allow, deny, got 'Deny'"]),
+        (minimal(redis={"circuit_failures": 0}), ["redis.circuit_failures: must be >= 1, got 0"]),
+        (minimal(redis={"circuit_cooldown_s": -1}), ["redis.circuit_cooldown_s: must be >= 0.001, got -1"]),
         (minimal(events={"sink": "stderr"}), ["events.sink: expected one of stdout, file, redis, off, got 'stderr'"]),
         ({"providers": []}, ["providers: at least one [[providers]] table is required"]),
         ({}, ["providers: at least one [[providers]] table is required"]),
