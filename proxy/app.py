@@ -15,7 +15,7 @@ import orjson
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.types import Receive, Scope, Send
 
-from .auth import authenticate, extract_key, mask_key
+from .auth import CREDENTIAL_HEADERS, authenticate, extract_key, mask_key, two_credentials
 from .endpoints import MODEL_ROUTES, Call, model_request, passthrough
 from .errors import GatewayError, InvalidRequest, LimiterUnavailable, MethodNotAllowed, NotFound, RateLimited
 from .events import EventSink, RequestRecord
@@ -130,8 +130,12 @@ class Gateway:
 
     async def handle_http(self, scope: Scope, receive: Receive, send: Send) -> None:
         wanted: dict[bytes, bytes] = {}
+        repeated: bytes | None = None
         for name, value in scope["headers"]:
             if name in WANTED_HEADERS:
+                # A second, different credential must not be settled by header order.
+                if name in CREDENTIAL_HEADERS and wanted.get(name, value) != value:
+                    repeated = name
                 wanted[name] = value
         given_id = wanted.get(b"x-request-id")
         # An id is echoed everywhere (headers, errors, events, upstream): never one that holds a key.
@@ -145,7 +149,7 @@ class Gateway:
         runtime = self.runtime
         self.metrics.inflight.inc()
         try:
-            await self.dispatch(scope, receive, ex, runtime, wanted)
+            await self.dispatch(scope, receive, ex, runtime, wanted, repeated)
         except GatewayError as err:
             if isinstance(err, RateLimited):
                 record.ratelimit = (err.scope, err.limit)
@@ -191,8 +195,15 @@ class Gateway:
         await send({"type": "http.response.body", "body": body, "more_body": False})
 
     async def dispatch(
-        self, scope: Scope, receive: Receive, ex: Exchange, runtime: Runtime, wanted: dict[bytes, bytes]
+        self,
+        scope: Scope,
+        receive: Receive,
+        ex: Exchange,
+        runtime: Runtime,
+        wanted: dict[bytes, bytes],
+        repeated: bytes | None,
     ) -> None:
+        """repeated: a credential header sent twice with different values."""
         path: str = scope["path"]
         method: str = scope["method"]
         # The body is read before any answer, even a 401: a response sent while the client is
@@ -208,7 +219,7 @@ class Gateway:
         if rest is None:
             raise NotFound(_missing_prefix_message(path, runtime.settings.server.prefixes))
         ex.record.route = rest if rest in MODEL_ROUTES or rest == "/models" else "passthrough"
-        key = self.authenticate(wanted, ex.record, runtime)
+        key = self.authenticate(wanted, repeated, ex.record, runtime)
         if rest == "/models":
             if method != "GET":
                 raise MethodNotAllowed(f"Expected GET for {path}, but got {method}.")
@@ -228,7 +239,11 @@ class Gateway:
         )  # fmt: skip
         await (model_request(call) if rest in MODEL_ROUTES else passthrough(call))
 
-    def authenticate(self, wanted: dict[bytes, bytes], record: RequestRecord, runtime: Runtime) -> KeySettings:
+    def authenticate(
+        self, wanted: dict[bytes, bytes], repeated: bytes | None, record: RequestRecord, runtime: Runtime
+    ) -> KeySettings:
+        if repeated is not None:
+            raise two_credentials(f"two {CREDENTIAL_HEADERS[repeated]} headers with different values")
         auth = wanted.get(b"authorization")
         api_key = wanted.get(b"x-api-key")
         presented = extract_key(
