@@ -21,7 +21,7 @@ from .errors import GatewayError, InvalidRequest, LimiterUnavailable, MethodNotA
 from .events import EventSink, RequestRecord
 from .limits import KeyLimits, Limiter
 from .metrics import Metrics, latency_bucket
-from .redact import KEY_LIKE
+from .redact import KEY_LIKE, clip
 from .relay import JSON_HEADERS, ClientGone, Exchange, read_body
 from .routing import Router
 from .settings import ConfigError, KeySettings, Settings, load_settings
@@ -222,10 +222,10 @@ class Gateway:
         key = self.authenticate(wanted, repeated, ex.record, runtime)
         if rest == "/models":
             if method != "GET":
-                raise MethodNotAllowed(f"Expected GET for {path}, but got {method}.")
+                raise MethodNotAllowed(f"Expected GET for {clip(path)}, but got {clip(method)}.")
             return await self.list_models(ex, runtime, key)
         if rest in MODEL_ROUTES and method != "POST":
-            raise MethodNotAllowed(f"Expected POST for {path}, but got {method}.")
+            raise MethodNotAllowed(f"Expected POST for {clip(path)}, but got {clip(method)}.")
         pinned = wanted[b"x-ai-provider"].decode("latin-1") if b"x-ai-provider" in wanted else None
         query = scope.get("query_string", b"")
         upstream_path = (
@@ -301,7 +301,7 @@ def _passthrough_path(scope: Scope, rest: str, prefixes: tuple[str, ...]) -> str
 
 def _missing_prefix_message(path: str, prefixes: tuple[str, ...]) -> str:
     return (
-        f"Unknown path {path!r}. The base URL must end in {prefixes[0]!r} "
+        f"Unknown path {clip(path)!r}. The base URL must end in {prefixes[0]!r} "
         f"(for example http://HOST:PORT{prefixes[0]}), so requests go to {prefixes[0]}/chat/completions."
     )
 

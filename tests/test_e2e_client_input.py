@@ -192,3 +192,114 @@ def test_authorization_and_x_api_key_naming_different_keys_are_refused(sg: Setup
 def test_one_key_sent_in_more_than_one_header_is_fine(sg: Setup, headers: Any) -> None:
     resp = chat(sg, headers(sg))
     assert resp.status_code == 200, resp.text
+
+
+# Client text echoed or recorded: cut to 256 characters
+
+SMALL = 2048  # bytes: an error body or a record line with every client string cut to 256 characters
+
+
+def raw_request(port: int, request_line: str, headers: dict[str, str], body: bytes = b"") -> bytes:
+    head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(
+            f"{request_line}\r\nHost: x\r\nConnection: close\r\nContent-Length: {len(body)}\r\n{head}\r\n".encode()
+            + body
+        )
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    return answer
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/images/generations"])
+def test_a_900_kb_model_name_gets_a_small_404_and_a_small_record(sg: Setup, path: str) -> None:
+    huge = "gpt-5-" + "x" * 900_000
+    request_id = "huge-model-" + path.rsplit("/", 1)[-1]
+    resp = httpx.post(
+        sg.base + path,
+        json={**CHAT, "model": huge},
+        headers={"Authorization": sg.bearer(), "X-Request-ID": request_id},
+        timeout=30,
+    )
+    message = assert_envelope(resp, 404, "model_not_found")
+    assert len(resp.content) < SMALL
+    assert f"'{huge[:255]}…'" in message
+    line = sg.event_line(request_id)
+    assert len(line) < SMALL, len(line)
+    event = orjson.loads(line)
+    assert event["model"] == huge[:255] + "…"
+    assert event["error"] == "model_not_found"
+
+
+def test_a_served_900_kb_model_name_is_recorded_cut(sg: Setup) -> None:
+    huge = "alpha-" + "x" * 900_000
+    resp = httpx.post(
+        sg.base + "/v1/chat/completions",
+        json={**CHAT, "model": huge},
+        headers={"Authorization": sg.bearer(), "X-Request-ID": "huge-served"},
+        timeout=30,
+    )
+    assert resp.status_code == 200, resp.text[:300]
+    line = sg.event_line("huge-served")
+    assert len(line) < SMALL
+    event = orjson.loads(line)
+    assert event["model"] == event["upstream_model"] == huge[:255] + "…"
+
+
+@pytest.mark.parametrize("start", [0, 230, 250])
+def test_a_key_pasted_where_the_cut_falls_stays_masked(sg: Setup, start: int) -> None:
+    pasted = sg.keys["other"]
+    model = "m" * start + pasted + "/" + "x" * 5000
+    request_id = f"pasted-{start}"
+    resp = chat(sg, [("Authorization", sg.bearer()), ("X-Request-ID", request_id)], {**CHAT, "model": model})
+    assert_envelope(resp, 404, "model_not_found")
+    line = sg.event_line(request_id)
+    hidden = pasted[7:-4]
+    for text in (resp.text, line.decode()):
+        assert not any(hidden[i : i + 5] in text for i in range(len(hidden) - 4)), text
+
+
+def test_a_long_x_ai_provider_is_cut_in_the_message(sg: Setup) -> None:
+    name = "provider-" + "p" * 4000
+    resp = chat(sg, [("Authorization", sg.bearer()), ("X-AI-Provider", name), ("X-Request-ID", "long-provider")])
+    message = assert_envelope(resp, 404, "not_found")
+    assert len(resp.content) < SMALL
+    assert message.startswith(f"Unknown provider '{name[:255]}…' in X-AI-Provider. Configured providers: alpha, beta.")
+    assert len(sg.event_line("long-provider")) < SMALL
+
+
+@pytest.mark.parametrize(
+    ("target", "fragment"),
+    [
+        ("/v1/files/" + "a" * 6000, "Cannot route /v1/files/aaa"),
+        ("/" + "b" * 6000, "Unknown path '/bbb"),
+    ],
+    ids=["passthrough", "no prefix"],
+)
+def test_a_long_unknown_path_gets_a_small_404(sg: Setup, target: str, fragment: str) -> None:
+    request_id = "long-path-" + target[1]
+    answer = raw_request(
+        sg.proc.port, f"GET {target} HTTP/1.1", {"Authorization": sg.bearer(), "X-Request-ID": request_id}
+    )
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 404 "), answer[:300]
+    assert len(body) < SMALL, len(body)
+    assert fragment.encode() in body
+    assert b"\xe2\x80\xa6" in body  # the cut is marked
+    assert len(sg.event_line(request_id)) < SMALL
+
+
+def test_a_long_method_is_cut_in_the_message_and_the_record(sg: Setup) -> None:
+    method = "PATCH" + "X" * 6000
+    answer = raw_request(
+        sg.proc.port,
+        f"{method} /v1/chat/completions HTTP/1.1",
+        {"Authorization": sg.bearer(), "X-Request-ID": "long-method"},
+    )
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 405 "), answer[:300]
+    assert len(body) < SMALL, len(body)
+    line = sg.event_line("long-method")
+    assert len(line) < SMALL
+    assert orjson.loads(line)["method"] == method[:255] + "…"
