@@ -32,6 +32,7 @@ log = logging.getLogger("sluicegate")
 WANTED_HEADERS = frozenset({b"authorization", b"x-api-key", b"x-request-id", b"x-ai-provider", b"content-length"})
 SANE_REQUEST_ID = re.compile(rb"^[A-Za-z0-9._:@/+=-]{1,128}$")
 INTERNAL_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+UNSAFE_IN_PATH = re.compile(r"[\x00-\x1f\x7f;?#%\\]")
 
 
 @dataclass(frozen=True, slots=True)
@@ -285,11 +286,19 @@ def _passthrough_path(scope: Scope, rest: str, prefixes: tuple[str, ...]) -> str
     ASGI's `path` is decoded: forwarding it would turn %2F, %3F or %23 into a new
     path segment, query or fragment on the provider's side, with our credential.
     """
-    segments = rest.split("/")
-    if any(s in (".", "..") for s in segments) or any(c in rest for c in "?#\\%"):
+    # '//' and ';' are read as something else by some servers (a host, path parameters: '..;/x').
+    if "//" in rest or rest.endswith("/"):
         raise InvalidRequest(
-            "The path has a '.' or '..' segment, '?', '#', '%' or '\\' once decoded; it is not forwarded."
+            "The path has an empty segment ('//' or a trailing '/'); it is not forwarded. "
+            "If the base URL ends in '/', drop that '/'."
         )
+    if any(s in (".", "..") for s in rest.split("/")):
+        raise InvalidRequest("The path has a '.' or '..' segment; it is not forwarded.")
+    unsafe = UNSAFE_IN_PATH.search(rest)
+    if unsafe is not None:
+        char = unsafe.group()
+        shown = f"'{char}'" if char.isprintable() else f"the control character {char!r}"
+        raise InvalidRequest(f"The path has {shown} once decoded; it is not forwarded.")
     raw = scope.get("raw_path")
     raw_rest = _strip_prefix(raw.decode("latin-1"), prefixes) if raw else None
     if raw_rest is None:

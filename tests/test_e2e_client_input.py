@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import socket
 import time
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -303,3 +304,59 @@ def test_a_long_method_is_cut_in_the_message_and_the_record(sg: Setup) -> None:
     line = sg.event_line("long-method")
     assert len(line) < SMALL
     assert orjson.loads(line)["method"] == method[:255] + "…"
+
+
+# Passthrough paths
+
+
+@pytest.mark.parametrize(
+    ("method", "target", "problem"),
+    [
+        ("GET", "/v1//admin", "an empty segment"),
+        ("GET", "/v1/files//admin", "an empty segment"),
+        ("GET", "/v1/files/", "an empty segment"),
+        ("GET", "/api/v1//files", "an empty segment"),
+        ("POST", "/v1//chat/completions", "an empty segment"),
+        ("POST", "/v1/chat/completions/", "an empty segment"),
+        ("GET", "/v1/a%00b", "the control character '\\x00'"),
+        ("GET", "/v1/files/a%00", "the control character '\\x00'"),
+        ("GET", "/v1/files/a%0d%0aX-Injected:%201", "the control character '\\r'"),
+        ("GET", "/v1/files/a%7Fb", "the control character '\\x7f'"),
+        ("GET", "/v1/..;/x", "';'"),
+        ("GET", "/v1/files/..;/admin", "';'"),
+        ("GET", "/v1/files/a;b", "';'"),
+        ("GET", "/v1/files/a%3Bb", "';'"),
+        ("POST", "/v1/chat/completions;x", "';'"),
+    ],
+)
+def test_passthrough_refuses_empty_segments_nul_and_semicolons(
+    sg: Setup, method: str, target: str, problem: str
+) -> None:
+    request_id = f"path-{zlib.crc32(target.encode())}"
+    headers = {"Authorization": sg.bearer(), "X-AI-Provider": "alpha", "X-Request-ID": request_id}
+    headers["Content-Type"] = "application/json"
+    answer = raw_request(sg.proc.port, f"{method} {target} HTTP/1.1", headers, orjson.dumps(CHAT))
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400 "), answer[:300]
+    assert f"x-request-id: {request_id}".encode() in head.lower()
+    error = orjson.loads(body)["error"]
+    assert error["code"] == "invalid_request"
+    assert error["message"].startswith(f"The path has {problem}")
+    assert "it is not forwarded" in error["message"]
+    assert sg.mocks.alpha.requests() == [] and sg.mocks.beta.requests() == []
+    assert sg.event(request_id)["status"] == 400
+
+
+def test_a_normal_passthrough_path_still_goes_through(sg: Setup) -> None:
+    headers = {"Authorization": sg.bearer(), "X-AI-Provider": "alpha"}
+    answer = raw_request(sg.proc.port, "GET /v1/files/file-abc_1.2-x/content?purpose=a%26b HTTP/1.1", headers)
+    assert answer.startswith(b"HTTP/1.1 200 "), answer[:300]
+    (entry,) = sg.mocks.alpha.requests()
+    assert entry["raw_path"] == "/v1/files/file-abc_1.2-x/content?purpose=a%26b"
+    resp = httpx.post(
+        sg.base + "/v1/images/generations",
+        json={"model": "beta-image", "prompt": "x"},
+        headers={"Authorization": sg.bearer()},
+    )
+    assert resp.status_code == 200
+    assert resp.json()["path"] == "/v1/images/generations"
