@@ -15,13 +15,13 @@ import orjson
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.types import Receive, Scope, Send
 
-from .auth import authenticate, extract_key, mask_key
+from .auth import CREDENTIAL_HEADERS, authenticate, extract_key, mask_key, two_credentials
 from .endpoints import MODEL_ROUTES, Call, model_request, passthrough
 from .errors import GatewayError, InvalidRequest, LimiterUnavailable, MethodNotAllowed, NotFound, RateLimited
 from .events import EventSink, RequestRecord
 from .limits import KeyLimits, Limiter
 from .metrics import Metrics, latency_bucket
-from .redact import KEY_LIKE
+from .redact import KEY_LIKE, clip
 from .relay import JSON_HEADERS, ClientGone, Exchange, read_body
 from .routing import Router
 from .settings import ConfigError, KeySettings, Settings, load_settings
@@ -32,6 +32,7 @@ log = logging.getLogger("sluicegate")
 WANTED_HEADERS = frozenset({b"authorization", b"x-api-key", b"x-request-id", b"x-ai-provider", b"content-length"})
 SANE_REQUEST_ID = re.compile(rb"^[A-Za-z0-9._:@/+=-]{1,128}$")
 INTERNAL_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+UNSAFE_IN_PATH = re.compile(r"[\x00-\x1f\x7f;?#%\\]")
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,8 +144,12 @@ class Gateway:
 
     async def handle_http(self, scope: Scope, receive: Receive, send: Send) -> None:
         wanted: dict[bytes, bytes] = {}
+        repeated: bytes | None = None
         for name, value in scope["headers"]:
             if name in WANTED_HEADERS:
+                # A second, different credential must not be settled by header order.
+                if name in CREDENTIAL_HEADERS and wanted.get(name, value) != value:
+                    repeated = name
                 wanted[name] = value
         given_id = wanted.get(b"x-request-id")
         # An id is echoed everywhere (headers, errors, events, upstream): never one that holds a key.
@@ -158,7 +163,7 @@ class Gateway:
         runtime = self.runtime
         self.metrics.inflight.inc()
         try:
-            await self.dispatch(scope, receive, ex, runtime, wanted)
+            await self.dispatch(scope, receive, ex, runtime, wanted, repeated)
         except GatewayError as err:
             if isinstance(err, RateLimited):
                 record.ratelimit = (err.scope, err.limit)
@@ -204,8 +209,15 @@ class Gateway:
         await send({"type": "http.response.body", "body": body, "more_body": False})
 
     async def dispatch(
-        self, scope: Scope, receive: Receive, ex: Exchange, runtime: Runtime, wanted: dict[bytes, bytes]
+        self,
+        scope: Scope,
+        receive: Receive,
+        ex: Exchange,
+        runtime: Runtime,
+        wanted: dict[bytes, bytes],
+        repeated: bytes | None,
     ) -> None:
+        """repeated: a credential header sent twice with different values."""
         path: str = scope["path"]
         method: str = scope["method"]
         # The body is read before any answer, even a 401: a response sent while the client is
@@ -221,13 +233,13 @@ class Gateway:
         if rest is None:
             raise NotFound(_missing_prefix_message(path, runtime.settings.server.prefixes))
         ex.record.route = rest if rest in MODEL_ROUTES or rest == "/models" else "passthrough"
-        key = self.authenticate(wanted, ex.record, runtime)
+        key = self.authenticate(wanted, repeated, ex.record, runtime)
         if rest == "/models":
             if method != "GET":
-                raise MethodNotAllowed(f"Expected GET for {path}, but got {method}.")
+                raise MethodNotAllowed(f"Expected GET for {clip(path)}, but got {clip(method)}.")
             return await self.list_models(ex, runtime, key)
         if rest in MODEL_ROUTES and method != "POST":
-            raise MethodNotAllowed(f"Expected POST for {path}, but got {method}.")
+            raise MethodNotAllowed(f"Expected POST for {clip(path)}, but got {clip(method)}.")
         pinned = wanted[b"x-ai-provider"].decode("latin-1") if b"x-ai-provider" in wanted else None
         query = scope.get("query_string", b"")
         upstream_path = (
@@ -241,7 +253,11 @@ class Gateway:
         )  # fmt: skip
         await (model_request(call) if rest in MODEL_ROUTES else passthrough(call))
 
-    def authenticate(self, wanted: dict[bytes, bytes], record: RequestRecord, runtime: Runtime) -> KeySettings:
+    def authenticate(
+        self, wanted: dict[bytes, bytes], repeated: bytes | None, record: RequestRecord, runtime: Runtime
+    ) -> KeySettings:
+        if repeated is not None:
+            raise two_credentials(f"two {CREDENTIAL_HEADERS[repeated]} headers with different values")
         auth = wanted.get(b"authorization")
         api_key = wanted.get(b"x-api-key")
         presented = extract_key(
@@ -283,11 +299,19 @@ def _passthrough_path(scope: Scope, rest: str, prefixes: tuple[str, ...]) -> str
     ASGI's `path` is decoded: forwarding it would turn %2F, %3F or %23 into a new
     path segment, query or fragment on the provider's side, with our credential.
     """
-    segments = rest.split("/")
-    if any(s in (".", "..") for s in segments) or any(c in rest for c in "?#\\%"):
+    # '//' and ';' are read as something else by some servers (a host, path parameters: '..;/x').
+    if "//" in rest or rest.endswith("/"):
         raise InvalidRequest(
-            "The path has a '.' or '..' segment, '?', '#', '%' or '\\' once decoded; it is not forwarded."
+            "The path has an empty segment ('//' or a trailing '/'); it is not forwarded. "
+            "If the base URL ends in '/', drop that '/'."
         )
+    if any(s in (".", "..") for s in rest.split("/")):
+        raise InvalidRequest("The path has a '.' or '..' segment; it is not forwarded.")
+    unsafe = UNSAFE_IN_PATH.search(rest)
+    if unsafe is not None:
+        char = unsafe.group()
+        shown = f"'{char}'" if char.isprintable() else f"the control character {char!r}"
+        raise InvalidRequest(f"The path has {shown} once decoded; it is not forwarded.")
     raw = scope.get("raw_path")
     raw_rest = _strip_prefix(raw.decode("latin-1"), prefixes) if raw else None
     if raw_rest is None:
@@ -299,7 +323,7 @@ def _passthrough_path(scope: Scope, rest: str, prefixes: tuple[str, ...]) -> str
 
 def _missing_prefix_message(path: str, prefixes: tuple[str, ...]) -> str:
     return (
-        f"Unknown path {path!r}. The base URL must end in {prefixes[0]!r} "
+        f"Unknown path {clip(path)!r}. The base URL must end in {prefixes[0]!r} "
         f"(for example http://HOST:PORT{prefixes[0]}), so requests go to {prefixes[0]}/chat/completions."
     )
 

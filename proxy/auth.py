@@ -10,16 +10,20 @@ import re
 import secrets
 from collections.abc import Mapping
 
-from .errors import InvalidApiKey
+from .errors import InvalidApiKey, InvalidRequest
 from .redact import KEY_PREFIX, mask_key
 
-__all__ = ["KEY_PREFIX", "authenticate", "extract_key", "key_digest", "mask_key", "new_key"]
+__all__ = [
+    "CREDENTIAL_HEADERS", "KEY_PREFIX", "authenticate", "extract_key", "key_digest", "mask_key", "new_key",
+    "two_credentials",
+]  # fmt: skip
 from .settings import KeySettings
 
 KEY_RANDOM_BYTES = 36  # 48 url-safe characters
 
 WHITESPACE = re.compile(r"\s")
 HOW_TO_SEND = "Send it as 'Authorization: Bearer sk-...' or 'X-API-Key: sk-...'."
+CREDENTIAL_HEADERS = {b"authorization": "Authorization", b"x-api-key": "X-API-Key"}
 
 
 def new_key() -> str:
@@ -30,11 +34,22 @@ def key_digest(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
+def two_credentials(what: str) -> InvalidRequest:
+    # Whichever one we picked, the client would not know which key it was charged to.
+    return InvalidRequest(
+        f"Two credentials were sent: {what}. Send exactly one key, "
+        "as 'Authorization: Bearer sk-...' or as 'X-API-Key: sk-...'."
+    )
+
+
 def extract_key(authorization: str | None, x_api_key: str | None) -> str:
     """Return the presented key or raise InvalidApiKey naming the mistake."""
-    if authorization is not None and x_api_key is not None and not authorization[:7].lower().startswith("bearer"):
-        # Authorization belongs to something else (nginx auth_basic forwards its own): X-API-Key speaks.
-        authorization = None
+    if authorization is not None and x_api_key is not None:
+        if not authorization[:7].lower().startswith("bearer"):
+            # Authorization belongs to something else (nginx auth_basic forwards its own): X-API-Key speaks.
+            authorization = None
+        elif (bearer := authorization[6:].strip()) and (other := x_api_key.strip()) and bearer != other:
+            raise two_credentials("an Authorization header and an X-API-Key header with different keys")
     if authorization is not None:
         if not authorization.strip():
             raise InvalidApiKey("The Authorization header is empty. " + HOW_TO_SEND)

@@ -11,6 +11,7 @@ from starlette.types import Receive, Scope
 
 from .errors import InvalidRequest, NotFound
 from .limits import KeyLimits, Limiter
+from .redact import clip
 from .relay import BodyFor, DisconnectWatcher, Exchange, Kind, relay
 from .settings import KeySettings, ProviderSettings
 from .upstream import ProviderClient, Sessions
@@ -81,9 +82,8 @@ async def passthrough(call: Call) -> None:
     elif call.pinned is not None:
         providers = (call.runtime.router.pinned(call.pinned),)
     else:
-        raise NotFound(
-            f"Cannot route {call.scope['path']}: the body has no 'model' field and there is no X-AI-Provider header."
-        )
+        path = clip(call.scope["path"])
+        raise NotFound(f"Cannot route {path}: the body has no 'model' field and there is no X-AI-Provider header.")
     if call.limits.passthrough is not None:
         call.ex.extra_headers += await call.limiter.admit(call.limits.passthrough)
     await _relay(call, providers, lambda _client: (body, False), "raw")

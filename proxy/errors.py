@@ -113,6 +113,13 @@ class UpstreamError(GatewayError):
     type = "api_error"
 
 
+class UpstreamAuthError(UpstreamError):
+    """The provider refused the gateway's own credential: no client can fix that, only its operators."""
+
+    code = "upstream_auth_error"
+    reason = "auth_error"  # of the failed attempt, in records and metrics
+
+
 class LimiterUnavailable(GatewayError):
     status = 503
     code = "limiter_unavailable"

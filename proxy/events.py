@@ -18,7 +18,7 @@ from typing import IO, Any
 
 import orjson
 
-from .redact import redact
+from .redact import clip
 from .settings import EventSettings
 
 log = logging.getLogger("sluicegate")
@@ -73,10 +73,10 @@ class RequestRecord:
             "key_name": self.key_name,
             "group": self.group,
             "route": self.route,
-            "method": self.method,
-            "model": None if self.model is None else redact(self.model),
+            "method": clip(self.method),
+            "model": None if self.model is None else clip(self.model),
             "provider": self.provider,
-            "upstream_model": None if self.upstream_model is None else redact(self.upstream_model),
+            "upstream_model": None if self.upstream_model is None else clip(self.upstream_model),
             "stream": self.stream,
             "status": self.status or 499,
             "error": self.error,

@@ -16,6 +16,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.utils import floatToGoString
 
+from .errors import UpstreamAuthError
 from .events import RequestRecord
 
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
@@ -62,6 +63,10 @@ class Metrics:
         self.upstream_errors = Counter(
             "sluicegate_upstream_errors", "Failed upstream attempts", ["provider", "reason"], registry=r
         )
+        self.upstream_auth_errors = Counter(
+            "sluicegate_upstream_auth_errors", "Upstream attempts refused for the gateway's own credential (401/403)",
+            ["provider"], registry=r,
+        )  # fmt: skip
         self.inflight = Gauge(
             "sluicegate_inflight_requests", "Requests in progress", registry=r, multiprocess_mode="livesum"
         )
@@ -105,7 +110,10 @@ class Metrics:
         if record.ratelimit is not None:
             child(self.ratelimited, *record.ratelimit).inc()
         for failed_provider, reason in record.failures:
-            child(self.upstream_errors, failed_provider if failed_provider in providers else OTHER, reason).inc()
+            label = failed_provider if failed_provider in providers else OTHER
+            child(self.upstream_errors, label, reason).inc()
+            if reason == UpstreamAuthError.reason:
+                child(self.upstream_auth_errors, label).inc()
 
     def exposition(self) -> bytes:
         if multiprocess():

@@ -7,6 +7,7 @@ import re
 KEY_PREFIX = "sk-"
 # Ours are sk- + 48 url-safe characters; providers' look alike (sk-proj-…).
 KEY_LIKE = re.compile(r"sk-[A-Za-z0-9_\-]{16,}")
+CLIENT_TEXT_LIMIT = 256  # characters of a client's text (model, provider, path) echoed or recorded
 
 
 def mask_key(key: str) -> str:
@@ -22,6 +23,15 @@ def redact(text: str) -> str:
     if KEY_PREFIX not in text:
         return text
     return KEY_LIKE.sub(lambda m: mask_key(m.group()), text)
+
+
+def clip(text: str) -> str:
+    """Client text fit to echo in an error or write to a record: at most 256 characters, keys masked."""
+    if len(text) <= CLIENT_TEXT_LIMIT:
+        return redact(text)
+    # Masked before the cut, over a window twice as long: a key cut in half at the limit would
+    # be too short to look like one, and a key running past the window's end is long enough to.
+    return redact(text[: 2 * CLIENT_TEXT_LIMIT])[: CLIENT_TEXT_LIMIT - 1] + "…"
 
 
 def safe_url(url: str) -> str:

@@ -21,6 +21,7 @@ from .upstream import (
     forwarded_headers,
     mid_stream_error,
     open_upstream,
+    rejected_credential,
     response_headers,
 )
 from .usage import NotJson, StreamUsageScanner, Usage, usage_from_body
@@ -35,6 +36,7 @@ STREAM_HEADERS: tuple[Header, ...] = (
 JSON_HEADERS: tuple[Header, ...] = ((b"content-type", b"application/json"),)
 STREAM_HEADER_NAMES = frozenset(name for name, _ in STREAM_HEADERS)
 MID_STREAM_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError, OSError)
+REJECTED_CREDENTIAL = frozenset({401, 403})
 
 
 class ClientGone(Exception):
@@ -152,6 +154,10 @@ async def relay(
         try:
             session = sessions.get(client.settings.name)
             async with open_upstream(session, client, method, client.base_url + path_and_query, headers, body) as resp:
+                if resp.status in REJECTED_CREDENTIAL:
+                    last = rejected_credential(client.settings.name, resp.status)
+                    record.failures.append((client.settings.name, last.reason))
+                    continue
                 if resp.status >= 500 or (resp.status == 429 and not final):
                     last = UpstreamError(f"Provider '{client.settings.name}' answered HTTP {resp.status}.")
                     record.failures.append((client.settings.name, "http_429" if resp.status == 429 else "http_5xx"))

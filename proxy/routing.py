@@ -7,6 +7,7 @@ import random
 from dataclasses import dataclass
 
 from .errors import ModelNotAllowed, ModelNotFound, NotFound
+from .redact import CLIENT_TEXT_LIMIT, clip
 from .settings import KeySettings, ProviderSettings, Settings
 
 CACHE_LIMIT = 4096
@@ -40,20 +41,21 @@ class Router:
                     key=lambda p: p.priority,
                 )
             )
-            if len(self._cache) < CACHE_LIMIT:
+            # A client may send any name: a few thousand of a megabyte each must not stay in memory.
+            if len(self._cache) < CACHE_LIMIT and len(upstream_model) <= CLIENT_TEXT_LIMIT:
                 self._cache[upstream_model] = found
         return found
 
     def route(self, model: str, key: KeySettings, pinned: str | None = None) -> Route:
         upstream_model = self.settings.aliases.get(model, model)
         if key.models is not None and not (key.models.matches(model) or key.models.matches(upstream_model)):
-            raise ModelNotAllowed(f"This API key may not use the model '{model}'.", param="model")
+            raise ModelNotAllowed(f"This API key may not use the model '{clip(model)}'.", param="model")
         serving = self._serving(upstream_model)
         if pinned is not None:
             provider = self.pinned(pinned)
             if provider not in serving:
                 raise ModelNotFound(
-                    f"The provider '{pinned}' (X-AI-Provider) does not serve the model '{model}'.",
+                    f"The provider '{clip(pinned)}' (X-AI-Provider) does not serve the model '{clip(model)}'.",
                     param="model",
                 )
             serving = (provider,)
@@ -65,13 +67,14 @@ class Router:
         provider = self.by_name.get(name)
         if provider is None:
             names = ", ".join(sorted(self.by_name))
-            raise NotFound(f"Unknown provider in X-AI-Provider. Configured providers: {names}.")
+            raise NotFound(f"Unknown provider '{clip(name)}' in X-AI-Provider. Configured providers: {names}.")
         return provider
 
     def _not_found_message(self, model: str) -> str:
-        close = difflib.get_close_matches(model, self.known_models, n=3, cutoff=0.5)
+        # difflib's cost grows with the name; no configured name is close to one this long anyway.
+        close = [] if len(model) > CLIENT_TEXT_LIMIT else difflib.get_close_matches(model, self.known_models, 3, 0.5)
         hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
-        return f"The model '{model}' does not exist on this gateway.{hint}"
+        return f"The model '{clip(model)}' does not exist on this gateway.{hint}"
 
     def attempt_order(self, providers: tuple[ProviderSettings, ...]) -> list[ProviderSettings]:
         """Priority groups in order; inside a group a weighted shuffle."""

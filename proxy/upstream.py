@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import aiohttp
 from yarl import URL
 
-from .errors import Header, UpstreamError, UpstreamTimeout
+from .errors import Header, UpstreamAuthError, UpstreamError, UpstreamTimeout
 from .settings import ProviderSettings
 
 POOL_LIMIT = 1000
@@ -176,3 +176,12 @@ def mid_stream_error(exc: BaseException, provider: str) -> UpstreamError | Upstr
     if isinstance(exc, (aiohttp.SocketTimeoutError, TimeoutError)):
         return UpstreamTimeout(f"Provider '{provider}' stopped sending (idle timeout).")
     return UpstreamError(f"Provider '{provider}' broke off the response.")
+
+
+def rejected_credential(provider: str, status: int) -> UpstreamAuthError:
+    # The client's key never goes upstream, so a 401/403 there is about ours: passing it on
+    # would send the user after their own key. The provider's body may quote our key: dropped.
+    return UpstreamAuthError(
+        f"Provider '{provider}' rejected the gateway's own credential (HTTP {status}). "
+        "Your API key is fine: the gateway's operators must fix the provider key or its access."
+    )

@@ -1,13 +1,17 @@
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import re
 from collections.abc import Callable
 
+import orjson
 import pytest
+from starlette.types import Message
 
+from proxy.app import Gateway
 from proxy.auth import authenticate, extract_key, key_digest, mask_key, new_key
-from proxy.errors import InvalidApiKey
+from proxy.errors import InvalidApiKey, InvalidRequest
 from proxy.settings import KeySettings, parse_settings
 
 HOW_TO_SEND = "Send it as 'Authorization: Bearer sk-...' or 'X-API-Key: sk-...'."
@@ -61,7 +65,9 @@ MISTAKES: list[tuple[str, Headers, str]] = [
     ("bearer key twice", lambda k: ("Bearer " + k + " " + k, None), whitespace("Authorization: Bearer")),
     ("bearer key without sk-", lambda k: ("Bearer " + k[3:], None), not_sk("Authorization: Bearer")),
     ("bearer provider-style key", lambda k: ("Bearer pk-" + k[3:], None), not_sk("Authorization: Bearer")),
-    ("bearer wins over x-api-key", lambda k: ("Bearer " + k[3:], k), not_sk("Authorization: Bearer")),
+    ("bearer wins over an empty x-api-key", lambda k: ("Bearer " + k[3:], ""), not_sk("Authorization: Bearer")),
+    ("empty bearer wins over x-api-key", lambda k: ("Bearer ", k), BEARER_NOTHING),
+    ("same key, padded in bearer", lambda k: ("Bearer  " + k, k), whitespace("Authorization: Bearer")),
     ("empty x-api-key", lambda k: (None, ""), X_API_KEY_NOTHING),
     ("blank x-api-key", lambda k: (None, " \t "), X_API_KEY_NOTHING),
     ("x-api-key leading space", lambda k: (None, " " + k), whitespace("X-API-Key")),
@@ -98,9 +104,39 @@ def test_extract_key_from_x_api_key() -> None:
     assert extract_key(None, key) == key
 
 
-def test_extract_key_authorization_wins_over_x_api_key() -> None:
-    from_authorization, from_x_api_key = new_key(), new_key()
-    assert extract_key("Bearer " + from_authorization, from_x_api_key) == from_authorization
+def test_extract_key_same_key_in_both_headers() -> None:
+    key = new_key()
+    assert extract_key("Bearer " + key, key) == key
+    # The same key, the copy in X-API-Key padded: Authorization speaks, and it is well formed.
+    assert extract_key("Bearer " + key, key + " ") == key
+
+
+BOTH_HEADERS = (
+    "Two credentials were sent: an Authorization header and an X-API-Key header with different keys. "
+    "Send exactly one key, as 'Authorization: Bearer sk-...' or as 'X-API-Key: sk-...'."
+)
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        pytest.param(lambda a, b: ("Bearer " + a, b), id="two keys"),
+        pytest.param(lambda a, b: ("bearer " + b, a), id="two keys, other order"),
+        pytest.param(lambda a, b: ("Bearer " + a, a[3:]), id="key and its body"),
+        pytest.param(lambda a, b: ("Bearer " + a, "pk-provider"), id="key and something else"),
+        pytest.param(lambda a, b: ("Bearer " + a[:-1], a), id="a character apart"),
+    ],
+)
+def test_extract_key_refuses_two_different_keys(headers: Callable[[str, str], tuple[str, str]]) -> None:
+    a, b = new_key(), new_key()
+    with pytest.raises(InvalidRequest) as info:
+        extract_key(*headers(a, b))
+    exc = info.value
+    assert exc.message == BOTH_HEADERS
+    assert (exc.status, exc.code, exc.type) == (400, "invalid_request", "invalid_request_error")
+    body = exc.body("req-1").decode()
+    for key in (a, b):
+        assert key[3:20] not in body
 
 
 def test_authenticate_known_key() -> None:
@@ -178,3 +214,83 @@ def test_x_api_key_speaks_when_authorization_is_not_bearer(authorization: str) -
     # e.g. nginx auth_basic in front of the gateway forwards its own Authorization header.
     key = new_key()
     assert extract_key(authorization.replace("KEY", key), key) == key
+
+
+def gateway_answer(key: str, headers: list[tuple[str, str]]) -> tuple[int, str]:
+    """One request through the ASGI app in-process: (status, body). No lifespan ran, so a request
+    that gets past the key check ends at 503 'did not start properly'."""
+    raw = {
+        "providers": [{"name": "mock", "base_url": "http://127.0.0.1:9/v1", "models": ["mock-chat"]}],
+        "keys": [{"name": "alice", "sha256": key_digest(key)}],
+    }
+    gateway = Gateway(parse_settings(raw, env={}))
+    scope = {
+        "type": "http", "method": "POST", "path": "/v1/chat/completions", "raw_path": b"/v1/chat/completions",
+        "query_string": b"", "headers": [(k.lower().encode(), v.encode()) for k, v in headers],
+    }  # fmt: skip
+    sent: list[Message] = []
+
+    async def receive() -> Message:
+        return {"type": "http.request", "body": b'{"model": "mock-chat", "messages": []}', "more_body": False}
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    asyncio.run(gateway(scope, receive, send))
+    assert [m["type"] for m in sent] == ["http.response.start", "http.response.body"]
+    return sent[0]["status"], sent[1]["body"].decode()
+
+
+TWO_AUTHORIZATION = (
+    "Two credentials were sent: two Authorization headers with different values. "
+    "Send exactly one key, as 'Authorization: Bearer sk-...' or as 'X-API-Key: sk-...'."
+)
+TWO_X_API_KEY = TWO_AUTHORIZATION.replace("two Authorization headers", "two X-API-Key headers")
+
+Pairs = Callable[[str, str], list[tuple[str, str]]]
+
+
+@pytest.mark.parametrize(
+    ("headers", "message"),
+    [
+        pytest.param(lambda k, o: [("Authorization", f"Bearer {k}"), ("Authorization", f"Bearer {o}")],
+                     TWO_AUTHORIZATION, id="authorization: valid, then unknown"),
+        pytest.param(lambda k, o: [("Authorization", f"Bearer {o}"), ("Authorization", f"Bearer {k}")],
+                     TWO_AUTHORIZATION, id="authorization: unknown, then valid"),
+        pytest.param(lambda k, o: [("Authorization", f"Bearer {k}"), ("Authorization", "Basic dXNlcjpwYXNz")],
+                     TWO_AUTHORIZATION, id="authorization: bearer and basic"),
+        pytest.param(lambda k, o: [("X-API-Key", k), ("X-API-Key", o)], TWO_X_API_KEY, id="x-api-key twice"),
+        pytest.param(lambda k, o: [("X-API-Key", o), ("Authorization", f"Bearer {k}"), ("X-API-Key", k)],
+                     TWO_X_API_KEY, id="x-api-key twice around a valid authorization"),
+        pytest.param(lambda k, o: [("Authorization", f"Bearer {k}"), ("X-API-Key", o)],
+                     BOTH_HEADERS, id="authorization and x-api-key"),
+        pytest.param(lambda k, o: [("X-API-Key", o), ("Authorization", f"Bearer {k}")],
+                     BOTH_HEADERS, id="x-api-key and authorization"),
+    ],
+)  # fmt: skip
+def test_gateway_refuses_two_credentials(headers: Pairs, message: str) -> None:
+    key, other = new_key(), new_key()
+    status, body = gateway_answer(key, headers(key, other))
+    assert status == 400, body
+    error = orjson.loads(body)["error"]
+    assert error["code"] == "invalid_request"
+    assert error["message"] == f"{message} (request id: {error['request_id']})"
+    for secret in (key, other):
+        assert secret[3:20] not in body
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        pytest.param(lambda k: [("Authorization", f"Bearer {k}"), ("Authorization", f"Bearer {k}")], id="same twice"),
+        pytest.param(lambda k: [("X-API-Key", k), ("X-API-Key", k)], id="same x-api-key twice"),
+        pytest.param(lambda k: [("Authorization", f"Bearer {k}"), ("X-API-Key", k)], id="same key in both"),
+        pytest.param(lambda k: [("Authorization", "Basic dXNlcjpwYXNz"), ("X-API-Key", k)], id="nginx basic"),
+    ],
+)
+def test_gateway_takes_one_key_sent_more_than_once(headers: Callable[[str], list[tuple[str, str]]]) -> None:
+    key = new_key()
+    status, body = gateway_answer(key, headers(key))
+    # Past the key check: only the missing lifespan stops it.
+    assert status == 503, body
+    assert "did not start properly" in body

@@ -128,6 +128,59 @@ def test_alert_rules_load(promtool: str) -> None:
     assert result.returncode == 0, output(result)
 
 
+def test_upstream_auth_alert_fires_per_provider(promtool: str, tmp_path: Path) -> None:
+    """A provider refusing the gateway's key pages within minutes, naming that provider only."""
+    labels = 'job="sluicegate", instance="gw-1:9090"'
+    alert = "SluicegateUpstreamAuthErrors"
+    summary = "provider deepseek refuses the gateway's own credential"
+    cases = {
+        "rule_files": [str(ALERTS)],
+        "evaluation_interval": "1m",
+        "tests": [
+            {
+                "interval": "1m",
+                "input_series": [
+                    # deepseek's key is refused from minute 3 on; openai's counter never moves.
+                    {"series": f'sluicegate_upstream_auth_errors_total{{{labels}, provider="deepseek"}}',
+                     "values": "0 0 0 2 4 6 8 10 10 10 10 10 10 10 10 10"},
+                    {"series": f'sluicegate_upstream_auth_errors_total{{{labels}, provider="openai"}}',
+                     "values": "0x15"},
+                ],
+                "alert_rule_test": [
+                    {"eval_time": "2m", "alertname": alert, "exp_alerts": []},
+                    {"eval_time": "3m", "alertname": alert, "exp_alerts": []},  # pending for 1m
+                    {
+                        "eval_time": "4m",
+                        "alertname": alert,
+                        "exp_alerts": [
+                            {
+                                "exp_labels": {"severity": "critical", "provider": "deepseek"},
+                                "exp_annotations": {
+                                    "summary": summary,
+                                    "description": (
+                                        "Provider deepseek answered 401 or 403 to the gateway's own key"
+                                        " (4 attempts in the last 5 minutes). Clients get 502"
+                                        " upstream_auth_error unless a fallback provider serves them;"
+                                        " their own keys are fine. Set a valid key in the environment"
+                                        " variable named by the provider's api_key_env (rotated, revoked"
+                                        " or out of credit?) and restart the gateway."
+                                    ),
+                                },
+                            }
+                        ],
+                    },
+                    # Five minutes without a refusal and it resolves.
+                    {"eval_time": "15m", "alertname": alert, "exp_alerts": []},
+                ],
+            }
+        ],
+    }  # fmt: skip
+    tests_file = tmp_path / "alert_tests.yml"
+    tests_file.write_text(json.dumps(cases, indent=2))
+    result = run(promtool, "test", "rules", str(tests_file))
+    assert result.returncode == 0, output(result)
+
+
 def test_prometheus_config_loads_with_its_rules(promtool: str) -> None:
     result = run(promtool, "check", "config", str(PROMETHEUS))
     assert result.returncode == 0, output(result)

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import difflib
 import random
 from typing import Any
 
@@ -93,6 +94,52 @@ def test_unknown_model_without_close_names_has_no_hint() -> None:
     assert info.value.message == "The model 'zzzz' does not exist on this gateway."
 
 
+def test_a_huge_unknown_name_is_cut_in_the_message_and_not_compared(monkeypatch: pytest.MonkeyPatch) -> None:
+    compared: list[str] = []
+    real = difflib.get_close_matches
+
+    def spy(word: str, *args: Any) -> list[str]:
+        compared.append(word)
+        return real(word, *args)
+
+    monkeypatch.setattr(difflib, "get_close_matches", spy)
+    huge = "gpt-4o-mini" + "x" * 900_000
+    with pytest.raises(ModelNotFound) as info:
+        make_router().route(huge, ANY_MODEL)
+    assert info.value.message == f"The model '{huge[:255]}…' does not exist on this gateway."
+    assert compared == []
+    # A name of the longest length echoed whole is still compared.
+    with pytest.raises(ModelNotFound):
+        make_router().route("gpt-4o-mini" + "x" * 245, ANY_MODEL)
+    assert len(compared) == 1
+
+
+def test_huge_names_are_cut_in_every_routing_message() -> None:
+    huge = "deepseek-" + "y" * 900_000
+    with pytest.raises(ModelNotAllowed) as not_allowed:
+        make_router().route(huge, limited("gpt-4o"))
+    assert not_allowed.value.message == f"This API key may not use the model '{huge[:255]}…'."
+    with pytest.raises(ModelNotFound) as not_served:
+        make_router().route(huge, ANY_MODEL, pinned="openai")
+    assert (
+        not_served.value.message == f"The provider 'openai' (X-AI-Provider) does not serve the model '{huge[:255]}…'."
+    )
+    with pytest.raises(NotFound) as unknown:
+        make_router().pinned("p" * 100_000)
+    assert unknown.value.message.startswith(f"Unknown provider '{'p' * 255}…' in X-AI-Provider.")
+
+
+def test_huge_names_are_served_but_not_cached() -> None:
+    router = make_router()
+    huge = "deepseek-" + "z" * 900_000
+    assert names(router.route(huge, ANY_MODEL).providers) == ["deepseek"]
+    assert names(router.route(huge, ANY_MODEL).providers) == ["deepseek"]
+    long_but_kept = "deepseek-" + "z" * 247
+    router.route(long_but_kept, ANY_MODEL)
+    assert huge not in router._cache
+    assert long_but_kept in router._cache
+
+
 def test_alias_to_an_unserved_model_does_not_suggest_itself() -> None:
     # Regression: every alias used to be a suggestion, so this 404 said "Did you mean 'ghost'?".
     with pytest.raises(ModelNotFound) as info:
@@ -122,7 +169,9 @@ def test_pinned_unknown_provider_is_not_found() -> None:
         make_router().route("deepseek-chat", ANY_MODEL, pinned="anthropic")
     exc = info.value
     assert type(exc) is NotFound
-    assert exc.message == "Unknown provider in X-AI-Provider. Configured providers: backup, deepseek, local, openai."
+    assert exc.message == (
+        "Unknown provider 'anthropic' in X-AI-Provider. Configured providers: backup, deepseek, local, openai."
+    )
     assert (exc.status, exc.code) == (404, "not_found")
 
 
