@@ -176,7 +176,11 @@ def assert_held_429(headers: Any, body: bytes) -> None:
 async def test_thirty_concurrent_requests_over_two_processes_stay_within_the_budget(
     budgets_factory: Callable[..., Budgets],
 ) -> None:
-    """The reported case: budget 300, 30 concurrent requests of 51 tokens, until the budget is spent."""
+    """The reported case: budget 300, 30 concurrent requests of 51 tokens, until the budget is spent.
+
+    With the default reserve each admitted request holds all that is left, so only
+    the last one, holding less than it uses, can overrun: spent <= budget + its excess.
+    """
     budgets = budgets_factory({"b300": "budget_tokens = 300"})
     usage = 11 + 40
     statuses: list[int] = []
@@ -195,7 +199,7 @@ async def test_thirty_concurrent_requests_over_two_processes_stay_within_the_bud
     admitted = statuses.count(200)
     print(f"{admitted} admitted; spent {budgets.spent('b300')}")
     assert statuses[-30:] == [402] * 30
-    # Every admitted answer is charged once, and only the last one, holding what was left, overran.
+    # Every admitted answer is charged once.
     assert budgets.spent("b300") == admitted * usage
     assert budgets.spent("b300") <= 300 + usage - 1
 
@@ -203,7 +207,12 @@ async def test_thirty_concurrent_requests_over_two_processes_stay_within_the_bud
 async def test_a_small_reserve_admits_several_at_once_and_the_holds_cap_them(
     budgets_factory: Callable[..., Budgets],
 ) -> None:
-    """reserve_tokens = 4: each request holds its prompt estimate + 4 and overruns it when it is answered."""
+    """reserve_tokens = 4: each request holds its prompt estimate + 4 and overruns it when it is answered.
+
+    Requests in flight together each add their own excess, so spent can pass the
+    budget by more than one answer's excess here; what the holds bound is how
+    many get in.
+    """
     budgets = budgets_factory({"b300": "budget_tokens = 300"}, "[limits]\nreserve_tokens = 4\n")
     hold = len(CHAT_BYTES) // 4 + 4
     usage = 11 + 40
@@ -227,7 +236,7 @@ async def test_a_small_reserve_admits_several_at_once_and_the_holds_cap_them(
 def test_held_budget_is_429_then_spent_budget_is_402(budgets_factory: Callable[..., Budgets]) -> None:
     budgets = budgets_factory({"b30": "budget_tokens = 30"}, processes=1)
     body = {**SHORT, "stream": True}
-    headers = {**budgets.auth("b30"), "x-mock-chunks": "40", "x-mock-chunk-delay-ms": "50"}
+    headers = {**budgets.auth("b30"), "x-mock-chunks": "100", "x-mock-chunk-delay-ms": "50"}
     with httpx.stream("POST", budgets.url(), content=orjson.dumps(body), headers=headers, timeout=15) as resp:
         assert resp.status_code == 200
         chunks = resp.iter_raw()
@@ -251,8 +260,8 @@ def test_held_budget_is_429_then_spent_budget_is_402(budgets_factory: Callable[.
         for _ in chunks:
             pass
     budgets.settled("b30")
-    assert budgets.spent("b30") == 2 + 40
-    assert keys_usage(budgets, "b30")[2:5] == ["42", "0", "30"]
+    assert budgets.spent("b30") == 2 + 100
+    assert keys_usage(budgets, "b30")[2:5] == ["102", "0", "30"]
     # An idle budget leaves only its spent counter in Redis.
     assert not budgets.redis.exists("sg:{g:default}:k:b30:holds", "sg:{g:default}:k:b30:held")
     spent = budgets.post("b30")
