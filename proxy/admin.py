@@ -11,7 +11,7 @@ import orjson
 
 from .auth import key_digest, new_key
 from .events import REDIS_STREAM
-from .limits import Bucket, Limiter, LimiterFailure, buckets_for, budget_key, format_duration
+from .limits import Bucket, Limiter, LimiterFailure, buckets_for, budget_keys, format_duration
 from .redact import safe_url
 from .settings import NAME_RE, Settings
 
@@ -49,25 +49,35 @@ def _level(bucket: Bucket, state: list[bytes | None], now: float) -> str:
     return shown if full_in <= 0 else f"{shown} (full in {format_duration(full_in)})"
 
 
+def _held(members: list[bytes]) -> int:
+    """Tokens held by requests in flight: each hold's member is "id:tokens"."""
+    return sum(int(member.rpartition(b":")[2]) for member in members)
+
+
 async def keys_usage(settings: Settings, name: str | None) -> tuple[list[str], int]:
-    """One line per key: budget spent and current bucket levels. Exit code 2 when Redis fails."""
+    """One line per key: budget spent and held, current bucket levels. Exit code 2 when Redis fails."""
     keys = [k for k in settings.keys.values() if name is None or k.name == name]
     if not keys:
         return [f"no key named {name!r} in {settings.source}" if name else f"no [[keys]] in {settings.source}"], 2
     limiter = Limiter(settings.redis)
-    lines = [f"{'key':<20} {'group':<12} {'spent':>12} {'budget':>12}  buckets"]
+    lines = [f"{'key':<20} {'group':<12} {'spent':>12} {'held':>12} {'budget':>12}  buckets"]
     try:
         seconds, micros = await limiter.call(limiter.client.time())
         now = seconds + micros / 1_000_000
+        now_ms = seconds * 1000 + micros // 1000
         for key in sorted(keys, key=lambda k: k.name):
-            raw = await limiter.call(limiter.client.get(budget_key(key)))
+            spent_key, holds_key, _ = budget_keys(key)
+            raw = await limiter.call(limiter.client.get(spent_key))
             spent = int(raw) if raw is not None else 0
+            # Holds not yet expired: an expired one is only dropped at the key's next admission.
+            held = _held(await limiter.call(limiter.client.zrangebyscore(holds_key, f"({now_ms}", "+inf")))
             budget = "unlimited" if key.budget_tokens is None else str(key.budget_tokens)
             levels = []
             for bucket in buckets_for(key, settings.groups[key.group]):
                 state = await limiter.call(limiter.client.hmget(bucket.redis_key, ["t", "ts"]))
                 levels.append(f"{bucket.scope} {bucket.kind} {_level(bucket, state, now)}")
-            lines.append(f"{key.name:<20} {key.group:<12} {spent:>12} {budget:>12}  {'; '.join(levels) or '-'}")
+            row = f"{key.name:<20} {key.group:<12} {spent:>12} {held:>12} {budget:>12}"
+            lines.append(f"{row}  {'; '.join(levels) or '-'}")
     except LimiterFailure as exc:
         return [f"Redis at {safe_url(settings.redis.url)} does not answer ({exc})"], 2
     finally:

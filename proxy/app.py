@@ -52,7 +52,7 @@ class Runtime:
             settings,
             router,
             {p.name: ProviderClient.build(p) for p in settings.providers},
-            {k.sha256: KeyLimits.build(k, settings.groups[k.group]) for k in settings.keys.values()},
+            {k.sha256: KeyLimits.build(k, settings.groups[k.group], settings.limits) for k in settings.keys.values()},
             frozenset(router.known_models),
         )
 

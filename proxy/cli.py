@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tpm", type=_positive)
     p.add_argument("--budget-tokens", type=_positive)
     p.add_argument("--models", help="comma-separated model names or globs")
-    p = keys.add_parser("usage", help="what each key has spent against its budget, and its bucket levels")
+    p = keys.add_parser("usage", help="what each key has spent and holds of its budget, and its bucket levels")
     p.add_argument("--config")
     p.add_argument("--name", help="only this key")
 

@@ -1,4 +1,4 @@
-"""The model-aware routes and passthrough: validate, route, limit, relay, charge."""
+"""The model-aware routes and passthrough: validate, route, limit, relay, settle."""
 
 from __future__ import annotations
 
@@ -10,12 +10,12 @@ import orjson
 from starlette.types import Receive, Scope
 
 from .errors import InvalidRequest, NotFound
-from .limits import KeyLimits, Limiter
+from .limits import KeyLimits, Limiter, Plan, Settlement
 from .redact import clip
 from .relay import BodyFor, DisconnectWatcher, Exchange, Kind, relay
 from .settings import KeySettings, ProviderSettings
 from .upstream import ProviderClient, Sessions
-from .usage import Usage
+from .usage import Usage, prompt_estimate
 
 if TYPE_CHECKING:
     from .app import Runtime
@@ -23,6 +23,12 @@ if TYPE_CHECKING:
 MODEL_ROUTES = frozenset({"/chat/completions", "/completions", "/embeddings"})
 STREAMING_ROUTES = frozenset({"/chat/completions", "/completions"})
 REQUIRED_FIELD = {"/chat/completions": "messages", "/completions": "prompt", "/embeddings": "input"}
+# The request's own cap on its completion, in the order a provider reads them.
+COMPLETION_CAPS = {
+    "/chat/completions": ("max_completion_tokens", "max_tokens"),
+    "/completions": ("max_tokens",),
+    "/embeddings": (),
+}
 
 
 @dataclass(slots=True)
@@ -61,11 +67,26 @@ async def model_request(call: Call) -> None:
     record.stream = stream
     chosen = call.runtime.router.route(model, call.key, call.pinned)
     record.upstream_model = chosen.upstream_model
-    if call.limits.model is not None:
-        call.ex.extra_headers += await call.limiter.admit(call.limits.model)
+    plan = call.limits.model
+    hold = hold_wanted(call.route, payload, len(call.body), call.limits.reserve_tokens) if plan and plan.budgeted else 0
     kind: Kind = "stream" if stream and call.route in STREAMING_ROUTES else "json"
     bodies = _BodyVariants(payload, call.body, chosen.upstream_model, kind)
-    await _relay(call, chosen.providers, bodies.body_for, kind)
+    await _relay(call, plan, hold, chosen.providers, bodies.body_for, kind)
+
+
+def hold_wanted(route: str, payload: dict[str, object], request_bytes: int, reserve_tokens: int) -> int:
+    """What a model request may use of a budget: its prompt, plus its completion cap or the reserve.
+
+    Embeddings have no completion.
+    """
+    caps = COMPLETION_CAPS[route]
+    if not caps:
+        return prompt_estimate(request_bytes)
+    for field in caps:
+        cap = payload.get(field)
+        if isinstance(cap, int) and not isinstance(cap, bool) and cap > 0:
+            return prompt_estimate(request_bytes) + cap
+    return prompt_estimate(request_bytes) + reserve_tokens
 
 
 async def passthrough(call: Call) -> None:
@@ -84,24 +105,34 @@ async def passthrough(call: Call) -> None:
     else:
         path = clip(call.scope["path"])
         raise NotFound(f"Cannot route {path}: the body has no 'model' field and there is no X-AI-Provider header.")
-    if call.limits.passthrough is not None:
-        call.ex.extra_headers += await call.limiter.admit(call.limits.passthrough)
-    await _relay(call, providers, lambda _client: (body, False), "raw")
+    # A body here may be audio or an image: no prompt estimate, the reserve alone is held.
+    await _relay(call, call.limits.passthrough, call.limits.reserve_tokens, providers, lambda _c: (body, False), "raw")
 
 
-async def _relay(call: Call, providers: tuple[ProviderSettings, ...], body_for: BodyFor, kind: Kind) -> None:
+async def _relay(
+    call: Call,
+    plan: Plan | None,
+    hold_tokens: int,
+    providers: tuple[ProviderSettings, ...],
+    body_for: BodyFor,
+    kind: Kind,
+) -> None:
+    """Admit, relay, settle: everything after the admission is inside the one `finally` that settles it."""
     ex = call.ex
     record = ex.record
     attempts = [call.runtime.clients[p.name] for p in call.runtime.router.attempt_order(providers)]
-    charging: list[asyncio.Task[None]] = []
+    hold = None
+    if plan is not None:
+        admission = await call.limiter.admit(plan, hold_tokens)
+        ex.extra_headers += admission.headers
+        hold = admission.hold
+    settlement = Settlement(call.limiter, call.limits, hold)
 
     def on_usage(usage: Usage) -> None:
         record.prompt_tokens = usage.prompt_tokens
         record.completion_tokens = usage.completion_tokens
         record.total_tokens = usage.total_tokens
-        # Charged while the last bytes go out, so the next request already sees it.
-        if call.limits.charges_tokens and not charging:
-            charging.append(asyncio.create_task(call.limiter.charge(call.limits, usage.total_tokens)))
+        settlement.settle(usage.total_tokens)
 
     watcher = DisconnectWatcher(call.receive)
     try:
@@ -118,8 +149,7 @@ async def _relay(call: Call, providers: tuple[ProviderSettings, ...], body_for: 
         record.client_disconnected = True
     finally:
         watcher.stop()
-        if charging:
-            await charging[0]
+        await settlement.close()
 
 
 class _BodyVariants:

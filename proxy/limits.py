@@ -3,6 +3,10 @@
 Everything that does not change between requests (Redis key names, script
 arguments, header names) is built once per config in `KeyLimits`; a request
 costs one EVALSHA before the upstream call and one after the answer.
+
+A budget is held, not just checked: admission holds what the request may use,
+and the answer's settle charges the real usage and releases the hold, so
+concurrent requests cannot all pass a check that only one of them could.
 """
 
 from __future__ import annotations
@@ -10,7 +14,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import itertools
 import math
+import secrets
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -23,11 +29,16 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from .errors import Header, InsufficientQuota, LimiterUnavailable, RateLimited
-from .settings import GroupSettings, KeySettings, RedisSettings
+from .settings import GroupSettings, KeySettings, LimitSettings, RedisSettings
 
 ADMIT_LUA = files("proxy").joinpath("token_bucket.lua").read_text()
 CHARGE_LUA = files("proxy").joinpath("charge.lua").read_text()
 REDIS_ERRORS = (RedisError, OSError, TimeoutError)
+HELD_WAIT_MS = 1000  # a settle frees held tokens within about an answer's time: ask again soon
+HELD_HEADERS: tuple[Header, ...] = (
+    (b"retry-after", str(math.ceil(HELD_WAIT_MS / 1000)).encode()),
+    (b"retry-after-ms", str(HELD_WAIT_MS).encode()),
+)
 
 
 class LimiterFailure(Exception):
@@ -107,8 +118,10 @@ def key_prefix(key: KeySettings) -> str:
     return f"sg:{{g:{key.group}}}:k:{key.name}"
 
 
-def budget_key(key: KeySettings) -> str:
-    return key_prefix(key) + ":spent"
+def budget_keys(key: KeySettings) -> tuple[str, str, str]:
+    """The spent counter, the holds (a ZSET of "id:tokens" scored by expiry in ms) and the total they hold."""
+    prefix = key_prefix(key)
+    return prefix + ":spent", prefix + ":holds", prefix + ":held"
 
 
 def buckets_for(key: KeySettings, group: GroupSettings) -> tuple[Bucket, ...]:
@@ -127,19 +140,24 @@ def buckets_for(key: KeySettings, group: GroupSettings) -> tuple[Bucket, ...]:
 
 @dataclass(frozen=True, slots=True)
 class Plan:
-    """The script call for one kind of request, precomputed."""
+    """The admit script call for one kind of request, precomputed.
+
+    With a budget, a request adds what it would hold and its hold id to `args`.
+    """
 
     buckets: tuple[Bucket, ...]
     keys: tuple[str, ...]
     args: tuple[Any, ...]
+    budgeted: bool
 
     @classmethod
-    def build(cls, buckets: tuple[Bucket, ...], budget_redis_key: str, budget: int | None) -> Plan:
-        args: list[Any] = [len(buckets), -1 if budget is None else budget]
+    def build(cls, buckets: tuple[Bucket, ...], key: KeySettings, limits: LimitSettings) -> Plan:
+        budget = key.budget_tokens
+        args: list[Any] = [len(buckets), -1 if budget is None else budget, math.ceil(limits.hold_ttl_s * 1000)]
         for b in buckets:
             args += [b.capacity, b.rate_per_s, 1 if b.kind == "rpm" else 0]
-        keys = [b.redis_key for b in buckets] + ([budget_redis_key] if budget is not None else [])
-        return cls(buckets, tuple(keys), tuple(args))
+        keys = [b.redis_key for b in buckets] + (list(budget_keys(key)) if budget is not None else [])
+        return cls(buckets, tuple(keys), tuple(args), budget is not None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,32 +165,53 @@ class KeyLimits:
     key: KeySettings
     model: Plan | None  # chat, completions, embeddings: rpm and tpm buckets, budget
     passthrough: Plan | None  # other routes: rpm buckets and the budget
+    reserve_tokens: int  # held of the budget for a completion of unknown length
     token_buckets: tuple[Bucket, ...]
     charge_keys: tuple[str, ...]
-    charge_tail: tuple[Any, ...]
+    charge_args: tuple[Any, ...]  # a settle adds the tokens used and the hold
 
     @classmethod
-    def build(cls, key: KeySettings, group: GroupSettings) -> KeyLimits:
+    def build(cls, key: KeySettings, group: GroupSettings, limits: LimitSettings) -> KeyLimits:
         buckets = buckets_for(key, group)
         rpm = tuple(b for b in buckets if b.kind == "rpm")
         tpm = tuple(b for b in buckets if b.kind == "tpm")
-        spent = budget_key(key)
-        budget = key.budget_tokens
-        tail: list[Any] = []
+        budgeted = key.budget_tokens is not None
+        args: list[Any] = [len(tpm), 1 if budgeted else 0]
         for b in tpm:
-            tail += [b.capacity, b.rate_per_s]
+            args += [b.capacity, b.rate_per_s]
         return cls(
             key=key,
-            model=Plan.build(buckets, spent, budget) if buckets or budget is not None else None,
-            passthrough=Plan.build(rpm, spent, budget) if rpm or budget is not None else None,
+            model=Plan.build(buckets, key, limits) if buckets or budgeted else None,
+            passthrough=Plan.build(rpm, key, limits) if rpm or budgeted else None,
+            reserve_tokens=limits.reserve_tokens,
             token_buckets=tpm,
-            charge_keys=tuple(b.redis_key for b in tpm) + ((spent,) if budget is not None else ()),
-            charge_tail=tuple(tail),
+            charge_keys=tuple(b.redis_key for b in tpm) + (budget_keys(key) if budgeted else ()),
+            charge_args=tuple(args),
         )
 
     @property
     def charges_tokens(self) -> bool:
         return bool(self.charge_keys)
+
+
+@dataclass(frozen=True, slots=True)
+class Admission:
+    headers: list[Header]  # x-ratelimit-*
+    hold: str | None  # the hold's member in Redis, which its settle removes
+
+
+class HoldIds:
+    """Hold ids unique across processes: a random prefix per process, then a counter.
+
+    Never the client's X-Request-ID: two requests sent with the same one would share a hold.
+    """
+
+    def __init__(self) -> None:
+        self._prefix = secrets.token_hex(8)
+        self._counter = itertools.count()
+
+    def next(self) -> str:
+        return f"{self._prefix}.{next(self._counter)}"
 
 
 def format_duration(ms: int) -> str:
@@ -197,7 +236,7 @@ def ratelimit_headers(plan: Plan, result: list[int]) -> list[Header]:
         for i, bucket in enumerate(plan.buckets):
             if bucket.kind != kind:
                 continue
-            level, reset_ms = result[3 + 2 * i], result[4 + 2 * i]
+            level, reset_ms = result[4 + 2 * i], result[5 + 2 * i]
             if tightest is None or level < tightest[1]:
                 tightest = (bucket.per_minute, level, reset_ms)
         if tightest is not None:
@@ -230,6 +269,7 @@ class Limiter:
         )
         self._admit = self.client.register_script(ADMIT_LUA)
         self._charge = self.client.register_script(CHARGE_LUA)
+        self._hold_ids = HoldIds()
         self.on_error = on_error
         self.circuit = Circuit(settings.circuit_failures, settings.circuit_cooldown_s, on_circuit)
 
@@ -262,21 +302,34 @@ class Limiter:
         circuit.success()
         return result
 
-    async def admit(self, plan: Plan) -> list[Header]:
-        """Take from every bucket or from none; return the x-ratelimit-* headers."""
+    async def admit(self, plan: Plan, hold_tokens: int = 0) -> Admission:
+        """Take from every bucket, and hold up to hold_tokens of the budget, or take nothing."""
+        hold_id = ""
+        args = plan.args
+        if plan.budgeted:
+            hold_id = self._hold_ids.next()
+            args = (*args, hold_tokens, hold_id)
         try:
-            result: list[int] = await self.call(self._admit(keys=plan.keys, args=plan.args))
+            result: list[int] = await self.call(self._admit(keys=plan.keys, args=args))
         except LimiterFailure as exc:
             if self.settings.on_error == "deny":
                 raise LimiterUnavailable("The rate limiter is unavailable; retry shortly.") from exc
-            return []
-        verdict, worst, wait_ms = result[0], result[1], result[2]
+            return Admission([], None)
+        verdict, worst, wait_ms, held = result[0], result[1], result[2], result[3]
         if verdict == 1:
-            return ratelimit_headers(plan, result)
+            return Admission(ratelimit_headers(plan, result), f"{hold_id}:{held}" if held > 0 else None)
         if verdict == -1:
             raise InsufficientQuota(
                 "This API key's token budget is spent. Ask the gateway's operators to raise it.",
                 headers=((b"x-should-retry", b"false"),),
+            )
+        if verdict == -2:
+            raise RateLimited(
+                "The rest of this API key's token budget is held by requests in flight. "
+                f"Retry in {format_duration(HELD_WAIT_MS)}.",
+                headers=HELD_HEADERS,
+                scope="key",
+                limit="budget",
             )
         bucket = plan.buckets[worst - 1]
         headers = [
@@ -291,14 +344,13 @@ class Limiter:
             limit=bucket.kind,
         )
 
-    async def charge(self, limits: KeyLimits, tokens: int) -> None:
-        """Charge real usage after the answer; buckets may go into debt."""
-        if tokens <= 0 or not limits.charges_tokens:
-            return
-        args = (len(limits.token_buckets), tokens, 1 if limits.key.budget_tokens is not None else 0)
-        # A failure is counted by on_error; the answer has already gone out.
+    async def settle(self, limits: KeyLimits, hold: str | None, tokens: int) -> None:
+        """Charge real usage after the answer and release the hold; buckets may go into debt."""
+        args = (*limits.charge_args, max(tokens, 0), hold or "")
+        # A failure is counted by on_error; the answer has already gone out, and a hold
+        # that was not released expires.
         with contextlib.suppress(LimiterFailure):
-            await self.call(self._charge(keys=limits.charge_keys, args=args + limits.charge_tail))
+            await self.call(self._charge(keys=limits.charge_keys, args=args))
 
     async def ping(self) -> str | None:
         """None when Redis answers, else the reason."""
@@ -307,3 +359,31 @@ class Limiter:
         except LimiterFailure as exc:
             return f"redis: {exc}"
         return None
+
+
+class Settlement:
+    """The one settle of one admitted request: its real usage against its hold.
+
+    The first `settle` starts it, while the answer's last bytes go out, so the
+    client's next request already sees it. `close`, in the request's one
+    `finally`, settles with nothing billed when no usage came (an upstream
+    failure, a client gone before any answer), then waits for it.
+    """
+
+    __slots__ = ("_hold", "_limiter", "_limits", "_task")
+
+    def __init__(self, limiter: Limiter, limits: KeyLimits, hold: str | None) -> None:
+        self._limiter = limiter
+        self._limits = limits
+        self._hold = hold
+        self._task: asyncio.Task[None] | None = None
+
+    def settle(self, tokens: int) -> None:
+        if self._task is None and (self._hold is not None or (tokens > 0 and self._limits.charges_tokens)):
+            self._task = asyncio.create_task(self._limiter.settle(self._limits, self._hold, tokens))
+
+    async def close(self) -> None:
+        self.settle(0)
+        if self._task is not None:
+            # Shielded: a request cancelled now must not cancel the release of its hold.
+            await asyncio.shield(self._task)

@@ -56,6 +56,12 @@ class EventSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class LimitSettings:
+    reserve_tokens: int = 1024  # held of a budget per request that names no max_tokens
+    hold_ttl_s: float = 600.0  # a hold left by a worker that died is dropped after this
+
+
+@dataclass(frozen=True, slots=True)
 class ModelPatterns:
     """Exact names and globs, with the globs compiled once."""
 
@@ -116,6 +122,7 @@ class Settings:
     server: ServerSettings
     redis: RedisSettings
     events: EventSettings
+    limits: LimitSettings
     providers: tuple[ProviderSettings, ...]
     aliases: Mapping[str, str]
     groups: Mapping[str, GroupSettings]
@@ -258,6 +265,15 @@ def _events(raw: Mapping[str, Any], problems: list[str]) -> EventSettings:
         sink=r.choice("sink", "stdout", ("stdout", "file", "redis", "off")),
         path=r.text("path", "events.jsonl") or "events.jsonl",
         queue_size=r.count("queue_size", 10000, minimum=1) or 1,
+    )
+
+
+def _limits(raw: Mapping[str, Any], problems: list[str]) -> LimitSettings:
+    r = _Reader(_table(raw, "limits", problems), "limits", problems)
+    r.unknown({"reserve_tokens", "hold_ttl_s"})
+    return LimitSettings(
+        reserve_tokens=r.count("reserve_tokens", 1024) or 0,
+        hold_ttl_s=r.number("hold_ttl_s", 600.0, minimum=1.0),
     )
 
 
@@ -404,13 +420,14 @@ def _keys(raw: Mapping[str, Any], groups: Mapping[str, GroupSettings], problems:
 def parse_settings(raw: Mapping[str, Any], env: Mapping[str, str], source: str = "<memory>") -> Settings:
     problems: list[str] = []
     warnings: list[str] = []
-    known = {"server", "redis", "events", "providers", "aliases", "groups", "keys"}
+    known = {"server", "redis", "events", "limits", "providers", "aliases", "groups", "keys"}
     problems.extend(f"{key}: unknown section" for key in raw if key not in known)
     groups = _groups(raw, problems)
     settings = Settings(
         server=_server(raw, env, problems),
         redis=_redis(raw, env, problems),
         events=_events(raw, problems),
+        limits=_limits(raw, problems),
         providers=_providers(raw, env, problems, warnings),
         aliases=_aliases(raw, problems),
         groups=groups,

@@ -33,8 +33,8 @@ class Usage:
 
     @classmethod
     def estimate(cls, request_bytes: int, content_events: int) -> Usage:
-        """For a stream cut short before its usage event: ~4 bytes a prompt token, one token an event."""
-        prompt = max(1, request_bytes // 4)
+        """For a stream cut short before its usage event: one token an event."""
+        prompt = prompt_estimate(request_bytes)
         return cls(prompt, content_events, prompt + content_events)
 
     @classmethod
@@ -45,6 +45,11 @@ class Usage:
         completion = _int(usage.get("completion_tokens"))
         total = _int(usage.get("total_tokens")) or prompt + completion
         return cls(prompt, completion, total)
+
+
+def prompt_estimate(request_bytes: int) -> int:
+    """Prompt tokens of a request without reading it: about 4 bytes a token."""
+    return max(1, request_bytes // 4)
 
 
 def _int(value: Any) -> int:

@@ -346,10 +346,10 @@ def test_keys_usage_command(pair: Pair) -> None:
     assert out.returncode == 0, out.stderr
     rows = {line.split()[0]: line for line in out.stdout.splitlines()[1:]}
     assert set(rows) == set(KEY_LIMITS)
-    assert rows["budget"].split()[2:4] == ["16", "10"]
+    assert rows["budget"].split()[2:5] == ["16", "0", "10"]
     assert "key rpm " in rows["r50"]
     assert "group rpm" in rows["s1"]
-    assert rows["free"].split()[2:5] == ["0", "unlimited", "-"]
+    assert rows["free"].split()[2:6] == ["0", "0", "unlimited", "-"]
     one = subprocess.run(
         [sys.executable, "-m", "proxy", "keys", "usage", "--config", config, "--name", "nobody"],
         env=env, capture_output=True, text=True,

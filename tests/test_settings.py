@@ -10,6 +10,7 @@ from proxy.settings import (
     ConfigError,
     EventSettings,
     GroupSettings,
+    LimitSettings,
     ProviderSettings,
     RedisSettings,
     ServerSettings,
@@ -43,6 +44,7 @@ def test_defaults() -> None:
     assert settings.redis == RedisSettings(url="redis://127.0.0.1:6379/0", on_error="allow", timeout_s=0.25)
     assert (settings.redis.circuit_failures, settings.redis.circuit_cooldown_s) == (3, 5.0)
     assert settings.events == EventSettings(sink="stdout", path="events.jsonl", queue_size=10000)
+    assert settings.limits == LimitSettings(reserve_tokens=1024, hold_ttl_s=600.0)
     assert settings.groups == {"default": GroupSettings("default")}
     assert settings.keys == {}
     assert settings.aliases == {}
@@ -191,7 +193,8 @@ def test_every_problem_is_listed_at_once() -> None:
         "server": {"bind": "localhost", "max_body_bytes": -1, "graceful_timeout_s": -5, "port": 9090},
         "redis": {"url": "http://redis:6379", "on_error": "ignore", "timeout_s": 0},
         "events": {"sink": "kafka", "queue_size": 0},
-        "limits": {"rpm": 5},
+        "limits": {"rpm": 5, "reserve_tokens": -1, "hold_ttl_s": 0},
+        "budgets": {"rpm": 5},
         "providers": [
             {"name": "bad name!", "base_url": "ftp://files.example.com", "models": []},
             {"name": "ok", "base_url": "https://a.example.com/v1", "models": ["m"], "weight": 0, "timeout": 3},
@@ -206,7 +209,7 @@ def test_every_problem_is_listed_at_once() -> None:
         ],
     }
     assert problems_of(raw) == [
-        "limits: unknown section",
+        "budgets: unknown section",
         "groups.gold.rpd: unknown key",
         "groups.gold.rpm: must be >= 1, got 0",
         "server.port: unknown key",
@@ -218,6 +221,9 @@ def test_every_problem_is_listed_at_once() -> None:
         "redis.timeout_s: must be >= 0.001, got 0",
         "events.sink: expected one of stdout, file, redis, off, got 'kafka'",
         "events.queue_size: must be >= 1, got 0",
+        "limits.rpm: unknown key",
+        "limits.reserve_tokens: must be >= 0, got -1",
+        "limits.hold_ttl_s: must be >= 1.0, got 0",
         "providers[0].name: expected 1-64 of A-Z a-z 0-9 _ . -, got 'bad name!'",
         "providers[0].base_url: expected an http:// or https:// URL",
         "providers[0].models: expected a non-empty list of model names or globs",
@@ -235,6 +241,13 @@ def test_every_problem_is_listed_at_once() -> None:
         "keys[2].name: 'bob' is used by another key",
         "keys[2].sha256: the same key is configured twice",
     ]
+
+
+def test_limits_values_from_the_file() -> None:
+    settings = parse_settings(minimal(limits={"reserve_tokens": 256, "hold_ttl_s": 30}), env={})
+    assert settings.limits == LimitSettings(reserve_tokens=256, hold_ttl_s=30.0)
+    # 0 holds only the prompt estimate of a request that names no max_tokens.
+    assert parse_settings(minimal(limits={"reserve_tokens": 0}), env={}).limits.reserve_tokens == 0
 
 
 @pytest.mark.parametrize(
@@ -305,6 +318,12 @@ def test_every_problem_is_listed_at_once() -> None:
         (minimal(groups={"gold": 5}), ["groups.gold: expected a table"]),
         (minimal(groups={"gold tier": {"rpm": 5}}), ["groups.gold tier: group names are 1-64 of A-Z a-z 0-9 _ . -"]),
         (minimal(aliases={"fast": ""}), ["aliases.fast: expected a model name string"]),
+        (minimal(limits=[1]), ["limits: expected a table"]),
+        (minimal(limits={"reserve_tokens": 1.5}), ["limits.reserve_tokens: expected a whole number, got 1.5"]),
+        (minimal(limits={"reserve_tokens": "1k"}), ["limits.reserve_tokens: expected a whole number, got '1k'"]),
+        (minimal(limits={"hold_ttl_s": 0.5}), ["limits.hold_ttl_s: must be >= 1.0, got 0.5"]),
+        (minimal(limits={"hold_ttl_s": "10m"}), ["limits.hold_ttl_s: expected a number, got '10m'"]),
+        (minimal(limits={"hold_ttl": 60}), ["limits.hold_ttl: unknown key"]),
     ],
 )
 def test_single_problems(raw: dict[str, Any], problems: list[str]) -> None:
@@ -316,6 +335,7 @@ def test_single_problems(raw: dict[str, Any], problems: list[str]) -> None:
     [
         (minimal(server={"max_body_bytes": True}), "server.max_body_bytes: expected a whole number, got True"),
         (minimal(events={"sink": False}), "events.sink: expected a string, got False"),
+        (minimal(limits={"reserve_tokens": True}), "limits.reserve_tokens: expected a whole number, got True"),
         ({"providers": [{**PROVIDER, "weight": True}]}, "providers[0].weight: expected a number, got True"),
     ],
 )
