@@ -113,11 +113,12 @@ class StreamUsageScanner:
         self._pending = b""  # the unfinished event at the end of what came so far
         self._sent = 0  # how many of its bytes already went to the client
         self._finished = False  # an event with a finish_reason went by
+        self._oversized = False  # inside an event too large to keep: its bytes go out as they come
 
     @property
     def mid_event(self) -> bool:
         """Part of an event went out without its end: anything we add must start on a fresh line."""
-        return self._sent > 0
+        return self._sent > 0 or self._oversized
 
     def feed(self, chunk: bytes) -> bytes:
         """Return the bytes to forward now: `chunk` itself on the fast path."""
@@ -127,17 +128,18 @@ class StreamUsageScanner:
         end = _last_event_end(data)
         if self.strip_usage_event and not self._finished and FINISHED.search(data, 0, end):
             self._finished = True
-        hold = self._finished and self.strip_usage_event
-        scan = _has_usage_object(data, end)
         rest = len(data) - end
-        if rest > MAX_TAIL_BYTES:
-            hold = False  # an event this large is neither parsed nor held
+        # An event this large is neither parsed nor held: what was held of it goes out now.
+        oversized = rest > MAX_TAIL_BYTES or (self._oversized and end == 0)
+        hold = self._finished and self.strip_usage_event and not oversized
+        scan = _has_usage_object(data, end)
+        self._oversized = oversized
         if hold:
             self._pending, self._sent = data[end:], (sent if end == 0 else 0)
         else:
-            self._pending, self._sent = (data[end:], rest) if rest <= MAX_TAIL_BYTES else (b"", 0)
+            self._pending, self._sent = (b"", 0) if oversized else (data[end:], rest)
             if not scan:
-                return chunk
+                return chunk if sent == len(data) - len(chunk) else data[sent:]
         out = self._scan(data, end, sent) if scan else data[sent:end]
         if not hold:
             out += data[max(end, sent) :]

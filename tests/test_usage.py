@@ -121,6 +121,35 @@ def test_every_split_of_a_stream(strip: bool, line_end: Callable[[bytes], bytes]
             assert out_first == first, i
 
 
+def oversized_event(index: int) -> bytes:
+    """A content event longer than the scanner ever holds (a long tool call, one choice of several)."""
+    pad = b"x" * (2 * usage_module.MAX_TAIL_BYTES)
+    return b'data: {"choices":[{"index":%d,"delta":{"content":"%s"},"finish_reason":null}]}\n\n' % (index, pad)
+
+
+@pytest.mark.parametrize("size", [65536, 100_000, 1 << 20])
+@pytest.mark.parametrize("strip", [True, False])
+def test_an_oversized_event_after_the_finish_event_goes_out_whole(strip: bool, size: int) -> None:
+    # With n > 1 choices, one choice finishes while another still streams.
+    stream = CONTENT + FINISH + oversized_event(1) + FINISH + USAGE_ONLY + DONE
+    scanner = StreamUsageScanner(strip_usage_event=strip)
+    out = feed_all(scanner, [stream[i : i + size] for i in range(0, len(stream), size)])
+    assert b"".join(out) + scanner.flush() == (stream.replace(USAGE_ONLY, b"") if strip else stream)
+    assert scanner.usage == USAGE
+
+
+@pytest.mark.parametrize("strip", [True, False])
+def test_mid_event_holds_inside_an_event_too_large_to_keep(strip: bool) -> None:
+    # An error event added now must start on a fresh line, or it is glued onto the cut one.
+    event = oversized_event(0)
+    scanner = StreamUsageScanner(strip_usage_event=strip)
+    half = len(event) // 2
+    assert b"".join(feed_all(scanner, [FINISH, event[:half], event[half:-10]])) == FINISH + event[:-10]
+    assert scanner.mid_event
+    assert scanner.feed(event[-10:]) == event[-10:]
+    assert not scanner.mid_event
+
+
 @pytest.mark.parametrize("line_end", LINE_ENDS)
 def test_every_three_chunk_split_never_shows_the_usage_event(line_end: Callable[[bytes], bytes]) -> None:
     content, finish, usage_only, done = (line_end(e) for e in (CONTENT, FINISH, USAGE_ONLY, DONE))
