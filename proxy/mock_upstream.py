@@ -85,6 +85,7 @@ class Knobs:
     garbage: bool = False
     gzip: bool = False  # Content-Encoding: gzip whatever the request's Accept-Encoding, as some CDNs do
     big_event: int | None = None  # one extra stream event whose data: line is this many bytes
+    big_event_late: bool = False  # ... sent after the finish event, as a second choice may still stream
 
 
 def _flag(raw: Mapping[str, str], knob: str) -> bool:
@@ -107,9 +108,12 @@ def resolve_knobs(headers: Mapping[str, str], faults: Mapping[str, str], options
     if "slow-chunk" in raw:
         index, _, delay = raw["slow-chunk"].partition(":")
         slow_chunk = (int(index), float(delay))
-    big_event = int(raw["big-event"]) if "big-event" in raw else None
+    size, _, where = raw.get("big-event", "").partition(":")
+    big_event = int(size) if size else None
     if big_event is not None and not 0 < big_event <= BIG_EVENT_LIMIT:
         raise ValueError(f"big-event must be within 1-{BIG_EVENT_LIMIT} bytes, got {big_event}")
+    if where not in ("", "after-finish"):
+        raise ValueError(f"unsupported big-event place {where!r}, only 'after-finish'")
     return Knobs(
         chunks=max(0, int(raw.get("chunks", options.chunks))),
         chunk_delay_ms=float(raw.get("chunk-delay-ms", options.chunk_delay_ms)),
@@ -123,6 +127,7 @@ def resolve_knobs(headers: Mapping[str, str], faults: Mapping[str, str], options
         garbage=_flag(raw, "garbage"),
         gzip=_flag(raw, "gzip"),
         big_event=big_event,
+        big_event_late=where == "after-finish",
     )
 
 
@@ -355,14 +360,21 @@ class MockUpstream:
                 event = event[len(event) // 2 :]
             await write(event)
 
+        big = None
+        if knobs.big_event is not None:
+            # Late, it belongs to a second choice: the first one has finished.
+            index = 1 if knobs.big_event_late else 0
+            big = big_event(
+                knobs.big_event, lambda text: sse({**base, "choices": [{**choice(text, None), "index": index}]})
+            )
         reset_at = knobs.reset_after if knobs.reset_after is not None else knobs.reset_mid_event
         try:
             await resp.prepare(ex.request)
             record.headers_sent_at = time.time()
             if chat:
                 await emit(sse({**base, "choices": [choice("", None, role=True)]}))
-            if knobs.big_event is not None:
-                await write(big_event(knobs.big_event, lambda text: sse({**base, "choices": [choice(text, None)]})))
+            if big is not None and not knobs.big_event_late:
+                await write(big)
             for i, text in enumerate(texts):
                 if reset_at is not None and i >= reset_at:
                     break
@@ -380,6 +392,8 @@ class MockUpstream:
                 ex.reset()
                 return resp
             await emit(sse({**base, "choices": [choice(None, "stop")]}))
+            if big is not None and knobs.big_event_late:
+                await write(big)
             if include_usage:
                 await emit(sse({**base, "choices": [], "usage": usage}))
             await emit(b"data: [DONE]\n\n")

@@ -419,8 +419,24 @@ async def test_big_event_is_one_line_of_the_given_size(start: StartMock, session
     assert lines.index(big) == 1
     texts = [orjson.loads(line[6:])["choices"][0]["delta"].get("content") for line in lines[2:-1]]
     assert texts == ["[mock-big] tok0 ", "tok1 ", None]
-    async with session.post(
-        f"{base}/v1/chat/completions", json={**CHAT, "stream": True}, headers={"x-mock-big-event": "0"}
-    ) as resp:
-        assert resp.status == 400
-        assert (await resp.json())["error"]["code"] == "bad_mock_knob"
+    for bad in ("0", "100:early"):
+        async with session.post(
+            f"{base}/v1/chat/completions", json={**CHAT, "stream": True}, headers={"x-mock-big-event": bad}
+        ) as resp:
+            assert resp.status == 400
+            assert (await resp.json())["error"]["code"] == "bad_mock_knob"
+
+
+async def test_big_event_after_finish(start: StartMock, session: aiohttp.ClientSession) -> None:
+    base = await start(chunks=2)
+    headers = {"x-mock-big-event": "5000:after-finish"}
+    payload = {**CHAT, "stream": True, "stream_options": {"include_usage": True}}
+    async with session.post(f"{base}/v1/chat/completions", json=payload, headers=headers) as resp:
+        lines = [e for e in (await resp.read()).split(b"\n\n") if e]
+    assert [len(line) for line in lines].index(5000) == 4
+    assert orjson.loads(lines[3][6:])["choices"][0]["finish_reason"] == "stop"
+    big = orjson.loads(lines[4][6:])["choices"][0]
+    assert big["index"] == 1
+    assert set(big["delta"]["content"]) == {"x"}
+    assert orjson.loads(lines[5][6:])["choices"] == []
+    assert lines[6] == b"data: [DONE]"
