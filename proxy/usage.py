@@ -6,12 +6,14 @@ the unfinished event at the end for parsing. When the gateway itself asked for
 include_usage, the usage-only event must not reach the client: once an event
 with a finish_reason has gone by, only that usage event and [DONE] can follow,
 so from then on an unfinished event is held until its end is in and the
-usage-only one is dropped. Content is never held.
+usage-only one is dropped. Content is never held. An answer compressed against
+the gateway's wishes is read from a bounded decompressed copy.
 """
 
 from __future__ import annotations
 
 import re
+import zlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +25,8 @@ EVENT_END = re.compile(rb"\r?\n\r?\n")
 FINISHED = re.compile(rb'"finish_reason"\s*:\s*"')
 MAX_TAIL_BYTES = 1 << 20  # an event larger than this is not scanned
 FULL_PARSE_BYTES = 64 * 1024  # non-stream answers up to this size are parsed whole
+INFLATE_LIMIT_BYTES = 16 << 20  # a compressed answer is inflated this far at most to read its usage
+INFLATABLE = frozenset({"gzip", "x-gzip", "deflate"})
 
 
 @dataclass(slots=True)
@@ -79,6 +83,65 @@ def usage_from_body(body: bytes) -> Usage | None:
         return Usage.from_json(orjson.loads(body[start:end]))
     except orjson.JSONDecodeError:
         return None
+
+
+class Inflater:
+    """A bounded decompressed copy of an answer the provider compressed although asked not to.
+
+    The client gets the bytes as they came; this copy is only read for usage. It
+    stops at INFLATE_LIMIT_BYTES, so a zip bomb costs that much memory and time at most.
+    """
+
+    def __init__(self, content_encoding: str) -> None:
+        self.readable = content_encoding.strip().lower() in INFLATABLE
+        self.broken = False  # not valid gzip or zlib data
+        self.room = INFLATE_LIMIT_BYTES
+        # 32 + 15: gzip or zlib framing, told apart by the header ("deflate" is zlib framed).
+        self._z = zlib.decompressobj(wbits=47)
+
+    @classmethod
+    def of(cls, content_encoding: str | None) -> Inflater | None:
+        """None for an answer that is not compressed."""
+        if content_encoding is None or content_encoding.strip().lower() in ("", "identity"):
+            return None
+        return cls(content_encoding)
+
+    @property
+    def whole(self) -> bool:
+        """Everything came out within the limit: the copy is the whole answer."""
+        return self.readable and not self.broken and self._z.eof
+
+    def feed(self, data: bytes) -> bytes:
+        out = b""
+        while data and self.readable and not self.broken and self.room > 0:
+            try:
+                part = self._z.decompress(data, self.room)
+            except zlib.error:
+                self.broken = True
+                break
+            self.room -= len(part)
+            out += part
+            data = b""
+            if self._z.eof and self._z.unused_data:
+                # Several gzip members one after the other are one valid answer.
+                data = self._z.unused_data
+                self._z = zlib.decompressobj(wbits=47)
+        return out
+
+
+def usage_from_answer(body: bytes, content_encoding: str | None) -> Usage | None:
+    """usage_from_body of an answer as the provider sent it, compressed or not.
+
+    A compressed answer too large to inflate, or in an encoding that cannot be
+    read here (br, zstd), is passed on without its usage; a corrupt one is NotJson.
+    """
+    inflater = Inflater.of(content_encoding)
+    if inflater is None:
+        return usage_from_body(body)
+    copy = inflater.feed(body)
+    if inflater.broken:
+        raise NotJson("the compressed answer is corrupt")
+    return usage_from_body(copy) if inflater.whole else None
 
 
 def _object_end(body: bytes, start: int) -> int:
