@@ -180,6 +180,7 @@ async def _forward_whole(
         body = await resp.read()
     except MID_STREAM_ERRORS as exc:
         raise Retryable(mid_stream_error(exc, client.settings.name), "read_error") from exc
+    _count_refusal(ex.record, resp, client)
     if resp.status == 200:
         try:
             usage = usage_from_answer(body, resp.headers.get("Content-Encoding"))
@@ -206,6 +207,7 @@ async def _forward_stream(
     if is_sse:
         headers = [h for h in headers if h[0] not in STREAM_HEADER_NAMES]
         headers.extend(STREAM_HEADERS)
+    _count_refusal(ex.record, resp, client)
     inflater = Inflater.of(resp.headers.get("Content-Encoding"))
     if inflater is not None:
         # Compressed bytes go out as they came: usage is read from a copy, nothing is withheld.
@@ -248,3 +250,9 @@ async def _forward_stream(
     # or the error would be glued onto it and clients could not parse either.
     fresh_line = b"\n\n" if scanner.mid_event else b""
     await ex.body(fresh_line + b"data: " + orjson.dumps(event) + b"\n\n", False)
+
+
+def _count_refusal(record: RequestRecord, resp: aiohttp.ClientResponse, client: ProviderClient) -> None:
+    """A provider's 429 passed on as the answer (no provider left to try) is still a failed attempt for ops."""
+    if resp.status == 429:
+        record.failures.append((client.settings.name, "http_429"))
