@@ -10,11 +10,13 @@ check *when* the gateway sent, read and abandoned its upstream requests.
 from __future__ import annotations
 
 import asyncio
+import gzip
 import hashlib
 import itertools
 import signal
 import time
 import uuid
+import zlib
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -24,10 +26,11 @@ import orjson
 from aiohttp import ClientConnectionResetError, web
 
 TIMING_KNOBS = ("chunks", "chunk-delay-ms", "ttfb-ms", "slow-chunk")
-FAULT_KNOBS = ("status", "hang", "reset-after", "reset-mid-event", "split-events", "garbage")
+FAULT_KNOBS = ("status", "hang", "reset-after", "reset-mid-event", "split-events", "garbage", "gzip", "big-event")
 KNOBS = TIMING_KNOBS + FAULT_KNOBS
 OFF = ("", "none", "off")
 HANG_LIMIT_S = 600.0
+BIG_EVENT_LIMIT = 64 << 20
 LOG_SIZE = 1000
 
 
@@ -80,6 +83,13 @@ class Knobs:
     reset_mid_event: int | None = None  # like reset_after, but half of the next event goes out first
     split_events: bool = False  # every event in two writes 5 ms apart, as TCP may deliver it
     garbage: bool = False
+    gzip: bool = False  # Content-Encoding: gzip whatever the request's Accept-Encoding, as some CDNs do
+    big_event: int | None = None  # one extra stream event whose data: line is this many bytes
+    big_event_late: bool = False  # ... sent after the finish event, as a second choice may still stream
+
+
+def _flag(raw: Mapping[str, str], knob: str) -> bool:
+    return raw.get(knob, "0").strip().lower() in ("1", "true", "yes")
 
 
 def resolve_knobs(headers: Mapping[str, str], faults: Mapping[str, str], options: MockOptions) -> Knobs:
@@ -98,6 +108,12 @@ def resolve_knobs(headers: Mapping[str, str], faults: Mapping[str, str], options
     if "slow-chunk" in raw:
         index, _, delay = raw["slow-chunk"].partition(":")
         slow_chunk = (int(index), float(delay))
+    size, _, where = raw.get("big-event", "").partition(":")
+    big_event = int(size) if size else None
+    if big_event is not None and not 0 < big_event <= BIG_EVENT_LIMIT:
+        raise ValueError(f"big-event must be within 1-{BIG_EVENT_LIMIT} bytes, got {big_event}")
+    if where not in ("", "after-finish"):
+        raise ValueError(f"unsupported big-event place {where!r}, only 'after-finish'")
     return Knobs(
         chunks=max(0, int(raw.get("chunks", options.chunks))),
         chunk_delay_ms=float(raw.get("chunk-delay-ms", options.chunk_delay_ms)),
@@ -107,8 +123,11 @@ def resolve_knobs(headers: Mapping[str, str], faults: Mapping[str, str], options
         hang=hang == "headers",
         reset_after=int(raw["reset-after"]) if "reset-after" in raw else None,
         reset_mid_event=int(raw["reset-mid-event"]) if "reset-mid-event" in raw else None,
-        split_events=raw.get("split-events", "0").strip().lower() in ("1", "true", "yes"),
-        garbage=raw.get("garbage", "0").strip().lower() in ("1", "true", "yes"),
+        split_events=_flag(raw, "split-events"),
+        garbage=_flag(raw, "garbage"),
+        gzip=_flag(raw, "gzip"),
+        big_event=big_event,
+        big_event_late=where == "after-finish",
     )
 
 
@@ -145,6 +164,12 @@ def sse(payload: Any) -> bytes:
     return b"data: " + orjson.dumps(payload) + b"\n\n"
 
 
+def big_event(size: int, event_with: Callable[[str], bytes]) -> bytes:
+    """A content event padded with "x" so its data: line is `size` bytes (or as short as it can be)."""
+    bare = len(event_with("")) - 2
+    return event_with("x" * max(0, size - bare))
+
+
 @dataclass
 class Exchange:
     """One /v1 request being answered, with its log entry."""
@@ -152,8 +177,12 @@ class Exchange:
     request: web.Request
     record: RequestRecord
     body: dict[str, Any] = field(default_factory=dict)
+    gzip: bool = False
 
     async def send(self, resp: web.Response) -> web.Response:
+        if self.gzip and isinstance(resp.body, bytes):
+            resp.body = gzip.compress(resp.body)
+            resp.headers["Content-Encoding"] = "gzip"
         # Preparing here rather than returning the response to aiohttp lets
         # the log say when the headers actually left.
         await resp.prepare(self.request)
@@ -233,6 +262,7 @@ class MockUpstream:
             knobs = resolve_knobs(record.headers, self.faults, self.options)
         except ValueError as exc:
             return await ex.fail(400, f"bad mock knob: {exc}", "bad_mock_knob")
+        ex.gzip = knobs.gzip
         name = self.options.name
         if knobs.status is not None:
             message = f"mock {name} injected status {knobs.status}"
@@ -315,20 +345,36 @@ class MockUpstream:
             # OpenAI marks every chunk before the usage one with an explicit null.
             base["usage"] = None
         resp = web.StreamResponse(headers={"content-type": "text/event-stream", "cache-control": "no-cache"})
+        # Flushed after every write, so a compressed stream still arrives event by event.
+        packer = zlib.compressobj(wbits=31) if knobs.gzip else None
+        if packer is not None:
+            resp.headers["Content-Encoding"] = "gzip"
+
+        async def write(data: bytes) -> None:
+            await resp.write(data if packer is None else packer.compress(data) + packer.flush(zlib.Z_SYNC_FLUSH))
 
         async def emit(event: bytes) -> None:
             if knobs.split_events:
-                await resp.write(event[: len(event) // 2])
+                await write(event[: len(event) // 2])
                 await asyncio.sleep(0.005)
                 event = event[len(event) // 2 :]
-            await resp.write(event)
+            await write(event)
 
+        big = None
+        if knobs.big_event is not None:
+            # Late, it belongs to a second choice: the first one has finished.
+            index = 1 if knobs.big_event_late else 0
+            big = big_event(
+                knobs.big_event, lambda text: sse({**base, "choices": [{**choice(text, None), "index": index}]})
+            )
         reset_at = knobs.reset_after if knobs.reset_after is not None else knobs.reset_mid_event
         try:
             await resp.prepare(ex.request)
             record.headers_sent_at = time.time()
             if chat:
                 await emit(sse({**base, "choices": [choice("", None, role=True)]}))
+            if big is not None and not knobs.big_event_late:
+                await write(big)
             for i, text in enumerate(texts):
                 if reset_at is not None and i >= reset_at:
                     break
@@ -341,14 +387,18 @@ class MockUpstream:
             if reset_at is not None:
                 if knobs.reset_mid_event is not None:
                     half = sse({**base, "choices": [choice("cut", None)]})
-                    await resp.write(half[: len(half) // 2])
+                    await write(half[: len(half) // 2])
                     await asyncio.sleep(0.02)
                 ex.reset()
                 return resp
             await emit(sse({**base, "choices": [choice(None, "stop")]}))
+            if big is not None and knobs.big_event_late:
+                await write(big)
             if include_usage:
                 await emit(sse({**base, "choices": [], "usage": usage}))
             await emit(b"data: [DONE]\n\n")
+            if packer is not None:
+                await resp.write(packer.flush())
             await resp.write_eof()
         except (ConnectionResetError, ClientConnectionResetError):
             record.finish("disconnected")

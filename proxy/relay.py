@@ -24,7 +24,7 @@ from .upstream import (
     rejected_credential,
     response_headers,
 )
-from .usage import NotJson, StreamUsageScanner, Usage, usage_from_body
+from .usage import Inflater, NotJson, StreamUsageScanner, Usage, usage_from_answer
 
 Kind = Literal["json", "stream", "raw"]
 BodyFor = Callable[["ProviderClient"], tuple[bytes, bool]]
@@ -186,9 +186,10 @@ async def _forward_whole(
         body = await resp.read()
     except MID_STREAM_ERRORS as exc:
         raise Retryable(mid_stream_error(exc, client.settings.name), "read_error") from exc
+    _count_refusal(ex.record, resp, client)
     if resp.status == 200:
         try:
-            usage = usage_from_body(body)
+            usage = usage_from_answer(body, resp.headers.get("Content-Encoding"))
         except NotJson as exc:
             err = UpstreamError(f"Provider '{client.settings.name}' answered something that is not JSON.")
             raise Retryable(err, "bad_json") from exc
@@ -212,12 +213,21 @@ async def _forward_stream(
     if is_sse:
         headers = [h for h in headers if h[0] not in STREAM_HEADER_NAMES]
         headers.extend(STREAM_HEADERS)
+    _count_refusal(ex.record, resp, client)
+    inflater = Inflater.of(resp.headers.get("Content-Encoding"))
+    if inflater is not None:
+        # Compressed bytes go out as they came: usage is read from a copy, nothing is withheld.
+        scanner.strip_usage_event = False
     await ex.start(resp.status, headers)
     failure: GatewayError | None = None
     ex.active_streams.inc()
     try:
         async for chunk in resp.content.iter_any():
-            out = scanner.feed(chunk)
+            if inflater is None:
+                out = scanner.feed(chunk)
+            else:
+                scanner.feed(inflater.feed(chunk))
+                out = chunk
             if out:
                 await ex.body(out, True)
     except MID_STREAM_ERRORS as exc:
@@ -232,12 +242,13 @@ async def _forward_stream(
             on_usage(Usage.estimate(request_bytes, scanner.events))
     watcher.stop()
     if failure is None:
-        await ex.body(scanner.flush(), False)
+        await ex.body(scanner.flush() if inflater is None else b"", False)
         return
     ex.record.error = failure.code
-    if not is_sse:
-        # No way to say it inside an image or audio body: ending without the last message
-        # makes hypercorn close the connection, so the client sees a cut answer, not a whole one.
+    if not is_sse or inflater is not None:
+        # No way to say it inside an image or audio body, or after cut compressed bytes: ending
+        # without the last message makes hypercorn close the connection, so the client sees a cut
+        # answer, not a whole one.
         return
     event = {"error": {"message": failure.message, "type": failure.type, "param": None, "code": failure.code}}
     event["error"]["request_id"] = ex.record.request_id
@@ -245,3 +256,9 @@ async def _forward_stream(
     # or the error would be glued onto it and clients could not parse either.
     fresh_line = b"\n\n" if scanner.mid_event else b""
     await ex.body(fresh_line + b"data: " + orjson.dumps(event) + b"\n\n", False)
+
+
+def _count_refusal(record: RequestRecord, resp: aiohttp.ClientResponse, client: ProviderClient) -> None:
+    """A provider's 429 passed on as the answer (no provider left to try) is still a failed attempt for ops."""
+    if resp.status == 429:
+        record.failures.append((client.settings.name, "http_429"))

@@ -6,12 +6,14 @@ the unfinished event at the end for parsing. When the gateway itself asked for
 include_usage, the usage-only event must not reach the client: once an event
 with a finish_reason has gone by, only that usage event and [DONE] can follow,
 so from then on an unfinished event is held until its end is in and the
-usage-only one is dropped. Content is never held.
+usage-only one is dropped. Content is never held. An answer compressed against
+the gateway's wishes is read from a bounded decompressed copy.
 """
 
 from __future__ import annotations
 
 import re
+import zlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +25,8 @@ EVENT_END = re.compile(rb"\r?\n\r?\n")
 FINISHED = re.compile(rb'"finish_reason"\s*:\s*"')
 MAX_TAIL_BYTES = 1 << 20  # an event larger than this is not scanned
 FULL_PARSE_BYTES = 64 * 1024  # non-stream answers up to this size are parsed whole
+INFLATE_LIMIT_BYTES = 16 << 20  # a compressed answer is inflated this far at most to read its usage
+INFLATABLE = frozenset({"gzip", "x-gzip", "deflate"})
 
 
 @dataclass(slots=True)
@@ -86,6 +90,65 @@ def usage_from_body(body: bytes) -> Usage | None:
         return None
 
 
+class Inflater:
+    """A bounded decompressed copy of an answer the provider compressed although asked not to.
+
+    The client gets the bytes as they came; this copy is only read for usage. It
+    stops at INFLATE_LIMIT_BYTES, so a zip bomb costs that much memory and time at most.
+    """
+
+    def __init__(self, content_encoding: str) -> None:
+        self.readable = content_encoding.strip().lower() in INFLATABLE
+        self.broken = False  # not valid gzip or zlib data
+        self.room = INFLATE_LIMIT_BYTES
+        # 32 + 15: gzip or zlib framing, told apart by the header ("deflate" is zlib framed).
+        self._z = zlib.decompressobj(wbits=47)
+
+    @classmethod
+    def of(cls, content_encoding: str | None) -> Inflater | None:
+        """None for an answer that is not compressed."""
+        if content_encoding is None or content_encoding.strip().lower() in ("", "identity"):
+            return None
+        return cls(content_encoding)
+
+    @property
+    def whole(self) -> bool:
+        """Everything came out within the limit: the copy is the whole answer."""
+        return self.readable and not self.broken and self._z.eof
+
+    def feed(self, data: bytes) -> bytes:
+        out = b""
+        while data and self.readable and not self.broken and self.room > 0:
+            try:
+                part = self._z.decompress(data, self.room)
+            except zlib.error:
+                self.broken = True
+                break
+            self.room -= len(part)
+            out += part
+            data = b""
+            if self._z.eof and self._z.unused_data:
+                # Several gzip members one after the other are one valid answer.
+                data = self._z.unused_data
+                self._z = zlib.decompressobj(wbits=47)
+        return out
+
+
+def usage_from_answer(body: bytes, content_encoding: str | None) -> Usage | None:
+    """usage_from_body of an answer as the provider sent it, compressed or not.
+
+    A compressed answer too large to inflate, or in an encoding that cannot be
+    read here (br, zstd), is passed on without its usage; a corrupt one is NotJson.
+    """
+    inflater = Inflater.of(content_encoding)
+    if inflater is None:
+        return usage_from_body(body)
+    copy = inflater.feed(body)
+    if inflater.broken:
+        raise NotJson("the compressed answer is corrupt")
+    return usage_from_body(copy) if inflater.whole else None
+
+
 def _object_end(body: bytes, start: int) -> int:
     """Just past the object opening at `start` (usage objects are small: a plain scan)."""
     depth = 0
@@ -118,11 +181,12 @@ class StreamUsageScanner:
         self._pending = b""  # the unfinished event at the end of what came so far
         self._sent = 0  # how many of its bytes already went to the client
         self._finished = False  # an event with a finish_reason went by
+        self._oversized = False  # inside an event too large to keep: its bytes go out as they come
 
     @property
     def mid_event(self) -> bool:
         """Part of an event went out without its end: anything we add must start on a fresh line."""
-        return self._sent > 0
+        return self._sent > 0 or self._oversized
 
     def feed(self, chunk: bytes) -> bytes:
         """Return the bytes to forward now: `chunk` itself on the fast path."""
@@ -132,17 +196,18 @@ class StreamUsageScanner:
         end = _last_event_end(data)
         if self.strip_usage_event and not self._finished and FINISHED.search(data, 0, end):
             self._finished = True
-        hold = self._finished and self.strip_usage_event
-        scan = _has_usage_object(data, end)
         rest = len(data) - end
-        if rest > MAX_TAIL_BYTES:
-            hold = False  # an event this large is neither parsed nor held
+        # An event this large is neither parsed nor held: what was held of it goes out now.
+        oversized = rest > MAX_TAIL_BYTES or (self._oversized and end == 0)
+        hold = self._finished and self.strip_usage_event and not oversized
+        scan = _has_usage_object(data, end)
+        self._oversized = oversized
         if hold:
             self._pending, self._sent = data[end:], (sent if end == 0 else 0)
         else:
-            self._pending, self._sent = (data[end:], rest) if rest <= MAX_TAIL_BYTES else (b"", 0)
+            self._pending, self._sent = (b"", 0) if oversized else (data[end:], rest)
             if not scan:
-                return chunk
+                return chunk if sent == len(data) - len(chunk) else data[sent:]
         out = self._scan(data, end, sent) if scan else data[sent:end]
         if not hold:
             out += data[max(end, sent) :]

@@ -1,7 +1,9 @@
 from __future__ import annotations
 
 import asyncio
+import gzip
 import time
+import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -360,3 +362,81 @@ async def test_bad_json(start: StartMock, session: aiohttp.ClientSession) -> Non
             "code": "invalid_json",
         }
     }
+
+
+async def test_gzip_answer_whatever_the_client_accepts(start: StartMock) -> None:
+    base = await start(name="mock-g")
+    async with aiohttp.ClientSession(auto_decompress=False) as raw_session:
+        headers = {"x-mock-gzip": "1", "Accept-Encoding": "identity"}
+        async with raw_session.post(f"{base}/v1/chat/completions", json=CHAT, headers=headers) as resp:
+            assert resp.status == 200
+            assert resp.headers["content-encoding"] == "gzip"
+            assert resp.content_type == "application/json"
+            raw = await resp.read()
+        assert int(resp.headers["content-length"]) == len(raw)
+        body = orjson.loads(gzip.decompress(raw))
+        assert body["choices"][0]["message"]["content"] == "[mock-g] tok0 tok1 tok2 tok3 "
+        assert body["usage"]["total_tokens"] == 7
+        async with raw_session.post(f"{base}/v1/chat/completions", json=CHAT) as resp:
+            assert "content-encoding" not in resp.headers
+            assert orjson.loads(await resp.read())["usage"]["total_tokens"] == 7
+
+
+async def test_gzip_stream_arrives_event_by_event(start: StartMock) -> None:
+    base = await start(chunks=3, chunk_delay_ms=50.0)
+    payload = {**CHAT, "stream": True, "stream_options": {"include_usage": True}}
+    async with aiohttp.ClientSession(auto_decompress=False) as raw_session:
+        async with raw_session.post(f"{base}/v1/chat/completions", json=payload, headers={"x-mock-gzip": "1"}) as resp:
+            assert resp.headers["content-encoding"] == "gzip"
+            unpack = zlib.decompressobj(wbits=31)
+            # Each write is flushed: the first event can be read long before the stream ends.
+            first = b""
+            while b"\n\n" not in first:
+                first += unpack.decompress(await resp.content.readany())
+            assert first.startswith(b"data: {")
+            rest = unpack.decompress(await resp.read())
+        assert unpack.eof
+    events = [e for e in (first + rest).split(b"\n\n") if e]
+    assert events[-1] == b"data: [DONE]"
+    assert orjson.loads(events[-2][6:])["usage"]["total_tokens"] == 6
+
+
+async def test_big_event_is_one_line_of_the_given_size(start: StartMock, session: aiohttp.ClientSession) -> None:
+    base = await start(name="mock-big", chunks=2)
+    size = 1 << 20
+    headers = {"x-mock-big-event": str(size)}
+    async with session.post(f"{base}/v1/chat/completions", json={**CHAT, "stream": True}, headers=headers) as resp:
+        raw = await resp.read()
+    events = raw.split(b"\n\n")
+    assert events[-1] == b""
+    lines = [e for e in events if e]
+    assert [len(line) for line in lines].count(size) == 1
+    big = next(line for line in lines if len(line) == size)
+    assert big.count(b"\n") == 0
+    content = orjson.loads(big[6:])["choices"][0]["delta"]["content"]
+    assert set(content) == {"x"}
+    # In front of the ordinary tokens, which arrive as usual.
+    assert lines.index(big) == 1
+    texts = [orjson.loads(line[6:])["choices"][0]["delta"].get("content") for line in lines[2:-1]]
+    assert texts == ["[mock-big] tok0 ", "tok1 ", None]
+    for bad in ("0", "100:early"):
+        async with session.post(
+            f"{base}/v1/chat/completions", json={**CHAT, "stream": True}, headers={"x-mock-big-event": bad}
+        ) as resp:
+            assert resp.status == 400
+            assert (await resp.json())["error"]["code"] == "bad_mock_knob"
+
+
+async def test_big_event_after_finish(start: StartMock, session: aiohttp.ClientSession) -> None:
+    base = await start(chunks=2)
+    headers = {"x-mock-big-event": "5000:after-finish"}
+    payload = {**CHAT, "stream": True, "stream_options": {"include_usage": True}}
+    async with session.post(f"{base}/v1/chat/completions", json=payload, headers=headers) as resp:
+        lines = [e for e in (await resp.read()).split(b"\n\n") if e]
+    assert [len(line) for line in lines].index(5000) == 4
+    assert orjson.loads(lines[3][6:])["choices"][0]["finish_reason"] == "stop"
+    big = orjson.loads(lines[4][6:])["choices"][0]
+    assert big["index"] == 1
+    assert set(big["delta"]["content"]) == {"x"}
+    assert orjson.loads(lines[5][6:])["choices"] == []
+    assert lines[6] == b"data: [DONE]"

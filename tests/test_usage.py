@@ -1,8 +1,10 @@
 from __future__ import annotations
 
+import gzip
 import subprocess
 import sys
 import textwrap
+import zlib
 from collections.abc import Callable
 
 import pytest
@@ -119,6 +121,35 @@ def test_every_split_of_a_stream(strip: bool, line_end: Callable[[bytes], bytes]
         if not strip or i <= len(content + finish):
             # Content is never held: until the finish event everything goes out as it comes.
             assert out_first == first, i
+
+
+def oversized_event(index: int) -> bytes:
+    """A content event longer than the scanner ever holds (a long tool call, one choice of several)."""
+    pad = b"x" * (2 * usage_module.MAX_TAIL_BYTES)
+    return b'data: {"choices":[{"index":%d,"delta":{"content":"%s"},"finish_reason":null}]}\n\n' % (index, pad)
+
+
+@pytest.mark.parametrize("size", [65536, 100_000, 1 << 20])
+@pytest.mark.parametrize("strip", [True, False])
+def test_an_oversized_event_after_the_finish_event_goes_out_whole(strip: bool, size: int) -> None:
+    # With n > 1 choices, one choice finishes while another still streams.
+    stream = CONTENT + FINISH + oversized_event(1) + FINISH + USAGE_ONLY + DONE
+    scanner = StreamUsageScanner(strip_usage_event=strip)
+    out = feed_all(scanner, [stream[i : i + size] for i in range(0, len(stream), size)])
+    assert b"".join(out) + scanner.flush() == (stream.replace(USAGE_ONLY, b"") if strip else stream)
+    assert scanner.usage == USAGE
+
+
+@pytest.mark.parametrize("strip", [True, False])
+def test_mid_event_holds_inside_an_event_too_large_to_keep(strip: bool) -> None:
+    # An error event added now must start on a fresh line, or it is glued onto the cut one.
+    event = oversized_event(0)
+    scanner = StreamUsageScanner(strip_usage_event=strip)
+    half = len(event) // 2
+    assert b"".join(feed_all(scanner, [FINISH, event[:half], event[half:-10]])) == FINISH + event[:-10]
+    assert scanner.mid_event
+    assert scanner.feed(event[-10:]) == event[-10:]
+    assert not scanner.mid_event
 
 
 @pytest.mark.parametrize("line_end", LINE_ENDS)
@@ -351,3 +382,86 @@ def test_usage_null_chunks_are_never_parsed(monkeypatch: pytest.MonkeyPatch) -> 
     scanner = StreamUsageScanner(strip_usage_event=True)
     assert scanner.feed(chunk) is chunk
     assert scanner.usage is None
+
+
+ANSWER = (
+    b'{"id":"chatcmpl-1","object":"chat.completion","choices":[{"index":0,"message":{"content":"Hi"}}],'
+    b'"usage":{"prompt_tokens":11,"completion_tokens":5,"total_tokens":16}}'
+)
+
+
+@pytest.mark.parametrize(
+    ("encoding", "body"),
+    [
+        ("gzip", gzip.compress(ANSWER)),
+        ("x-gzip", gzip.compress(ANSWER)),
+        ("GZIP", gzip.compress(ANSWER)),
+        ("deflate", zlib.compress(ANSWER)),
+        # Several gzip members one after the other are one answer.
+        ("gzip", gzip.compress(ANSWER[:40]) + gzip.compress(ANSWER[40:])),
+        ("identity", ANSWER),
+        (None, ANSWER),
+    ],
+)
+def test_usage_of_a_compressed_answer(encoding: str | None, body: bytes) -> None:
+    assert usage_module.usage_from_answer(body, encoding) == Usage(11, 5, 16)
+
+
+@pytest.mark.parametrize(
+    ("encoding", "body"),
+    [
+        ("br", b"\x1b\x00\x00\x00"),  # not readable here: passed on uncounted
+        ("gzip", gzip.compress(ANSWER)[:-12]),  # cut short
+    ],
+)
+def test_unreadable_compressed_answers_have_no_usage(encoding: str, body: bytes) -> None:
+    assert usage_module.usage_from_answer(body, encoding) is None
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "deflate"])
+def test_a_corrupt_compressed_answer_is_not_json(encoding: str) -> None:
+    with pytest.raises(usage_module.NotJson):
+        usage_module.usage_from_answer(b"<html>502 Bad Gateway</html>", encoding)
+    with pytest.raises(usage_module.NotJson):
+        usage_module.usage_from_answer(gzip.compress(b"<html>502 Bad Gateway</html>"), encoding)
+
+
+def one_member_bomb() -> bytes:
+    pack = zlib.compressobj(wbits=31)
+    return b"".join(pack.compress(bytes(1 << 20)) for _ in range(48)) + pack.flush()
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        pytest.param(one_member_bomb, id="one-member"),
+        pytest.param(lambda: gzip.compress(bytes(1 << 20)) * 500, id="many-members"),
+    ],
+)
+def test_a_zip_bomb_is_inflated_only_up_to_the_limit(make: Callable[[], bytes]) -> None:
+    # Tens or hundreds of MB of zeros in well under one: only the limit is ever inflated.
+    bomb = make()
+    assert len(bomb) < 1 << 20
+    inflater = usage_module.Inflater("gzip")
+    copy = inflater.feed(bomb)
+    assert len(copy) == usage_module.INFLATE_LIMIT_BYTES
+    assert not inflater.whole
+    assert inflater.feed(bomb) == b""
+    assert usage_module.usage_from_answer(bomb, "gzip") is None
+
+
+def test_a_compressed_stream_inflated_chunk_by_chunk() -> None:
+    pack = zlib.compressobj(wbits=31)
+    events = [CONTENT, FINISH, USAGE_ONLY, DONE]
+    packed = b"".join(pack.compress(e) + pack.flush(zlib.Z_SYNC_FLUSH) for e in events) + pack.flush()
+    for size in (1, 7, 100, len(packed)):
+        inflater = usage_module.Inflater("gzip")
+        scanner = StreamUsageScanner(strip_usage_event=False)
+        copy = b""
+        for i in range(0, len(packed), size):
+            part = inflater.feed(packed[i : i + size])
+            scanner.feed(part)
+            copy += part
+        assert copy == b"".join(events)
+        assert inflater.whole
+        assert scanner.usage == USAGE
