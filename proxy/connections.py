@@ -159,10 +159,12 @@ class Listener:
         writer = asyncio.StreamWriter(transport, protocol, reader, loop)
         await _Connection(self, reader, writer, loop)
 
-    def stop_accepting(self) -> None:
+    async def stop_accepting(self) -> None:
         """Close the listening sockets: from now on new connections are refused."""
         for task in self._accepting:
             task.cancel()
+        # Closed only once no accept is pending on them.
+        await asyncio.gather(*self._accepting, return_exceptions=True)
         for sock in self._sockets:
             sock.close()
 

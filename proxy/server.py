@@ -116,7 +116,7 @@ async def _serve(app: Gateway, config: Config, sockets: Sockets | None) -> None:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(server.drain_delay_s):
                 await hurry.wait()
-    listener.stop_accepting()
+    await listener.stop_accepting()
     log.info("stopped accepting; in-flight requests get up to %gs", config.graceful_timeout)
     await listener.close(config.graceful_timeout)
     await lifespan.wait_for_shutdown()

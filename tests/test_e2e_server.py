@@ -265,3 +265,29 @@ def test_a_second_sigterm_or_sigint_skips_the_delay(tmp_path: Path, mocks: Mocks
         assert refused(proc.port)
     finally:
         proc.stop()
+
+
+def test_a_stream_cut_at_the_graceful_timeout_still_leaves_its_record(tmp_path: Path, mocks: Mocks) -> None:
+    key = new_key()
+    events = tmp_path / "events.jsonl"
+    config = drain_config(mocks, key, events, delay_s=0).replace("graceful_timeout_s = 10", "graceful_timeout_s = 1")
+    proc = start_gateway(tmp_path, mocks, config)
+    url = f"http://127.0.0.1:{proc.port}/v1/chat/completions"
+    headers = {"Authorization": f"Bearer {key}", "X-Request-ID": "cut-stream", "x-mock-chunks": "100"}
+    try:
+        with httpx.stream(
+            "POST", url, json={**CHAT, "stream": True}, headers={**headers, "x-mock-chunk-delay-ms": "100"}
+        ) as r:
+            chunks = r.iter_raw()
+            next(chunks)
+            proc.signal(signal.SIGTERM)
+            with pytest.raises(httpx.RemoteProtocolError):
+                for _ in chunks:  # cut short once graceful_timeout_s is over
+                    pass
+        assert proc.proc is not None
+        assert proc.proc.wait(timeout=10) == 0
+        (record,) = [orjson.loads(line) for line in events.read_bytes().splitlines()]
+        assert record["request_id"] == "cut-stream"
+        assert record["status"] == 200
+    finally:
+        proc.stop()
