@@ -28,7 +28,7 @@ from .settings import ServerSettings
 log = logging.getLogger("sluicegate")
 
 AT_CAP_LOG_INTERVAL_S = 60.0
-# Besides each client socket: its upstream connection, Redis, the event file, and a margin.
+# A connection holds the client's socket and its provider's; the spare is for Redis, the event file, logs.
 FDS_PER_CONNECTION = 2
 FDS_SPARE = 64
 
