@@ -151,7 +151,7 @@ class Gateway:
         head_bytes = 0
         too_long: bytes | None = None
         for name, value in headers:
-            line = len(name) + len(value) + 4
+            line = len(name) + len(value) + 4  # with ': ' and CRLF
             head_bytes += line
             if line > MAX_HEADER_LINE_BYTES:
                 too_long = name
