@@ -17,19 +17,36 @@ from starlette.types import Receive, Scope, Send
 
 from .auth import CREDENTIAL_HEADERS, authenticate, extract_key, mask_key, two_credentials
 from .endpoints import MODEL_ROUTES, Call, model_request, passthrough
-from .errors import GatewayError, InvalidRequest, LimiterUnavailable, MethodNotAllowed, NotFound, RateLimited
+from .errors import (
+    GatewayError,
+    Header,
+    HeadersTooLarge,
+    InvalidRequest,
+    LimiterUnavailable,
+    MethodNotAllowed,
+    NotFound,
+    RateLimited,
+)
 from .events import EventSink, RequestRecord
 from .limits import KeyLimits, Limiter
 from .metrics import Metrics, latency_bucket
 from .redact import KEY_LIKE, clip
-from .relay import JSON_HEADERS, ClientGone, Exchange, read_body
+from .relay import CLOSE, JSON_HEADERS, ClientGone, Exchange, read_body
 from .routing import Router
 from .settings import ConfigError, KeySettings, Settings, load_settings
 from .upstream import ProviderClient, Sessions
 
 log = logging.getLogger("sluicegate")
 
-WANTED_HEADERS = frozenset({b"authorization", b"x-api-key", b"x-request-id", b"x-ai-provider", b"content-length"})
+WANTED_HEADERS = frozenset(
+    {b"authorization", b"x-api-key", b"x-request-id", b"x-ai-provider", b"content-length", b"transfer-encoding"}
+)
+# Lines counted as they go on the wire ("name: value\r\n"). Below what providers' servers take
+# (aiohttp: 128 headers, 8190 bytes a field; nginx: 8 KiB a line, 4 x 8 KiB in all), so what passes
+# here can be forwarded; hypercorn's own parser limit sits above these (server.py).
+MAX_HEADERS = 100
+MAX_HEADER_LINE_BYTES = 8 * 1024
+MAX_HEAD_BYTES = 32 * 1024
 SANE_REQUEST_ID = re.compile(rb"^[A-Za-z0-9._:@/+=-]{1,128}$")
 INTERNAL_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 UNSAFE_IN_PATH = re.compile(r"[\x00-\x1f\x7f;?#%\\]")
@@ -143,9 +160,16 @@ class Gateway:
             log.info("Redis answers again: limits are enforced")
 
     async def handle_http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        headers = scope["headers"]
         wanted: dict[bytes, bytes] = {}
         repeated: bytes | None = None
-        for name, value in scope["headers"]:
+        head_bytes = 0
+        too_long: bytes | None = None
+        for name, value in headers:
+            line = len(name) + len(value) + 4  # with ': ' and CRLF
+            head_bytes += line
+            if line > MAX_HEADER_LINE_BYTES:
+                too_long = name
             if name in WANTED_HEADERS:
                 # A second, different credential must not be settled by header order.
                 if name in CREDENTIAL_HEADERS and wanted.get(name, value) != value:
@@ -155,15 +179,21 @@ class Gateway:
         # An id is echoed everywhere (headers, errors, events, upstream): never one that holds a key.
         sane = given_id is not None and SANE_REQUEST_ID.match(given_id) and not KEY_LIKE.search(given_id.decode())
         request_id = given_id.decode() if sane and given_id else "req_" + secrets.token_hex(12)
+        extra_headers = [(b"x-request-id", request_id.encode())]
+        if self.draining:
+            # Keep-alive connections are retired one response at a time while the balancer
+            # moves away, so few are left idle when the listener closes.
+            extra_headers.extend(CLOSE)
+        refused = _refusal(len(headers), head_bytes, too_long, wanted)
         internal = _internal_path(scope["path"], self.runtime.settings.server.prefixes)
-        if internal is not None:
-            return await self.internal(internal, send, request_id)
+        if internal is not None and refused is None:
+            return await self.internal(internal, send, extra_headers)
         record = RequestRecord.start(request_id, scope["method"])
-        ex = Exchange(send, record, [(b"x-request-id", request_id.encode())], self.metrics.active_streams)
+        ex = Exchange(send, record, extra_headers, self.metrics.active_streams)
         runtime = self.runtime
         self.metrics.inflight.inc()
         try:
-            await self.dispatch(scope, receive, ex, runtime, wanted, repeated)
+            await self.dispatch(scope, receive, ex, runtime, wanted, repeated, refused)
         except GatewayError as err:
             if isinstance(err, RateLimited):
                 record.ratelimit = (err.scope, err.limit)
@@ -183,7 +213,7 @@ class Gateway:
             if self.events is not None:
                 self.events.emit(record)
 
-    async def internal(self, path: str, send: Send, request_id: str) -> None:
+    async def internal(self, path: str, send: Send, extra_headers: list[Header]) -> None:
         if path == "/healthz":
             status, body, content_type = 200, b'{"status":"ok"}', b"application/json"
         elif path == "/readyz":
@@ -203,7 +233,7 @@ class Gateway:
         headers = [
             (b"content-type", content_type),
             (b"content-length", str(len(body)).encode()),
-            (b"x-request-id", request_id.encode()),
+            *extra_headers,
         ]
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body, "more_body": False})
@@ -216,19 +246,21 @@ class Gateway:
         runtime: Runtime,
         wanted: dict[bytes, bytes],
         repeated: bytes | None,
+        refused: GatewayError | None,
     ) -> None:
-        """repeated: a credential header sent twice with different values."""
+        """repeated: a credential header sent twice with different values; refused: what is wrong with the head."""
         path: str = scope["path"]
         method: str = scope["method"]
+        server = runtime.settings.server
         # The body is read before any answer, even a 401: a response sent while the client is
         # still sending makes hypercorn close the keep-alive connection under its next request.
-        length = wanted.get(b"content-length")
-        body = await read_body(
-            receive, runtime.settings.server.max_body_bytes, int(length) if length and length.isdigit() else None
-        )
+        # Content-Length means nothing next to Transfer-Encoding (RFC 9112 6.3), and h11 ignores it.
+        length = wanted.get(b"content-length") if b"transfer-encoding" not in wanted else None
+        size = int(length) if length and length.isdigit() else None
+        body = await read_body(receive, server.max_body_bytes, size, server.body_timeout_s)
         ex.record.body_read_at = time.perf_counter()
-        if self.draining:
-            raise LimiterUnavailable("The gateway is shutting down; retry on another instance.")
+        if refused is not None:
+            raise refused
         rest = _strip_prefix(path, runtime.settings.server.prefixes)
         if rest is None:
             raise NotFound(_missing_prefix_message(path, runtime.settings.server.prefixes))
@@ -276,6 +308,23 @@ class Gateway:
             for model, owner in runtime.router.models_for(key)
         ]
         await ex.respond(200, JSON_HEADERS, orjson.dumps({"object": "list", "data": data}))
+
+
+def _refusal(count: int, head_bytes: int, too_long: bytes | None, wanted: dict[bytes, bytes]) -> GatewayError | None:
+    """What is wrong with the request head, if anything."""
+    if count > MAX_HEADERS:
+        return HeadersTooLarge(f"The request has {count} headers; this gateway takes at most {MAX_HEADERS}.")
+    if too_long is not None:
+        name = too_long[:64].decode("latin-1")
+        return HeadersTooLarge(f"The header {name!r} is over {MAX_HEADER_LINE_BYTES} bytes, the most for one header.")
+    if head_bytes > MAX_HEAD_BYTES:
+        return HeadersTooLarge(
+            f"The request headers are {head_bytes} bytes; this gateway takes at most {MAX_HEAD_BYTES}."
+        )
+    if b"transfer-encoding" in wanted and b"content-length" in wanted:
+        # Two framings: a proxy in front may have read this request differently (request smuggling).
+        return InvalidRequest("The request has both Transfer-Encoding and Content-Length.", headers=CLOSE)
+    return None
 
 
 def _strip_prefix(path: str, prefixes: tuple[str, ...]) -> str | None:

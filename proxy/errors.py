@@ -90,9 +90,21 @@ class MethodNotAllowed(GatewayError):
     type = "invalid_request_error"
 
 
+class RequestTimeout(GatewayError):
+    status = 408
+    code = "request_timeout"
+    type = "invalid_request_error"
+
+
 class RequestTooLarge(GatewayError):
     status = 413
     code = "request_too_large"
+    type = "invalid_request_error"
+
+
+class HeadersTooLarge(GatewayError):
+    status = 431
+    code = "request_header_fields_too_large"
     type = "invalid_request_error"
 
 

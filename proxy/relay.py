@@ -12,7 +12,7 @@ import orjson
 from prometheus_client import Gauge
 from starlette.types import Receive, Send
 
-from .errors import GatewayError, Header, RequestTooLarge, UpstreamError
+from .errors import GatewayError, Header, RequestTimeout, RequestTooLarge, UpstreamError
 from .events import RequestRecord
 from .upstream import (
     ProviderClient,
@@ -34,6 +34,8 @@ STREAM_HEADERS: tuple[Header, ...] = (
     (b"x-accel-buffering", b"no"),
 )
 JSON_HEADERS: tuple[Header, ...] = ((b"content-type", b"application/json"),)
+# The client's framing or timing cannot be trusted any more: answer, then end the connection.
+CLOSE: tuple[Header, ...] = ((b"connection", b"close"),)
 STREAM_HEADER_NAMES = frozenset(name for name, _ in STREAM_HEADERS)
 MID_STREAM_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError, OSError)
 REJECTED_CREDENTIAL = frozenset({401, 403})
@@ -43,9 +45,19 @@ class ClientGone(Exception):
     """The client disconnected before its request body was read."""
 
 
-async def read_body(receive: Receive, limit: int, content_length: int | None) -> bytes:
+async def read_body(receive: Receive, limit: int, content_length: int | None, timeout_s: float) -> bytes:
     if content_length is not None and content_length > limit:
         raise RequestTooLarge(f"The request body is {content_length} bytes; this gateway takes at most {limit}.")
+    try:
+        # One deadline for the whole body, not one per read: a client that trickles a byte
+        # at a time gets no longer than one that sends nothing. No task, one timer handle.
+        async with asyncio.timeout(timeout_s):
+            return await _read_all(receive, limit)
+    except TimeoutError:
+        raise RequestTimeout(f"The request body did not arrive within {timeout_s:g}s.", headers=CLOSE) from None
+
+
+async def _read_all(receive: Receive, limit: int) -> bytes:
     parts: list[bytes] = []
     size = 0
     while True:

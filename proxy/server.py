@@ -8,6 +8,7 @@ only holds the listening sockets and passes signals on to its children.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import multiprocessing
 import multiprocessing.connection
@@ -23,13 +24,14 @@ from pathlib import Path
 from types import FrameType
 from urllib.parse import urlsplit
 
-from hypercorn.asyncio.run import worker_serve
+from hypercorn.asyncio.lifespan import Lifespan
 from hypercorn.config import Config, Sockets
-from hypercorn.utils import wrap_app
+from hypercorn.utils import repr_socket_addr, wrap_app
 from prometheus_client.multiprocess import mark_process_dead
 
 from .app import Gateway, create_app
 from .auth import key_digest, new_key
+from .connections import Listener
 from .limits import Limiter
 from .mock_upstream import MockOptions, bound_port, start_mock
 from .redact import safe_url
@@ -37,16 +39,27 @@ from .settings import KeySettings, Settings
 
 log = logging.getLogger("sluicegate")
 
+H11_MAX_HEAD_BYTES = 128 * 1024
+
 
 def hypercorn_config(settings: Settings) -> Config:
+    server = settings.server
     config = Config()
-    config.bind = [f"{settings.server.host}:{settings.server.port}"]
-    config.graceful_timeout = settings.server.graceful_timeout_s
+    config.bind = [f"{server.host}:{server.port}"]
+    config.graceful_timeout = server.graceful_timeout_s
     config.accesslog = None
     config.errorlog = logging.getLogger("hypercorn.error")
     config.include_server_header = False
-    # Longer than nginx's default upstream keepalive_timeout (60 s), so nginx closes first.
-    config.keep_alive_timeout = 75.0
+    # Above nginx's upstream keepalive_timeout (deploy/nginx.conf: 60 s), so nginx closes an
+    # idle pooled connection first and never sends a request on one the gateway is closing.
+    config.keep_alive_timeout = server.keep_alive_timeout_s
+    # Off: hypercorn applies it to every read, also while a client waits in silence on a long
+    # stream. Slow heads and bodies have their own deadlines (connections.py, read_body).
+    config.read_timeout = None
+    # The whole request head must fit here or hypercorn answers a bare 431 and closes; kept
+    # well above the gateway's own header limits (app.py), which answer in the envelope.
+    config.h11_max_incomplete_size = H11_MAX_HEAD_BYTES
+    config.backlog = server.backlog
     return config
 
 
@@ -59,18 +72,55 @@ def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
 
 
 async def _serve(app: Gateway, config: Config, sockets: Sockets | None) -> None:
-    stop = asyncio.Event()
+    """Serve until SIGTERM or SIGINT, then drain.
 
-    def drain() -> None:
+    SIGTERM: /readyz answers 503 at once while requests are still served for
+    drain_delay_s, so a balancer polling it moves traffic away; then the listener
+    closes and in-flight requests get graceful_timeout_s. A second SIGTERM, or
+    SIGINT, skips what is left of the delay.
+    """
+    server = app.runtime.settings.server
+    stop = asyncio.Event()
+    hurry = asyncio.Event()
+
+    def on_sigterm() -> None:
+        if stop.is_set():
+            hurry.set()
         app.draining = True
         stop.set()
 
+    def on_sigint() -> None:
+        app.draining = True
+        stop.set()
+        hurry.set()
+
     loop = asyncio.get_running_loop()
-    loop.add_signal_handler(signal.SIGTERM, drain)
-    loop.add_signal_handler(signal.SIGINT, drain)
+    loop.add_signal_handler(signal.SIGTERM, on_sigterm)
+    loop.add_signal_handler(signal.SIGINT, on_sigint)
     loop.add_signal_handler(signal.SIGHUP, app.reload)
     wrapped = wrap_app(app, config.wsgi_max_body_size, "asgi")  # type: ignore[arg-type]
-    await worker_serve(wrapped, config, sockets=sockets, shutdown_trigger=stop.wait)
+    listener = Listener(wrapped, config, server)
+    lifespan = Lifespan(wrapped, config, loop, listener.state)
+    lifespan_task = loop.create_task(lifespan.handle_lifespan())
+    await lifespan.wait_for_startup()
+    failure = lifespan_task.exception() if lifespan_task.done() else None
+    if failure is not None:
+        raise failure
+    listening = (sockets or config.create_sockets()).insecure_sockets
+    listener.start(listening)
+    for sock in listening:
+        log.info("serving on http://%s", repr_socket_addr(sock.family, sock.getsockname()))
+    await stop.wait()
+    if not hurry.is_set() and server.drain_delay_s > 0:
+        log.info("draining: /readyz answers 503; still serving for %gs", server.drain_delay_s)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(server.drain_delay_s):
+                await hurry.wait()
+    await listener.stop_accepting()
+    log.info("stopped accepting; in-flight requests get up to %gs", config.graceful_timeout)
+    await listener.close(config.graceful_timeout)
+    await lifespan.wait_for_shutdown()
+    await lifespan_task
 
 
 def run_worker(settings: Settings, config: Config, sockets: Sockets | None) -> None:
@@ -108,6 +158,10 @@ def serve(settings: Settings, bind: tuple[str, int] | None, workers: int) -> int
         child.start()
         if stopping:
             child.terminate()
+    # The workers hold their own copies now. Without closing ours, a drained gateway's port
+    # would still complete handshakes into a queue nobody accepts from, until this process exits.
+    for sock in sockets.insecure_sockets:
+        sock.close()
     signal.signal(signal.SIGHUP, pass_on)
     return _wait_for_workers(children, lambda: stopping, lambda: pass_on(signal.SIGTERM, None))
 
@@ -129,7 +183,10 @@ def _wait_for_workers(
                 log.error("worker %s exited with code %s: stopping the others", child.pid, child.exitcode)
                 exit_code = child.exitcode or 1
                 stop_all()
-            exit_code = exit_code or (child.exitcode or 0)
+            # A worker still starting up has no handler yet and dies of the stop signal passed
+            # on; it had nothing in flight, so that is a clean stop.
+            stopped = stopping() and child.exitcode in (-signal.SIGTERM, -signal.SIGINT)
+            exit_code = exit_code or (0 if stopped else child.exitcode or 0)
     return exit_code
 
 

@@ -37,6 +37,12 @@ class ServerSettings:
     prefixes: tuple[str, ...] = ("/v1", "/api/v1")
     max_body_bytes: int = 10 * 1024 * 1024
     graceful_timeout_s: float = 120.0
+    body_timeout_s: float = 30.0
+    header_timeout_s: float = 10.0
+    keep_alive_timeout_s: float = 75.0
+    drain_delay_s: float = 5.0
+    max_connections: int = 1000
+    backlog: int = 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -219,7 +225,12 @@ def _split_bind(bind: str, where: str, problems: list[str]) -> tuple[str, int]:
 
 def _server(raw: Mapping[str, Any], env: Mapping[str, str], problems: list[str]) -> ServerSettings:
     r = _Reader(_table(raw, "server", problems), "server", problems)
-    r.unknown({"bind", "prefixes", "max_body_bytes", "graceful_timeout_s"})
+    r.unknown(
+        {
+            "bind", "prefixes", "max_body_bytes", "graceful_timeout_s", "body_timeout_s",
+            "header_timeout_s", "keep_alive_timeout_s", "drain_delay_s", "max_connections", "backlog",
+        }
+    )  # fmt: skip
     bind = env.get("SLUICEGATE_BIND") or r.text("bind", "127.0.0.1:9090") or "127.0.0.1:9090"
     where = "SLUICEGATE_BIND" if env.get("SLUICEGATE_BIND") else "server.bind"
     host, port = _split_bind(bind, where, problems)
@@ -233,6 +244,12 @@ def _server(raw: Mapping[str, Any], env: Mapping[str, str], problems: list[str])
         prefixes=prefixes,
         max_body_bytes=r.count("max_body_bytes", 10 * 1024 * 1024, minimum=1) or 1,
         graceful_timeout_s=r.number("graceful_timeout_s", 120.0),
+        body_timeout_s=r.number("body_timeout_s", 30.0, minimum=0.001),
+        header_timeout_s=r.number("header_timeout_s", 10.0, minimum=0.001),
+        keep_alive_timeout_s=r.number("keep_alive_timeout_s", 75.0, minimum=0.001),
+        drain_delay_s=r.number("drain_delay_s", 5.0),
+        max_connections=r.count("max_connections", 1000, minimum=1) or 1,
+        backlog=r.count("backlog", 1024, minimum=1) or 1,
     )
 
 

@@ -32,6 +32,9 @@ EVENT_FIELDS = [
 
 def obs_config(mocks: Mocks, keys: dict[str, str], sink: str, path: Path, queue_size: int = 10000) -> str:
     return f"""
+[server]
+drain_delay_s = 0  # SIGTERM tests here are about records; the delay is tested in test_e2e_server.py
+
 [events]
 sink = "{sink}"
 path = "{path}"

@@ -41,6 +41,9 @@ def test_defaults() -> None:
     assert settings.server.prefixes == ("/v1", "/api/v1")
     assert settings.server.max_body_bytes == 10485760
     assert settings.server.graceful_timeout_s == 120.0
+    assert (settings.server.body_timeout_s, settings.server.drain_delay_s) == (30.0, 5.0)
+    assert (settings.server.header_timeout_s, settings.server.keep_alive_timeout_s) == (10.0, 75.0)
+    assert (settings.server.max_connections, settings.server.backlog) == (1000, 1024)
     assert settings.redis == RedisSettings(url="redis://127.0.0.1:6379/0", on_error="allow", timeout_s=0.25)
     assert (settings.redis.circuit_failures, settings.redis.circuit_cooldown_s) == (3, 5.0)
     assert settings.events == EventSettings(sink="stdout", path="events.jsonl", queue_size=10000)
@@ -118,6 +121,28 @@ def test_default_group_limits_can_be_set() -> None:
 def test_server_values_from_the_file() -> None:
     raw = minimal(server={"bind": "0.0.0.0:8080", "prefixes": ["/v1"], "max_body_bytes": 1024, "graceful_timeout_s": 5})
     assert parse_settings(raw, env={}).server == ServerSettings("0.0.0.0", 8080, ("/v1",), 1024, 5.0)
+
+
+def test_connection_settings_from_the_file_and_their_problems() -> None:
+    values = {
+        "body_timeout_s": 2, "header_timeout_s": 3, "keep_alive_timeout_s": 90,
+        "drain_delay_s": 0, "max_connections": 50, "backlog": 64,
+    }  # fmt: skip
+    server = parse_settings(minimal(server=values), env={}).server
+    assert (server.body_timeout_s, server.header_timeout_s, server.keep_alive_timeout_s) == (2.0, 3.0, 90.0)
+    assert (server.drain_delay_s, server.max_connections, server.backlog) == (0.0, 50, 64)
+    bad = {
+        "body_timeout_s": 0, "header_timeout_s": -1, "keep_alive_timeout_s": "long",
+        "drain_delay_s": -5, "max_connections": 0, "backlog": 1.5,
+    }  # fmt: skip
+    assert problems_of(minimal(server=bad)) == [
+        "server.body_timeout_s: must be >= 0.001, got 0",
+        "server.header_timeout_s: must be >= 0.001, got -1",
+        "server.keep_alive_timeout_s: expected a number, got 'long'",
+        "server.drain_delay_s: must be >= 0.0, got -5",
+        "server.max_connections: must be >= 1, got 0",
+        "server.backlog: expected a whole number, got 1.5",
+    ]
 
 
 @pytest.mark.parametrize(

@@ -319,7 +319,7 @@ def gateway_config(tmp: Path, mock_url: str, keys: dict[str, str]) -> Path:
 
     path = tmp / "gateway.toml"
     path.write_text(
-        f'[server]\nbind = "{HOST}:9"\ngraceful_timeout_s = 2\n\n'
+        f'[server]\nbind = "{HOST}:9"\ngraceful_timeout_s = 2\ndrain_delay_s = 0\n\n'
         # deny: a Redis failure shows up as 503 instead of as a request that skipped the limiter
         '[redis]\non_error = "deny"\n\n[events]\nsink = "off"\n\n'
         f'[[providers]]\nname = "mock"\nbase_url = "{mock_url}/v1"\nmodels = ["mock-chat"]\nstream_usage = true\n\n'

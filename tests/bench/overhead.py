@@ -100,7 +100,7 @@ def gateway_config(tmp: Path, mock_url: str, stream_usage: bool) -> tuple[Path, 
     key = new_key()
     path = tmp / "gateway.toml"
     path.write_text(
-        f'[server]\nbind = "{HOST}:9"\ngraceful_timeout_s = 2\n\n[events]\nsink = "off"\n\n'
+        f'[server]\nbind = "{HOST}:9"\ngraceful_timeout_s = 2\ndrain_delay_s = 0\n\n[events]\nsink = "off"\n\n'
         f'[[providers]]\nname = "mock"\nbase_url = "{mock_url}/v1"\nmodels = ["mock-chat"]\n'
         f"stream_usage = {str(stream_usage).lower()}\n\n"
         f'[[keys]]\nname = "bench"\nsha256 = "{key_digest(key)}"\n'

@@ -1,0 +1,199 @@
+"""Connections for hypercorn: a cap per worker, a deadline for each request head, a drain.
+
+hypercorn's own worker_serve accepts without bound and runs one idle timer for an
+idle keep-alive connection and a request head still arriving alike, so a client
+trickling a header keeps its socket as long as nginx's pooled ones stay. Here the
+accept loop stops at the cap (later connections wait in the kernel's listen queue,
+where a worker with a free slot takes them) and each connection gets two timers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import resource
+import socket
+import time
+from collections.abc import Coroutine, Iterable
+from typing import Any, SupportsIndex
+
+from hypercorn.asyncio.tcp_server import TCPServer
+from hypercorn.asyncio.worker_context import WorkerContext
+from hypercorn.config import Config
+from hypercorn.typing import AppWrapper, LifespanState
+
+from .settings import ServerSettings
+
+log = logging.getLogger("sluicegate")
+
+AT_CAP_LOG_INTERVAL_S = 60.0
+# A connection holds the client's socket and its provider's; the spare is for Redis, the event file, logs.
+FDS_PER_CONNECTION = 2
+FDS_SPARE = 64
+
+
+class _Reader(asyncio.StreamReader):
+    """Notes when bytes arrive, so an idle connection can tell that a request head has begun."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(loop=loop)
+        self.arrived = asyncio.Event()
+
+    def feed_data(self, data: Iterable[SupportsIndex]) -> None:
+        super().feed_data(data)
+        self.arrived.set()
+
+
+class _Connection(TCPServer):
+    """hypercorn's connection, with a head deadline apart from the keep-alive wait.
+
+    hypercorn runs `_idle_timeout` from accept and again after each response, and
+    cancels it as soon as a request head has been parsed. Both methods overridden
+    here are hypercorn 0.18's (pinned in pyproject.toml).
+    """
+
+    def __init__(
+        self, listener: Listener, reader: _Reader, writer: asyncio.StreamWriter, loop: asyncio.AbstractEventLoop
+    ) -> None:
+        super().__init__(listener.app, loop, listener.config, listener.context, listener.state, reader, writer)
+        self.arrived = reader.arrived
+        self.header_timeout_s = listener.header_timeout_s
+        self.first = True
+
+    async def _read_data(self) -> None:
+        await super()._read_data()
+        # The client is gone. hypercorn would keep the idle timer, and with it this task and
+        # its socket (and here a connection slot), until the timer ran out.
+        await self.idle_task.stop()
+
+    def _idle_timeout(self) -> Coroutine[Any, Any, None]:
+        # Called as hypercorn (re)starts the timer, which it may cancel before the coroutine
+        # first runs (a head that came with the connection): so the state is taken here.
+        first, self.first = self.first, False
+        self.arrived.clear()
+        return self._await_head(first)
+
+    async def _await_head(self, first: bool) -> None:
+        with contextlib.suppress(TimeoutError):
+            if not first:
+                # Keep-alive: an idle connection may wait this long for the next request to begin.
+                async with asyncio.timeout(self.config.keep_alive_timeout):
+                    await self.arrived.wait()
+            # A head, once begun (on a new connection: once accepted), must be complete by then.
+            async with asyncio.timeout(self.header_timeout_s):
+                while not self.context.terminated.is_set():
+                    self.arrived.clear()
+                    await self.arrived.wait()
+        await asyncio.shield(self._initiate_server_close())
+
+
+class Listener:
+    """Accepts for one worker, at most `max_connections` at a time, until told to stop."""
+
+    def __init__(self, app: AppWrapper, config: Config, server: ServerSettings) -> None:
+        self.app = app
+        self.config = config
+        self.state: LifespanState = {}
+        self.context = WorkerContext(None)
+        self.header_timeout_s = server.header_timeout_s
+        self.backlog = server.backlog
+        self.max_connections = server.max_connections
+        self.slots = asyncio.Semaphore(server.max_connections)
+        self.connections: dict[asyncio.Task[None], _Reader] = {}
+        self._accepting: list[asyncio.Task[None]] = []
+        self._sockets: list[socket.socket] = []
+        self._warned_at = -AT_CAP_LOG_INTERVAL_S
+
+    def start(self, sockets: list[socket.socket]) -> None:
+        _raise_fd_limit(self.max_connections * FDS_PER_CONNECTION + FDS_SPARE)
+        for sock in sockets:
+            sock.setblocking(False)
+            sock.listen(self.backlog)
+            self._sockets.append(sock)
+            self._accepting.append(asyncio.create_task(self._accept(sock)))
+
+    async def _accept(self, sock: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            if self.slots.locked():
+                self._at_cap()
+            await self.slots.acquire()
+            try:
+                conn, _ = await loop.sock_accept(sock)
+            except OSError as exc:
+                self.slots.release()
+                # Out of file descriptors and the like: pause as asyncio's own server does, not spin.
+                log.warning("accepting a connection failed (%s); retrying in 1s", exc)
+                await asyncio.sleep(1.0)
+                continue
+            except BaseException:
+                self.slots.release()
+                raise
+            reader = _Reader(loop)
+            task = loop.create_task(self._serve(conn, reader))
+            self.connections[task] = reader
+            task.add_done_callback(self._done)
+
+    def _at_cap(self) -> None:
+        now = time.monotonic()
+        if now - self._warned_at >= AT_CAP_LOG_INTERVAL_S:
+            self._warned_at = now
+            log.warning(
+                "worker at [server] max_connections (%d): new connections wait in the listen queue",
+                self.max_connections,
+            )
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        del self.connections[task]
+        self.slots.release()
+
+    async def _serve(self, conn: socket.socket, reader: _Reader) -> None:
+        loop = asyncio.get_running_loop()
+        protocol = asyncio.StreamReaderProtocol(reader)
+        try:
+            transport, _ = await loop.connect_accepted_socket(lambda: protocol, conn)
+        except OSError:
+            conn.close()
+            return
+        writer = asyncio.StreamWriter(transport, protocol, reader, loop)
+        await _Connection(self, reader, writer, loop)
+
+    async def stop_accepting(self) -> None:
+        """Close the listening sockets: from now on new connections are refused."""
+        for task in self._accepting:
+            task.cancel()
+        # Closed only once no accept is pending on them.
+        await asyncio.gather(*self._accepting, return_exceptions=True)
+        for sock in self._sockets:
+            sock.close()
+
+    async def close(self, graceful_timeout_s: float) -> None:
+        """Idle connections close now, busy ones after their response; what is left at the timeout is cut."""
+        await self.context.terminated.set()
+        for reader in self.connections.values():
+            reader.arrived.set()
+        tasks = set(self.connections)
+        if not tasks:
+            return
+        _, cut = await asyncio.wait(tasks, timeout=graceful_timeout_s)
+        for task in cut:
+            task.cancel()
+        # Cancelled requests still leave their event records on the way out.
+        await asyncio.gather(*cut, return_exceptions=True)
+
+
+def _raise_fd_limit(needed: int) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft >= needed:
+        return
+    wanted = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+    with contextlib.suppress(ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+        soft = wanted
+    if soft < needed:
+        log.warning(
+            "open file limit %d is below the %d that [server] max_connections needs; raise LimitNOFILE",
+            soft,
+            needed,
+        )
