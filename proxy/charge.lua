@@ -6,7 +6,7 @@
 -- ARGV[2]        1 when the key has a budget
 -- ARGV[3..2n+2]  per bucket: capacity, refill per second
 -- ARGV[2n+3]     tokens used (0 when nothing was billed)
--- ARGV[2n+4]     the hold's member "id:tokens", or "" when admission held nothing
+-- ARGV[2n+4]     the hold's member "id:tokens", "id:?" when admission's answer was lost, or ""
 --
 -- A bucket may go into debt here; it refuses until it has refilled. The real
 -- usage goes to the spent counter whatever was held: the part of it over the
@@ -33,6 +33,20 @@ if tonumber(ARGV[2]) ~= 1 then
   return 0
 end
 local member = ARGV[2 * n + 4]
+if string.sub(member, -2) == ':?' then
+  -- Admission's answer never came back (a timeout, a client gone): its hold, if the
+  -- script ran at all, is found by id. Rare, so a scan of the holds is fine.
+  local pattern = string.sub(member, 1, -2) .. '*'
+  member = ''
+  local cursor = '0'
+  repeat
+    local page = redis.call('ZSCAN', KEYS[n + 2], cursor, 'MATCH', pattern, 'COUNT', 1000)
+    cursor = page[1]
+    if #page[2] > 0 then
+      member = page[2][1]
+    end
+  until cursor == '0' or member ~= ''
+end
 if member ~= '' and redis.call('ZREM', KEYS[n + 2], member) == 1 then
   if redis.call('ZCARD', KEYS[n + 2]) == 0 then
     redis.call('DEL', KEYS[n + 3])

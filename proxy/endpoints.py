@@ -121,12 +121,7 @@ async def _relay(
     ex = call.ex
     record = ex.record
     attempts = [call.runtime.clients[p.name] for p in call.runtime.router.attempt_order(providers)]
-    hold = None
-    if plan is not None:
-        admission = await call.limiter.admit(plan, hold_tokens)
-        ex.extra_headers += admission.headers
-        hold = admission.hold
-    settlement = Settlement(call.limiter, call.limits, hold)
+    settlement = Settlement(call.limiter, call.limits)
 
     def on_usage(usage: Usage) -> None:
         record.prompt_tokens = usage.prompt_tokens
@@ -134,8 +129,11 @@ async def _relay(
         record.total_tokens = usage.total_tokens
         settlement.settle(usage.total_tokens)
 
+    # Watching from before admission: a client that leaves while Redis is slow is not sent upstream.
     watcher = DisconnectWatcher(call.receive)
     try:
+        if plan is not None:
+            ex.extra_headers += await settlement.admit(plan, hold_tokens)
         await relay(
             ex, call.sessions, attempts, call.scope["method"], call.path_and_query, call.scope["headers"],
             body_for, kind, watcher, on_usage, len(call.body),

@@ -34,6 +34,7 @@ from .settings import GroupSettings, KeySettings, LimitSettings, RedisSettings
 ADMIT_LUA = files("proxy").joinpath("token_bucket.lua").read_text()
 CHARGE_LUA = files("proxy").joinpath("charge.lua").read_text()
 REDIS_ERRORS = (RedisError, OSError, TimeoutError)
+UNKNOWN_HOLD = ":?"  # a hold whose amount admission never heard back (charge.lua finds it by id)
 HELD_WAIT_MS = 1000  # a settle frees held tokens within about an answer's time: ask again soon
 HELD_HEADERS: tuple[Header, ...] = (
     (b"retry-after", str(math.ceil(HELD_WAIT_MS / 1000)).encode()),
@@ -43,6 +44,10 @@ HELD_HEADERS: tuple[Header, ...] = (
 
 class LimiterFailure(Exception):
     """Redis did not answer in time or at all, or the circuit is open."""
+
+
+class CircuitOpen(LimiterFailure):
+    """The command was not sent: Redis has failed too often in a row (see Circuit)."""
 
 
 class Circuit:
@@ -269,12 +274,21 @@ class Limiter:
         )
         self._admit = self.client.register_script(ADMIT_LUA)
         self._charge = self.client.register_script(CHARGE_LUA)
-        self._hold_ids = HoldIds()
+        self.hold_ids = HoldIds()
         self.on_error = on_error
+        self._background: set[asyncio.Task[None]] = set()
         self.circuit = Circuit(settings.circuit_failures, settings.circuit_cooldown_s, on_circuit)
 
     async def close(self) -> None:
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
         await self.client.aclose()
+
+    def in_background(self, settle: Awaitable[None]) -> None:
+        """A settle nobody waits for; kept referenced until done, and awaited at close."""
+        task = asyncio.ensure_future(settle)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def call(self, command: Awaitable[Any]) -> Any:
         """Await one Redis command within timeout_s; any failure becomes LimiterFailure.
@@ -287,7 +301,7 @@ class Limiter:
                 command.close()  # never sent: no "was never awaited" warning
             if self.on_error is not None:
                 self.on_error()
-            raise LimiterFailure("circuit open")
+            raise CircuitOpen("circuit open")
         try:
             async with asyncio.timeout(self.timeout_s):
                 result = await command
@@ -302,19 +316,20 @@ class Limiter:
         circuit.success()
         return result
 
-    async def admit(self, plan: Plan, hold_tokens: int = 0) -> Admission:
-        """Take from every bucket, and hold up to hold_tokens of the budget, or take nothing."""
-        hold_id = ""
-        args = plan.args
-        if plan.budgeted:
-            hold_id = self._hold_ids.next()
-            args = (*args, hold_tokens, hold_id)
+    async def admit(self, plan: Plan, hold_tokens: int = 0, hold_id: str = "") -> Admission:
+        """Take from every bucket, and hold up to hold_tokens of the budget, or take nothing.
+
+        When the script was sent but its answer did not come back, the hold is
+        "id:?": it may have been taken, and its settle finds it by id.
+        """
+        args = (*plan.args, hold_tokens, hold_id) if plan.budgeted else plan.args
         try:
             result: list[int] = await self.call(self._admit(keys=plan.keys, args=args))
         except LimiterFailure as exc:
             if self.settings.on_error == "deny":
                 raise LimiterUnavailable("The rate limiter is unavailable; retry shortly.") from exc
-            return Admission([], None)
+            sent = plan.budgeted and not isinstance(exc, CircuitOpen)
+            return Admission([], hold_id + UNKNOWN_HOLD if sent else None)
         verdict, worst, wait_ms, held = result[0], result[1], result[2], result[3]
         if verdict == 1:
             return Admission(ratelimit_headers(plan, result), f"{hold_id}:{held}" if held > 0 else None)
@@ -362,27 +377,51 @@ class Limiter:
 
 
 class Settlement:
-    """The one settle of one admitted request: its real usage against its hold.
+    """One request's hold on its key's budget, from admission to its one settle.
 
-    The first `settle` starts it, while the answer's last bytes go out, so the
-    client's next request already sees it. `close`, in the request's one
+    `admit` takes the hold with the admission. The first `settle` charges the
+    real usage and releases the hold, while the answer's last bytes go out, so
+    the client's next request already sees it. `close`, in the request's one
     `finally`, settles with nothing billed when no usage came (an upstream
-    failure, a client gone before any answer), then waits for it.
+    failure, a client gone), then waits for it. A hold whose admission never
+    answered (a timeout, a client gone while Redis was slow) may still have
+    been taken: it is released by id, without making anyone wait for it.
     """
 
     __slots__ = ("_hold", "_limiter", "_limits", "_task")
 
-    def __init__(self, limiter: Limiter, limits: KeyLimits, hold: str | None) -> None:
+    def __init__(self, limiter: Limiter, limits: KeyLimits) -> None:
         self._limiter = limiter
         self._limits = limits
-        self._hold = hold
+        self._hold: str | None = None  # the hold's member in Redis, which the settle removes
         self._task: asyncio.Task[None] | None = None
+
+    async def admit(self, plan: Plan, hold_tokens: int) -> list[Header]:
+        """Admission, with the hold if the key has a budget; returns the x-ratelimit-* headers."""
+        hold_id = ""
+        if plan.budgeted:
+            hold_id = self._limiter.hold_ids.next()
+            self._hold = hold_id + UNKNOWN_HOLD  # until Redis answers, it may hold something under this id
+        try:
+            admission = await self._limiter.admit(plan, hold_tokens, hold_id)
+        except (RateLimited, InsufficientQuota):
+            self._hold = None  # refused: the script took nothing
+            raise
+        except LimiterUnavailable as exc:
+            if isinstance(exc.__cause__, CircuitOpen):
+                self._hold = None  # never sent
+            raise
+        self._hold = admission.hold
+        return admission.headers
 
     def settle(self, tokens: int) -> None:
         if self._task is None and (self._hold is not None or (tokens > 0 and self._limits.charges_tokens)):
             self._task = asyncio.create_task(self._limiter.settle(self._limits, self._hold, tokens))
 
     async def close(self) -> None:
+        if self._task is None and self._hold is not None and self._hold.endswith(UNKNOWN_HOLD):
+            self._limiter.in_background(self._limiter.settle(self._limits, self._hold, 0))
+            return
         self.settle(0)
         if self._task is not None:
             # Shielded: a request cancelled now must not cancel the release of its hold.

@@ -449,3 +449,36 @@ def test_keys_without_a_budget_cost_the_same_round_trips(budgets_factory: Callab
         wait_for(lambda: evalsha_calls(budgets.redis) >= 3 * calls)  # noqa: B023
         time.sleep(0.2)
         assert evalsha_calls(budgets.redis) == 3 * calls, name
+
+
+def test_a_hold_whose_admission_answer_was_lost_is_released_by_its_settle(
+    budgets_factory: Callable[..., Budgets], own_redis: RedisServer
+) -> None:
+    """Admission times out on a paused Redis (on_error = "allow"), but the script is already on its way: once
+    Redis resumes it runs and holds. The request's settle does not know how much; it finds the hold by id."""
+    limits = '[redis]\non_error = "allow"\ntimeout_s = 0.5\ncircuit_failures = 100\n'
+    budgets = budgets_factory({"lost": "budget_tokens = 100000"}, limits, processes=1)
+    assert budgets.post("lost").status_code == 200  # scripts loaded, connections open
+    budgets.settled("lost")
+    spent = budgets.spent("lost")
+    assert own_redis.proc is not None
+    own_redis.proc.send_signal(signal.SIGSTOP)
+    try:
+        # A stream of 30 chunks 100 ms apart: admission gives up after 0.5 s, the answer runs about 3 s more.
+        headers = {**budgets.auth("lost"), "x-mock-chunks": "30", "x-mock-chunk-delay-ms": "100"}
+        with ThreadPoolExecutor(1) as pool:
+            answer = pool.submit(
+                httpx.post, budgets.url(), content=orjson.dumps({**CHAT, "stream": True}), headers=headers, timeout=15
+            )
+            time.sleep(1.2)
+            own_redis.proc.send_signal(signal.SIGCONT)
+            # The admit script that timed out ran once Redis resumed: its hold is there, unknown to the gateway.
+            deadline = time.monotonic() + 2
+            while not budgets.holds("lost") and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert len(budgets.holds("lost")) == 1
+            assert answer.result().status_code == 200
+    finally:
+        own_redis.proc.send_signal(signal.SIGCONT)
+    budgets.settled("lost")
+    assert budgets.spent("lost") == spent + 11 + 30

@@ -525,14 +525,6 @@ def test_client_leaves_while_waiting_for_the_upstream_headers(matrix: Matrix) ->
     matrix.assert_healthy()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "A client that leaves while admission waits on Redis is not noticed: the disconnect watcher "
-        "starts in endpoints._relay, after limiter.admit returns, so the request waits out "
-        "[redis] timeout_s and then goes upstream for a client that is gone."
-    ),
-)
 def test_client_leaves_while_waiting_on_redis(matrix: Matrix) -> None:
     assert matrix.redis.proc is not None
     before = matrix.counters()
