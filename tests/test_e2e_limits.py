@@ -46,7 +46,9 @@ def limits_config(mocks: Mocks, keys: dict[str, str]) -> str:
         for name, extra in KEY_LIMITS.items()
     )
     groups = "\n[groups.free]\n\n[groups.shared]\nrpm = 50\nburst = 50\n\n[groups.tiny]\nrpm = 1\n"
-    return beta_config(mocks, blocks + groups, '[redis]\non_error = "allow"')
+    # "deny" and a long timeout: on a loaded machine a Redis call slower than the default 0.25 s would be
+    # admitted unchecked under "allow", and an exactness test must not pass or fail by such luck.
+    return beta_config(mocks, blocks + groups, '[redis]\non_error = "deny"\ntimeout_s = 5')
 
 
 @dataclass
