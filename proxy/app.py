@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import logging
 import re
@@ -49,6 +50,7 @@ MAX_HEADER_LINE_BYTES = 8 * 1024
 MAX_HEAD_BYTES = 32 * 1024
 SANE_REQUEST_ID = re.compile(rb"^[A-Za-z0-9._:@/+=-]{1,128}$")
 INTERNAL_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+RUNTIME_SAMPLE_S = 5.0
 UNSAFE_IN_PATH = re.compile(r"[\x00-\x1f\x7f;?#%\\]")
 
 
@@ -85,6 +87,7 @@ class Gateway:
         self.metrics = Metrics()
         self.started_at = int(time.time())
         self.draining = False
+        self._sampler: asyncio.Task[None] | None = None
 
     def reload(self) -> bool:
         """Re-read the config file; a broken file keeps the old config."""
@@ -122,6 +125,8 @@ class Gateway:
                     return
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
+                if self._sampler is not None:
+                    self._sampler.cancel()
                 if self.events is not None:
                     await self.events.close()
                 if self.sessions is not None:
@@ -139,6 +144,7 @@ class Gateway:
         )
         self.events = EventSink(settings.events, latency_bucket, self.metrics.events_dropped.inc, self.limiter.client)
         self.events.start()
+        self._sampler = asyncio.create_task(self._sample_runtime())
         for warning in settings.warnings:
             log.warning("%s", warning)
         problem = await self.limiter.ping()
@@ -147,6 +153,16 @@ class Gateway:
             log.warning("limits are NOT enforced: Redis does not answer (%s); %s until it does", problem, then)
         # What exists now lives as long as the worker: keep it out of every later GC pass.
         gc.freeze()
+
+    async def _sample_runtime(self) -> None:
+        """Pool sizes, tasks and the event queue, for /metrics: sampled, so requests pay nothing for them."""
+        while True:
+            self.sample_runtime()
+            await asyncio.sleep(RUNTIME_SAMPLE_S)
+
+    def sample_runtime(self) -> None:
+        if self.sessions is not None and self.events is not None:
+            self.metrics.sample_runtime(self.sessions.pool_stats(), len(asyncio.all_tasks()), self.events.queue.qsize())
 
     def circuit_changed(self, is_open: bool) -> None:
         self.metrics.limiter_circuit_open.set(1 if is_open else 0)
@@ -229,6 +245,7 @@ class Gateway:
             )
             content_type = b"application/json"
         else:
+            self.sample_runtime()
             status, body, content_type = 200, self.metrics.exposition(), CONTENT_TYPE_LATEST.encode()
         headers = [
             (b"content-type", content_type),

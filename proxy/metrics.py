@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import bisect
 import os
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -18,6 +18,7 @@ from prometheus_client.utils import floatToGoString
 
 from .errors import UpstreamAuthError
 from .events import RequestRecord
+from .upstream import PoolStats
 
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 TTFB_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60)
@@ -82,6 +83,22 @@ class Metrics:
             "sluicegate_limiter_circuit_open", "1 while Redis calls are skipped after repeated failures, per worker",
             registry=r, multiprocess_mode="livesum",
         )  # fmt: skip
+        # Sampled (every few seconds, and at each scrape of this worker), not counted per request.
+        self.upstream_connections = Gauge(
+            "sluicegate_upstream_connections", "Connections in each provider's pool (sampled)",
+            ["provider", "state"], registry=r, multiprocess_mode="livesum",
+        )  # fmt: skip
+        self.pool_waiting = Gauge(
+            "sluicegate_upstream_pool_waiting", "Requests waiting for a free connection to their provider (sampled)",
+            ["provider"], registry=r, multiprocess_mode="livesum",
+        )  # fmt: skip
+        self.loop_tasks = Gauge(
+            "sluicegate_event_loop_tasks", "asyncio tasks alive (sampled)", registry=r, multiprocess_mode="livesum"
+        )
+        self.event_queue = Gauge(
+            "sluicegate_event_queue_depth", "Event records waiting to be written (sampled)",
+            registry=r, multiprocess_mode="livesum",
+        )  # fmt: skip
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
 
     def _child(self, metric: Any, *labels: str) -> Any:
@@ -114,6 +131,14 @@ class Metrics:
             child(self.upstream_errors, label, reason).inc()
             if reason == UpstreamAuthError.reason:
                 child(self.upstream_auth_errors, label).inc()
+
+    def sample_runtime(self, pools: Mapping[str, PoolStats], tasks: int, queued: int) -> None:
+        for provider, pool in pools.items():
+            self._child(self.upstream_connections, provider, "in_use").set(pool.in_use)
+            self._child(self.upstream_connections, provider, "idle").set(pool.idle)
+            self._child(self.pool_waiting, provider).set(pool.waiting)
+        self.loop_tasks.set(tasks)
+        self.event_queue.set(queued)
 
     def exposition(self) -> bytes:
         if multiprocess():

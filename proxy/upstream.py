@@ -88,12 +88,34 @@ def forwarded_headers(client_headers: Iterable[Header], request_id: str) -> dict
     return out
 
 
+@dataclass(frozen=True, slots=True)
+class PoolStats:
+    in_use: int
+    idle: int
+    waiting: int  # requests waiting for a free connection: the pool is too small for the load
+
+
 class Sessions:
     """One aiohttp session, so one connection pool, per provider: a slow provider's
     streams cannot take the connections another provider needs."""
 
     def __init__(self) -> None:
         self._by_provider: dict[str, aiohttp.ClientSession] = {}
+
+    def pool_stats(self) -> dict[str, PoolStats]:
+        """What each provider's pool holds now. aiohttp has no public counts: its own fields, read defensively."""
+        stats = {}
+        for name, session in self._by_provider.items():
+            connector = session.connector
+            acquired = getattr(connector, "_acquired", ())
+            idle = getattr(connector, "_conns", {})
+            waiters = getattr(connector, "_waiters", {})
+            stats[name] = PoolStats(
+                in_use=len(acquired),
+                idle=sum(len(conns) for conns in idle.values()),
+                waiting=sum(len(queue) for queue in waiters.values()),
+            )
+        return stats
 
     def get(self, provider: str) -> aiohttp.ClientSession:
         session = self._by_provider.get(provider)

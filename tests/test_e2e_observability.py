@@ -155,6 +155,30 @@ def test_metrics_move_for_each_outcome(obs: Observed) -> None:
     assert sample(after, "sluicegate_inflight_requests") == 0
 
 
+def test_pools_tasks_and_the_event_queue_are_sampled(obs: Observed) -> None:
+    """What a leak would show: connections per provider pool, waiters, tasks, queued records."""
+    with httpx.stream(
+        "POST", obs.base + "/v1/chat/completions", json={**CHAT, "stream": True},
+        headers={"Authorization": f"Bearer {obs.keys['main']}", "x-mock-chunks": "20", "x-mock-chunk-delay-ms": "50"},
+    ) as resp:  # fmt: skip
+        chunks = resp.iter_raw()  # kept: a dropped iterator closes the response
+        next(chunks)
+        during = obs.metrics()  # sampled at each scrape: the stream holds one connection now
+        for _ in chunks:
+            pass
+    assert sample(during, "sluicegate_upstream_connections", provider="alpha", state="in_use") == 1
+    assert sample(during, "sluicegate_upstream_pool_waiting", provider="alpha") == 0
+    tasks_during = sample(during, "sluicegate_event_loop_tasks")
+    deadline = time.monotonic() + 5
+    while sample(after := obs.metrics(), "sluicegate_inflight_requests") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert sample(after, "sluicegate_upstream_connections", provider="alpha", state="in_use") == 0
+    assert sample(after, "sluicegate_upstream_connections", provider="alpha", state="idle") >= 1
+    # The stream's own tasks (its request, its disconnect watcher) are gone with it.
+    assert 0 < sample(after, "sluicegate_event_loop_tasks") < tasks_during
+    assert sample(after, "sluicegate_event_queue_depth") >= 0
+
+
 def test_client_disconnect_is_counted_and_recorded(obs: Observed) -> None:
     before = obs.metrics()
     headers = {"Authorization": f"Bearer {obs.keys['main']}", "X-Request-ID": "obs-gone"}
