@@ -2,9 +2,12 @@
 
 Every fault is judged the same way: the client's exact answer, exactly one event
 record saying what happened, the counters that moved (by exact delta, and no
-others), and a gateway that is fine afterwards. A new fault is a new row in
-CASES; only faults that need a different driver (a client that leaves) have
-their own test, built from the same checks.
+others), and a gateway that is fine afterwards. A request the gateway refuses
+before any upstream attempt must not reach either mock. A new fault is a new row
+in CASES; a request no HTTP client library would send (a body that stops, two
+framings, a path it would normalise) goes out as raw bytes (`Case.wire`). Only
+faults that need a different driver (a client that leaves, a budget held by
+another request, a paused Redis) have their own test, built from the same checks.
 """
 
 from __future__ import annotations
@@ -15,7 +18,8 @@ import signal
 import socket
 import time
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,11 +29,18 @@ import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxy.auth import key_digest, new_key
+from proxy.auth import key_digest, mask_key, new_key
 from tests.conftest import Mock, Mocks, Proc, RedisServer, free_port, send_raw, start_gateway
 
 MESSAGES = [{"role": "user", "content": "hi"}]
 REDIS_TIMEOUT_S = 4.0
+CIRCUIT_FAILURES = 3
+CIRCUIT_COOLDOWN_S = 2.0  # longer than the few fast requests the circuit test sends while it is open
+BODY_TIMEOUT_S = 1.5
+ANSWER_MARGIN_S = 3.0  # an answer that waits out a deadline comes within this after it
+SMALL = 2048  # bytes: an error body with every client string in it cut to 256 characters
+HUGE_MODEL = "gpt-5-" + "x" * 900_000
+WRONG_PROVIDER_KEY = "sk-wrong-" + "w" * 40
 RECORD_WAIT_S = 5.0  # records are written by a background task: poll this long at most
 NO_SECOND_RECORD_S = 0.3  # and after the first shows up, this long more for a second one
 LEFT_NOTICED_S = 1.5  # a client that left is noticed (record written, upstream closed) within this
@@ -40,6 +51,7 @@ WATCHED = (
     "sluicegate_tokens_total",
     "sluicegate_ratelimited_total",
     "sluicegate_limiter_errors_total",
+    "sluicegate_upstream_auth_errors_total",
 )
 MetricKey = tuple[str, tuple[tuple[str, str], ...]]
 
@@ -57,6 +69,17 @@ def upstream_error(provider: str, reason: str) -> MetricKey:
     return sample("sluicegate_upstream_errors_total", provider=provider, reason=reason)
 
 
+def upstream_auth_error(provider: str) -> MetricKey:
+    return sample("sluicegate_upstream_auth_errors_total", provider=provider)
+
+
+def ratelimited(scope: str, limit: str) -> MetricKey:
+    return sample("sluicegate_ratelimited_total", scope=scope, limit=limit)
+
+
+LIMITER_ERRORS = sample("sluicegate_limiter_errors_total")
+
+
 def tokens(model: str, provider: str, prompt: int, completion: int) -> dict[MetricKey, float]:
     return {
         sample("sluicegate_tokens_total", model=model, provider=provider, type="prompt"): prompt,
@@ -68,8 +91,8 @@ def request_body(model: str, stream: bool) -> bytes:
     return orjson.dumps({"model": model, "messages": MESSAGES, "stream": stream})
 
 
-def envelope(code: str, message: str, kind: str = "api_error") -> dict[str, Any]:
-    return {"message": message, "type": kind, "param": None, "code": code}
+def envelope(code: str, message: str, kind: str = "api_error", param: str | None = None) -> dict[str, Any]:
+    return {"message": message, "type": kind, "param": param, "code": code}
 
 
 @dataclass(frozen=True)
@@ -82,6 +105,7 @@ class Answer:
     headers: dict[str, str] = field(default_factory=dict)
     check: Callable[[bytes], None] | None = None  # anything more about the raw body
     cut: bool = False  # the connection closes before the body's end: where no error event can be said
+    waits: float | None = None  # the answer comes once this deadline has passed, not before and not long after
 
 
 @dataclass(frozen=True)
@@ -97,6 +121,9 @@ class Case:
     path: str = "/chat/completions"
     headers: dict[str, str] = field(default_factory=dict)  # x-mock-* knobs on the request
     faults: dict[str, dict[str, Any]] = field(default_factory=dict)  # global mock knobs, by provider
+    # (header, key name) pairs, sent in this order; Authorization gets its "Bearer "; "stranger" is unknown.
+    credentials: tuple[tuple[str, str], ...] = (("Authorization", "main"),)
+    wire: Callable[[Matrix, str], bytes] | None = None  # the whole request as raw bytes, given its request id
 
 
 def record(status: int, error: str | None, attempts: int, provider: str | None, **more: Any) -> dict[str, Any]:
@@ -164,6 +191,71 @@ def mock_refusal(status: int) -> Callable[[bytes], None]:
         }
 
     return check
+
+
+def smaller_than(size: int) -> Callable[[bytes], None]:
+    def check(raw: bytes) -> None:
+        assert len(raw) < size, len(raw)
+
+    return check
+
+
+def chunked(body: bytes) -> bytes:
+    return f"{len(body):x}\r\n".encode() + body + b"\r\n0\r\n\r\n"
+
+
+def wire(
+    target: str = "/v1/chat/completions",
+    extra: Sequence[tuple[str, str]] = (),
+    body: bytes = request_body("alpha-chat", False),
+    length: int | None = None,
+) -> Callable[[Matrix, str], bytes]:
+    """A request as raw bytes: WIRE_HEADERS headers, then `extra`, then `body`; Content-Length says
+    `length` if given, else the body's."""
+
+    def build(matrix: Matrix, request_id: str) -> bytes:
+        headers = [
+            ("Host", "gw"),
+            ("Connection", "close"),
+            ("Content-Type", "application/json"),
+            *matrix.credentials(),
+            ("X-Request-ID", request_id),
+            ("Content-Length", str(len(body) if length is None else length)),
+            *extra,
+        ]
+        lines = "".join(f"{name}: {value}\r\n" for name, value in headers)
+        return f"POST {target} HTTP/1.1\r\n{lines}\r\n".encode("latin-1") + body
+
+    return build
+
+
+# Every `wire` request's own: Host, Connection, Content-Type, Authorization, X-Request-ID, Content-Length.
+WIRE_HEADERS = 6
+
+
+def refused(status: int, error: str, route: str = "other", **more: Any) -> dict[str, Any]:
+    """The record of a request the gateway refused before choosing a provider or reading a model."""
+    return record(status, error, 0, None, route=route, model=None, **more)
+
+
+def two_credentials(what: str) -> dict[str, Any]:
+    message = (
+        f"Two credentials were sent: {what}. Send exactly one key, "
+        "as 'Authorization: Bearer sk-...' or as 'X-API-Key: sk-...'."
+    )
+    return envelope("invalid_request", message, "invalid_request_error")
+
+
+def auth_refused(provider: str, status: int) -> dict[str, Any]:
+    message = (
+        f"Provider '{provider}' rejected the gateway's own credential (HTTP {status}). "
+        "Your API key is fine: the gateway's operators must fix the provider key or its access."
+    )
+    return envelope("upstream_auth_error", message)
+
+
+def bad_path(problem: str) -> dict[str, Any]:
+    return envelope("invalid_request", f"The path has {problem}", "invalid_request_error")
 
 
 CASES = [
@@ -297,6 +389,191 @@ CASES = [
         },
         faults={"alpha": {"status": 429}},
     ),
+    # The provider refuses the gateway's own credential: the client's key is fine, so never its 401.
+    Case(
+        "upstream-401-wrong-provider-key",
+        "locked-chat",
+        Answer(502, auth_refused("locked", 401)),
+        record(502, "upstream_auth_error", 1, "locked"),
+        {
+            served("locked-chat", "locked", 502): 1,
+            upstream_error("locked", "auth_error"): 1,
+            upstream_auth_error("locked"): 1,
+        },
+    ),
+    *(
+        Case(
+            f"upstream-{status}",
+            "alpha-chat",
+            Answer(502, auth_refused("alpha", status)),
+            record(502, "upstream_auth_error", 1, "alpha"),
+            {
+                served("alpha-chat", "alpha", 502): 1,
+                upstream_error("alpha", "auth_error"): 1,
+                upstream_auth_error("alpha"): 1,
+            },
+            headers={"x-mock-status": str(status)},
+        )
+        for status in (401, 403)
+    ),
+    Case(
+        "upstream-401-wrong-provider-key-then-fallback",
+        "spare-chat",
+        Answer(200),
+        record(200, None, 2, "beta", total_tokens=7),
+        {
+            served("spare-chat", "beta", 200): 1,
+            upstream_error("locked", "auth_error"): 1,
+            upstream_auth_error("locked"): 1,
+            **tokens("spare-chat", "beta", 1, 6),
+        },
+    ),
+    Case(
+        "upstream-403-then-fallback",
+        "mock-chat",
+        Answer(200),
+        record(200, None, 2, "beta", total_tokens=7),
+        {
+            served("mock-chat", "beta", 200): 1,
+            upstream_error("alpha", "auth_error"): 1,
+            upstream_auth_error("alpha"): 1,
+            **tokens("mock-chat", "beta", 1, 6),
+        },
+        faults={"alpha": {"status": 403}},
+    ),
+    # Client faults the gateway refuses before any upstream attempt.
+    Case(
+        "slow-body",
+        "alpha-chat",
+        Answer(
+            408,
+            envelope(
+                "request_timeout",
+                f"The request body did not arrive within {BODY_TIMEOUT_S:g}s.",
+                "invalid_request_error",
+            ),
+            headers={"connection": "close"},
+            waits=BODY_TIMEOUT_S,
+        ),
+        # Nothing is known of a request whose body never came: not even its key is looked at.
+        refused(408, "request_timeout", key=None),
+        {served("other", "other", 408, "other"): 1},
+        wire=wire(body=b'{"mod', length=1000),
+    ),
+    *(
+        Case(
+            f"two-authorization-headers-valid-{'first' if valid_first else 'last'}",
+            "alpha-chat",
+            Answer(400, two_credentials("two Authorization headers with different values")),
+            refused(400, "invalid_request", "/chat/completions", key=None),
+            {served("other", "other", 400): 1},
+            credentials=(("Authorization", "main"), ("Authorization", "stranger"))[:: 1 if valid_first else -1],
+        )
+        for valid_first in (True, False)
+    ),
+    *(
+        Case(
+            f"authorization-and-x-api-key-{order}",
+            "alpha-chat",
+            Answer(400, two_credentials("an Authorization header and an X-API-Key header with different keys")),
+            refused(400, "invalid_request", "/chat/completions", key=None),
+            {served("other", "other", 400): 1},
+            credentials=pair,
+        )
+        for order, pair in (
+            ("authorization-first", (("Authorization", "main"), ("X-API-Key", "limited"))),
+            ("x-api-key-first", (("X-API-Key", "limited"), ("Authorization", "main"))),
+        )
+    ),
+    *(
+        Case(
+            f"900kb-model-name-{name}",
+            HUGE_MODEL,
+            Answer(
+                404,
+                envelope(
+                    "model_not_found",
+                    f"The model '{HUGE_MODEL[:255]}…' does not exist on this gateway.",
+                    "invalid_request_error",
+                    "model",
+                ),
+                check=smaller_than(SMALL),
+            ),
+            record(404, "model_not_found", 0, None, route=route, model=HUGE_MODEL[:255] + "…"),
+            {served("other", "other", 404, route): 1},
+            path=path,
+        )
+        for name, route, path in (
+            ("chat", "/chat/completions", "/chat/completions"),
+            ("passthrough", "passthrough", "/images/generations"),
+        )
+    ),
+    Case(
+        "64kb-header",
+        "alpha-chat",
+        Answer(
+            431,
+            envelope(
+                "request_header_fields_too_large",
+                "The header 'x-big' is over 8192 bytes, the most for one header.",
+                "invalid_request_error",
+            ),
+        ),
+        refused(431, "request_header_fields_too_large", key=None),
+        {served("other", "other", 431, "other"): 1},
+        wire=wire(extra=[("X-Big", "a" * 65536)]),
+    ),
+    Case(
+        "200-headers",
+        "alpha-chat",
+        Answer(
+            431,
+            envelope(
+                "request_header_fields_too_large",
+                f"The request has {WIRE_HEADERS + 200} headers; this gateway takes at most 100.",
+                "invalid_request_error",
+            ),
+        ),
+        refused(431, "request_header_fields_too_large", key=None),
+        {served("other", "other", 431, "other"): 1},
+        wire=wire(extra=[(f"X-Custom-{i}", str(i)) for i in range(200)]),
+    ),
+    Case(
+        "transfer-encoding-and-content-length",
+        "alpha-chat",
+        Answer(
+            400,
+            envelope(
+                "invalid_request", "The request has both Transfer-Encoding and Content-Length.", "invalid_request_error"
+            ),
+            headers={"connection": "close"},
+        ),
+        refused(400, "invalid_request", key=None),
+        {served("other", "other", 400, "other"): 1},
+        wire=wire(extra=[("Transfer-Encoding", "chunked")], body=chunked(request_body("alpha-chat", False)), length=5),
+    ),
+    # Passthrough paths that a provider might read as another path, sent with the provider pinned
+    # and a model it serves, so that anything forwarded would reach mock-a.
+    *(
+        Case(
+            f"passthrough-path-{name}",
+            "alpha-chat",
+            Answer(400, bad_path(problem)),
+            refused(400, "invalid_request", "passthrough", key_name="main"),
+            {served("other", "other", 400, "passthrough"): 1},
+            wire=wire(target, [("X-AI-Provider", "alpha")]),
+        )
+        for name, target, problem in (
+            (
+                "empty-segment",
+                "/v1//admin",
+                "an empty segment ('//' or a trailing '/'); it is not forwarded. "
+                "If the base URL ends in '/', drop that '/'.",
+            ),
+            ("nul", "/v1/a%00b", "the control character '\\x00' once decoded; it is not forwarded."),
+            ("dot-dot-semicolon", "/v1/..;/x", "';' once decoded; it is not forwarded."),
+        )
+    ),
 ]
 
 
@@ -305,10 +582,13 @@ def matrix_config(mocks: Mocks, keys: dict[str, str], events: Path, dead_port: i
 [server]
 bind = "127.0.0.1:9"
 graceful_timeout_s = 5
+body_timeout_s = {BODY_TIMEOUT_S}
 
 [redis]
 on_error = "allow"
 timeout_s = {REDIS_TIMEOUT_S}
+circuit_failures = {CIRCUIT_FAILURES}
+circuit_cooldown_s = {CIRCUIT_COOLDOWN_S}
 
 [events]
 sink = "file"
@@ -327,9 +607,17 @@ idle_timeout_s = 2
 [[providers]]
 name = "beta"
 base_url = "{mocks.beta.url}/v1"
-models = ["mock-chat", "beta-chat"]
+models = ["mock-chat", "beta-chat", "spare-chat"]
 priority = 1
 first_byte_timeout_s = 10
+
+# mock-a with a key it does not take: the provider refuses the gateway's credential for real.
+[[providers]]
+name = "locked"
+base_url = "{mocks.alpha.url}/v1"
+api_key_env = "SG_TEST_WRONG_KEY"
+models = ["locked-chat", "spare-chat"]
+priority = 0
 
 [[providers]]
 name = "dead"
@@ -345,6 +633,16 @@ sha256 = "{key_digest(keys["main"])}"
 name = "limited"
 sha256 = "{key_digest(keys["limited"])}"
 rpm = 100000
+
+[[keys]]
+name = "held"
+sha256 = "{key_digest(keys["held"])}"
+budget_tokens = 30
+
+[[keys]]
+name = "spent"
+sha256 = "{key_digest(keys["spent"])}"
+budget_tokens = 5
 """
 
 
@@ -355,6 +653,8 @@ class Matrix:
     events: Path
     mocks: dict[str, Mock]
     redis: RedisServer
+    # For the checks (metrics, health, mock logs): one client, not a new one and its TLS setup each time.
+    http: httpx.Client = field(default_factory=lambda: httpx.Client(timeout=5))
 
     @property
     def base(self) -> str:
@@ -363,8 +663,21 @@ class Matrix:
     def auth(self, key: str = "main") -> dict[str, str]:
         return {"Authorization": f"Bearer {self.keys[key]}"}
 
+    def credentials(self, pairs: tuple[tuple[str, str], ...] = (("Authorization", "main"),)) -> list[tuple[str, str]]:
+        """(header, key name) pairs as the client sends them."""
+        return [
+            (header, f"Bearer {self.keys[name]}" if header == "Authorization" else self.keys[name])
+            for header, name in pairs
+        ]
+
+    def gauge(self, name: str) -> float:
+        text = self.http.get(self.base + "/metrics").text
+        return next(
+            s.value for family in text_string_to_metric_families(text) for s in family.samples if s.name == name
+        )
+
     def counters(self) -> dict[MetricKey, float]:
-        text = httpx.get(self.base + "/metrics", timeout=5).text
+        text = self.http.get(self.base + "/metrics").text
         return {
             (s.name, tuple(sorted(s.labels.items()))): s.value
             for family in text_string_to_metric_families(text)
@@ -383,45 +696,62 @@ class Matrix:
         needle = f'"request_id":"{request_id}"'.encode()
         return [orjson.loads(line) for line in self.events.read_bytes().splitlines() if needle in line]
 
-    def one_record(self, request_id: str, within_s: float = RECORD_WAIT_S) -> dict[str, Any]:
+    def one_record(
+        self, request_id: str, within_s: float = RECORD_WAIT_S, quiet_s: float = NO_SECOND_RECORD_S
+    ) -> dict[str, Any]:
+        """quiet_s: how long to watch for a second record (0 when a caller already waited for it)."""
         deadline = time.monotonic() + within_s
         while not (found := self.records(request_id)):
             if time.monotonic() > deadline:
                 raise AssertionError(f"no event record for {request_id} within {within_s}s")
             time.sleep(0.02)
-        time.sleep(NO_SECOND_RECORD_S)
+        time.sleep(quiet_s)
         found = self.records(request_id)
         assert len(found) == 1, found
         return found[0]
 
+    def reset_mocks(self) -> None:
+        """Mock.reset, over the one client."""
+        for mock in self.mocks.values():
+            for what in ("faults", "requests"):
+                self.http.delete(f"{mock.url}/_mock/{what}").raise_for_status()
+
+    def upstream_ids(self) -> list[str]:
+        """The request id of everything either mock has seen since its log was cleared."""
+        return [e["id"] for m in self.mocks.values() for e in self.http.get(f"{m.url}/_mock/requests").json()]
+
     def assert_healthy(self) -> None:
-        resp = httpx.get(self.base + "/healthz", timeout=5)
+        resp = self.http.get(self.base + "/healthz")
         assert resp.status_code == 200
         assert resp.json() == {"status": "ok"}
         gauges = {
             s.name: s.value
-            for family in text_string_to_metric_families(httpx.get(self.base + "/metrics", timeout=5).text)
+            for family in text_string_to_metric_families(self.http.get(self.base + "/metrics").text)
             for s in family.samples
         }
         assert gauges["sluicegate_inflight_requests"] == 0
         assert gauges["sluicegate_active_streams"] == 0
+        assert gauges["sluicegate_limiter_circuit_open"] == 0
 
 
 @pytest.fixture(scope="module")
 def matrix_gateway(tmp_path_factory: pytest.TempPathFactory, mocks: Mocks) -> Iterator[Matrix]:
     tmp = tmp_path_factory.mktemp("fault-matrix")
     redis = RedisServer(free_port(), tmp / "redis.log").start()
-    keys = {"main": new_key(), "limited": new_key()}
+    # "stranger" is well formed but not in the config: an unknown key.
+    keys = {name: new_key() for name in ("main", "limited", "held", "spent", "stranger")}
     events = tmp / "events.jsonl"
     config = matrix_config(mocks, keys, events, free_port())
     try:
-        proc = start_gateway(tmp, mocks, config, redis_url=redis.url)
+        proc = start_gateway(tmp, mocks, config, redis_url=redis.url, env={"SG_TEST_WRONG_KEY": WRONG_PROVIDER_KEY})
     except BaseException:
         redis.stop()
         raise
+    matrix = Matrix(proc, keys, events, {"alpha": mocks.alpha, "beta": mocks.beta}, redis)
     try:
-        yield Matrix(proc, keys, events, {"alpha": mocks.alpha, "beta": mocks.beta}, redis)
+        yield matrix
     finally:
+        matrix.http.close()
         proc.stop()
         if redis.proc is not None:
             redis.proc.send_signal(signal.SIGCONT)
@@ -430,11 +760,9 @@ def matrix_gateway(tmp_path_factory: pytest.TempPathFactory, mocks: Mocks) -> It
 
 @pytest.fixture
 def matrix(matrix_gateway: Matrix) -> Iterator[Matrix]:
-    for mock in matrix_gateway.mocks.values():
-        mock.reset()
+    matrix_gateway.reset_mocks()
     yield matrix_gateway
-    for mock in matrix_gateway.mocks.values():
-        mock.reset()
+    matrix_gateway.reset_mocks()
 
 
 def new_request_id(case: str) -> str:
@@ -447,12 +775,22 @@ class Received:
     headers: httpx.Headers
     raw: bytes  # as it came over the wire, never decompressed by the client
     cut: bool  # the connection closed before the end of the body
+    took: float  # seconds from sending the request to the end of the answer
 
 
 def send(matrix: Matrix, case: Case, request_id: str) -> Received:
-    headers = {**matrix.auth(), **case.headers, "X-Request-ID": request_id, "Content-Type": "application/json"}
+    if case.wire is not None:
+        return send_wire(matrix, case.wire(matrix, request_id))
+    # A list of pairs: httpx sends each, repeated names included, in this order.
+    headers = [
+        *matrix.credentials(case.credentials),
+        *case.headers.items(),
+        ("X-Request-ID", request_id),
+        ("Content-Type", "application/json"),
+    ]
     raw = b""
     cut = False
+    started = time.monotonic()
     with httpx.stream(
         "POST", matrix.base + "/v1" + case.path, content=request_body(case.model, case.stream),
         headers=headers, timeout=15,
@@ -462,7 +800,23 @@ def send(matrix: Matrix, case: Case, request_id: str) -> Received:
                 raw += part
         except httpx.RemoteProtocolError:
             cut = True
-    return Received(resp.status_code, resp.headers, raw, cut)
+    return Received(resp.status_code, resp.headers, raw, cut, time.monotonic() - started)
+
+
+def send_wire(matrix: Matrix, request: bytes) -> Received:
+    """Raw bytes out, and everything that comes back until the gateway closes (the request says close)."""
+    answer = b""
+    with socket.create_connection(("127.0.0.1", matrix.proc.port), timeout=15) as sock:
+        started = time.monotonic()
+        sock.sendall(request)
+        while part := sock.recv(65536):
+            answer += part
+        took = time.monotonic() - started
+    head, _, body = answer.partition(b"\r\n\r\n")
+    status_line, *lines = head.decode("latin-1").split("\r\n")
+    headers = httpx.Headers([tuple(line.split(": ", 1)) for line in lines])
+    cut = len(body) < int(headers.get("content-length", len(body)))
+    return Received(int(status_line.split()[1]), headers, body, cut, took)
 
 
 def assert_answer(answer: Answer, got: Received, request_id: str) -> None:
@@ -483,6 +837,29 @@ def assert_answer(answer: Answer, got: Received, request_id: str) -> None:
         assert raw.count(b'data: {"error"') == 1
     if answer.check is not None:
         answer.check(raw)
+    if answer.waits is not None:
+        assert answer.waits * 0.9 <= got.took < answer.waits + ANSWER_MARGIN_S, got.took
+
+
+def assert_request(
+    matrix: Matrix, case: Case, got: Received, request_id: str, quiet_s: float = NO_SECOND_RECORD_S
+) -> None:
+    """The answer, and the one record it left; a request refused before any attempt reached no upstream."""
+    assert_answer(case.answer, got, request_id)
+    found = matrix.one_record(request_id, quiet_s=quiet_s)
+    assert {k: found[k] for k in case.record} == case.record
+    assert found["client_disconnected"] is False
+    if "model" not in case.record:
+        assert found["model"] == case.model
+    if found["key_name"] is not None:
+        assert found["key"] == mask_key(matrix.keys[found["key_name"]])
+    if found["attempts"] == 0:
+        assert request_id not in matrix.upstream_ids()
+
+
+def assert_moved(matrix: Matrix, before: dict[MetricKey, float], moved: dict[MetricKey, float]) -> None:
+    assert matrix.moved_since(before) == moved
+    matrix.assert_healthy()
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
@@ -491,13 +868,11 @@ def test_fault(matrix: Matrix, case: Case) -> None:
         matrix.mocks[provider].faults(**knobs)
     before = matrix.counters()
     request_id = new_request_id(case.id)
-    assert_answer(case.answer, send(matrix, case, request_id), request_id)
-    found = matrix.one_record(request_id)
-    assert {k: found[k] for k in case.record} == case.record
-    assert found["client_disconnected"] is False
-    assert found["model"] == case.model
-    assert matrix.moved_since(before) == case.moved
-    matrix.assert_healthy()
+    assert_request(matrix, case, send(matrix, case, request_id), request_id)
+    if case.record["attempts"] == 0:
+        # Alone on the mocks: nothing at all reached them, under this request id or another.
+        assert matrix.upstream_ids() == []
+    assert_moved(matrix, before, case.moved)
 
 
 def leave_after(sock: socket.socket, wait_s: float) -> None:
@@ -549,3 +924,170 @@ def test_client_leaves_while_waiting_on_redis(matrix: Matrix) -> None:
         while not matrix.records(request_id) and time.monotonic() < deadline:
             time.sleep(0.05)
     matrix.assert_healthy()
+
+
+# A budget: held by a request in flight, then spent. Each key is used by one test only.
+
+HOLDER = Case(
+    "budget-holder",
+    "beta-chat",
+    Answer(200),
+    record(200, None, 1, "beta", total_tokens=7, key_name="held"),
+    {},
+    headers={"x-mock-ttfb-ms": "1000"},  # in flight this long after the mock has it, holding all of the budget
+    credentials=(("Authorization", "held"),),
+)
+HELD = Case(
+    "budget-held-in-flight",
+    "beta-chat",
+    Answer(
+        429,
+        envelope(
+            "rate_limit_exceeded",
+            "The rest of this API key's token budget is held by requests in flight. Retry in 1s.",
+            "rate_limit_error",
+        ),
+        headers={"retry-after": "1", "retry-after-ms": "1000"},
+    ),
+    record(429, "rate_limit_exceeded", 0, None, key_name="held"),
+    {
+        served("beta-chat", "other", 429): 1,
+        ratelimited("key", "budget"): 1,
+        # and the holder's own, once it is answered
+        served("beta-chat", "beta", 200): 1,
+        **tokens("beta-chat", "beta", 1, 6),
+    },
+    credentials=(("Authorization", "held"),),
+)
+
+
+def test_a_budget_held_by_a_request_in_flight_is_429(matrix: Matrix) -> None:
+    before = matrix.counters()
+    holder_id, request_id = new_request_id(HOLDER.id), new_request_id(HELD.id)
+    with ThreadPoolExecutor(1) as pool:
+        holder = pool.submit(send, matrix, HOLDER, holder_id)
+        # The mock has it, so its admission (and hold: min(estimate + reserve, 30) = all 30) is done.
+        matrix.mocks["beta"].request(holder_id, done=False)
+        got = send(matrix, HELD, request_id)
+        assert not holder.done()
+        held_by = holder.result()
+    assert_request(matrix, HELD, got, request_id)
+    assert_request(matrix, HOLDER, held_by, holder_id)
+    assert_moved(matrix, before, HELD.moved)
+
+
+SPENDER = Case(
+    "budget-spender",
+    "mock-chat",
+    Answer(200),
+    # It holds all 5 tokens of the budget and uses 7: the overrun is charged, and nothing is left.
+    record(200, None, 1, "alpha", total_tokens=7, key_name="spent"),
+    {},
+    credentials=(("Authorization", "spent"),),
+)
+SPENT = Case(
+    "budget-spent",
+    "mock-chat",
+    Answer(
+        402,
+        envelope(
+            "insufficient_quota",
+            "This API key's token budget is spent. Ask the gateway's operators to raise it.",
+            "insufficient_quota",
+        ),
+        headers={"x-should-retry": "false"},
+    ),
+    record(402, "insufficient_quota", 0, None, key_name="spent"),
+    {
+        served("mock-chat", "other", 402): 1,
+        # and the spender's own
+        served("mock-chat", "alpha", 200): 1,
+        **tokens("mock-chat", "alpha", 1, 6),
+    },
+    credentials=(("Authorization", "spent"),),
+)
+
+
+def test_a_spent_budget_is_402(matrix: Matrix) -> None:
+    before = matrix.counters()
+    spender_id, request_id = new_request_id(SPENDER.id), new_request_id(SPENT.id)
+    # Its record is written once its usage is settled, so the next request sees the budget spent.
+    assert_request(matrix, SPENDER, send(matrix, SPENDER, spender_id), spender_id)
+    assert_request(matrix, SPENT, send(matrix, SPENT, request_id), request_id)
+    assert_moved(matrix, before, SPENT.moved)
+
+
+# A paused Redis (SIGSTOP on the module's own redis-server): it hangs, it does not refuse.
+
+UNCHECKED = Case(
+    "redis-paused",
+    "mock-chat",
+    Answer(200),  # on_error = "allow": admitted, unchecked
+    record(200, None, 1, "alpha", total_tokens=7, key_name="limited"),
+    {},
+    credentials=(("Authorization", "limited"),),  # rpm only: one Redis call a request, the admission
+)
+FAST_WHILE_OPEN = 5
+
+
+def close_circuit(matrix: Matrix) -> None:
+    """Once Redis is back: after the cool-down one request probes and closes the circuit (no-op if closed)."""
+    deadline = time.monotonic() + CIRCUIT_COOLDOWN_S + REDIS_TIMEOUT_S + RECORD_WAIT_S
+    while matrix.gauge("sluicegate_limiter_circuit_open") and time.monotonic() < deadline:
+        time.sleep(0.2)
+        httpx.post(
+            matrix.base + "/v1/chat/completions", json={"model": "mock-chat", "messages": MESSAGES},
+            headers=matrix.auth("limited"), timeout=REDIS_TIMEOUT_S + 5,
+        )  # fmt: skip
+
+
+def test_paused_redis_opens_the_circuit_and_one_probe_closes_it(matrix: Matrix) -> None:
+    redis = matrix.redis.proc
+    assert redis is not None
+    assert matrix.gauge("sluicegate_limiter_circuit_open") == 0
+    before = matrix.counters()
+
+    def one(_: object = None) -> tuple[str, Received]:
+        request_id = new_request_id(UNCHECKED.id)
+        return request_id, send(matrix, UNCHECKED, request_id)
+
+    try:
+        redis.send_signal(signal.SIGSTOP)
+        try:
+            # As many at once as it takes to open the circuit: each waits out timeout_s, then is let in.
+            with ThreadPoolExecutor(CIRCUIT_FAILURES) as pool:
+                waited = list(pool.map(one, range(CIRCUIT_FAILURES)))
+            opened_by = time.monotonic()
+            for _, got in waited:
+                assert REDIS_TIMEOUT_S * 0.9 <= got.took < REDIS_TIMEOUT_S + ANSWER_MARGIN_S, got.took
+            assert matrix.gauge("sluicegate_limiter_circuit_open") == 1
+            # Open: no request waits on Redis, on_error applies at once.
+            fast = [one() for _ in range(FAST_WHILE_OPEN)]
+            for _, got in fast:
+                assert got.took < REDIS_TIMEOUT_S / 2, got.took
+            assert matrix.gauge("sluicegate_limiter_circuit_open") == 1
+        finally:
+            redis.send_signal(signal.SIGCONT)
+        time.sleep(max(0.0, opened_by + CIRCUIT_COOLDOWN_S + 0.2 - time.monotonic()))
+        probe = one()
+        assert probe[1].took < REDIS_TIMEOUT_S / 2
+        assert matrix.gauge("sluicegate_limiter_circuit_open") == 0
+    finally:
+        close_circuit(matrix)  # for the tests after this one, whatever happened here
+    sent = [*waited, *fast, probe]
+    for request_id, _ in sent:
+        matrix.one_record(request_id, quiet_s=0)
+    time.sleep(NO_SECOND_RECORD_S)  # once for all of them
+    for request_id, got in sent:
+        assert_request(matrix, UNCHECKED, got, request_id, quiet_s=0)
+    assert_moved(
+        matrix,
+        before,
+        {
+            served("mock-chat", "alpha", 200): len(sent),
+            **{k: v * len(sent) for k, v in tokens("mock-chat", "alpha", 1, 6).items()},
+            # The timed-out admissions and the skipped ones; the probe's succeeded.
+            LIMITER_ERRORS: CIRCUIT_FAILURES + FAST_WHILE_OPEN,
+        },
+    )
+    assert "Redis failed 3 times in a row" in matrix.proc.log.read_text()
