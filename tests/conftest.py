@@ -312,6 +312,18 @@ models = ["mock-chat"]
 {keys_toml}"""
 
 
+def event_lines(path: Path) -> list[bytes]:
+    """The complete lines of an events file: the writer may be half-way through a line right now."""
+    if not path.exists():
+        return []
+    data = path.read_bytes()
+    return [line for line in data[: data.rfind(b"\n") + 1].splitlines() if line]
+
+
+def event_records(path: Path) -> list[dict[str, Any]]:
+    return [orjson.loads(line) for line in event_lines(path)]
+
+
 def send_raw(port: int, body: dict[str, Any], headers: dict[str, str]) -> socket.socket:
     """A POST on a bare socket, so a test can close it mid-stream like a client that left."""
     payload = orjson.dumps(body)

@@ -18,7 +18,7 @@ import orjson
 import pytest
 
 from proxy.auth import key_digest, new_key
-from tests.conftest import Mocks, Proc, RedisServer, start_gateway
+from tests.conftest import Mocks, Proc, RedisServer, event_lines, event_records, start_gateway
 
 CHAT: dict[str, Any] = {"model": "mock-chat", "messages": [{"role": "user", "content": "hi"}]}
 TWO_CREDENTIALS = "Two credentials were sent: "
@@ -71,14 +71,14 @@ class Setup:
     def events(self) -> list[dict[str, Any]]:
         if not self.events_path.exists():
             return []
-        return [orjson.loads(line) for line in self.events_path.read_bytes().splitlines() if line]
+        return event_records(self.events_path)
 
     def event_line(self, request_id: str, timeout_s: float = 5.0) -> bytes:
         """The raw record line of one request, once written."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.events_path.exists():
-                found = [line for line in self.events_path.read_bytes().splitlines() if request_id.encode() in line]
+                found = [line for line in event_lines(self.events_path) if request_id.encode() in line]
                 if found:
                     assert len(found) == 1, found
                     return found[0]

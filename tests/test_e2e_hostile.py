@@ -15,7 +15,7 @@ import orjson
 import pytest
 
 from proxy.auth import key_digest, new_key
-from tests.conftest import Mocks, Proc, start_gateway
+from tests.conftest import Mocks, Proc, event_records, start_gateway
 
 BODY_TIMEOUT_S = 1.0
 HEADER_TIMEOUT_S = 1.0
@@ -62,7 +62,7 @@ class Hostile:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.events.exists():
-                lines = [orjson.loads(line) for line in self.events.read_bytes().splitlines()]
+                lines = event_records(self.events)
                 found = [r for r in lines if r["request_id"] == request_id]
                 if found:
                     assert len(found) == 1, found

@@ -20,7 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.auth import key_digest, mask_key, new_key
 from proxy.metrics import DURATION_BUCKETS
-from tests.conftest import Mocks, Proc, RedisServer, send_raw, start_gateway
+from tests.conftest import Mocks, Proc, RedisServer, event_records, send_raw, start_gateway
 
 CHAT: dict[str, Any] = {"model": "mock-chat", "messages": [{"role": "user", "content": "say something"}]}
 EVENT_FIELDS = [
@@ -91,7 +91,7 @@ class Observed:
     def events(self) -> list[dict[str, Any]]:
         if not self.events_path.exists():
             return []
-        return [orjson.loads(line) for line in self.events_path.read_bytes().splitlines() if line]
+        return event_records(self.events_path)
 
     def event(self, request_id: str, timeout_s: float = 5.0) -> dict[str, Any]:
         deadline = time.monotonic() + timeout_s

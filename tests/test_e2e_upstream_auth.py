@@ -14,12 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.auth import key_digest, new_key
-from tests.conftest import Mocks, Proc, RedisServer, start_gateway
+from tests.conftest import Mocks, Proc, RedisServer, event_records, start_gateway
 
 CHAT: dict[str, Any] = {"model": "mock-chat", "messages": [{"role": "user", "content": "hi"}]}
 WRONG_PROVIDER_KEY = "sk-wrong-" + "w" * 40
@@ -90,8 +89,7 @@ class Setup:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.events_path.exists():
-                lines = self.events_path.read_bytes().splitlines()
-                found = [e for e in map(orjson.loads, lines) if e["request_id"] == request_id]
+                found = [e for e in event_records(self.events_path) if e["request_id"] == request_id]
                 if found:
                     assert len(found) == 1, found
                     event: dict[str, Any] = found[0]

@@ -30,7 +30,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.auth import key_digest, mask_key, new_key
-from tests.conftest import Mock, Mocks, Proc, RedisServer, free_port, send_raw, start_gateway
+from tests.conftest import Mock, Mocks, Proc, RedisServer, event_lines, free_port, send_raw, start_gateway
 
 MESSAGES = [{"role": "user", "content": "hi"}]
 REDIS_TIMEOUT_S = 4.0
@@ -694,7 +694,7 @@ class Matrix:
         if not self.events.exists():
             return []
         needle = f'"request_id":"{request_id}"'.encode()
-        return [orjson.loads(line) for line in self.events.read_bytes().splitlines() if needle in line]
+        return [orjson.loads(line) for line in event_lines(self.events) if needle in line]
 
     def one_record(
         self, request_id: str, within_s: float = RECORD_WAIT_S, quiet_s: float = NO_SECOND_RECORD_S
