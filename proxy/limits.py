@@ -26,13 +26,14 @@ from typing import Any, Literal
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from .errors import Header, InsufficientQuota, LimiterUnavailable, RateLimited
+from .redis_pipe import Pipe, Prepared, Script, pack_command
 from .settings import GroupSettings, KeySettings, LimitSettings, RedisSettings
 
-ADMIT_LUA = files("proxy").joinpath("token_bucket.lua").read_text()
-CHARGE_LUA = files("proxy").joinpath("charge.lua").read_text()
+ADMIT = Script(files("proxy").joinpath("token_bucket.lua").read_text())
+SETTLE = Script(files("proxy").joinpath("charge.lua").read_text())
 REDIS_ERRORS = (RedisError, OSError, TimeoutError)
 UNKNOWN_HOLD = ":?"  # a hold whose amount admission never heard back (charge.lua finds it by id)
 HELD_WAIT_MS = 1000  # a settle frees held tokens within about an answer's time: ask again soon
@@ -154,6 +155,7 @@ class Plan:
     keys: tuple[str, ...]
     args: tuple[Any, ...]
     budgeted: bool
+    call: Prepared  # the EVALSHA, packed once
 
     @classmethod
     def build(cls, buckets: tuple[Bucket, ...], key: KeySettings, limits: LimitSettings) -> Plan:
@@ -162,7 +164,8 @@ class Plan:
         for b in buckets:
             args += [b.capacity, b.rate_per_s, 1 if b.kind == "rpm" else 0]
         keys = [b.redis_key for b in buckets] + (list(budget_keys(key)) if budget is not None else [])
-        return cls(buckets, tuple(keys), tuple(args), budget is not None)
+        call = Prepared(ADMIT, keys, args, more=2 if budget is not None else 0)
+        return cls(buckets, tuple(keys), tuple(args), budget is not None, call)
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,6 +177,7 @@ class KeyLimits:
     token_buckets: tuple[Bucket, ...]
     charge_keys: tuple[str, ...]
     charge_args: tuple[Any, ...]  # a settle adds the tokens used and the hold
+    settle_call: Prepared  # the EVALSHA, packed once
 
     @classmethod
     def build(cls, key: KeySettings, group: GroupSettings, limits: LimitSettings) -> KeyLimits:
@@ -184,14 +188,16 @@ class KeyLimits:
         args: list[Any] = [len(tpm), 1 if budgeted else 0]
         for b in tpm:
             args += [b.capacity, b.rate_per_s]
+        charge_keys = tuple(b.redis_key for b in tpm) + (budget_keys(key) if budgeted else ())
         return cls(
             key=key,
             model=Plan.build(buckets, key, limits) if buckets or budgeted else None,
             passthrough=Plan.build(rpm, key, limits) if rpm or budgeted else None,
             reserve_tokens=limits.reserve_tokens,
             token_buckets=tpm,
-            charge_keys=tuple(b.redis_key for b in tpm) + (budget_keys(key) if budgeted else ()),
+            charge_keys=charge_keys,
             charge_args=tuple(args),
+            settle_call=Prepared(SETTLE, charge_keys, args, more=2),
         )
 
     @property
@@ -272,8 +278,12 @@ class Limiter:
             # One immediate retry: a pooled connection may be stale after a Redis restart.
             retry=Retry(NoBackoff(), 1),
         )
-        self._admit = self.client.register_script(ADMIT_LUA)
-        self._charge = self.client.register_script(CHARGE_LUA)
+        # The scripts go through a pipe of their own: its connection has no per-call timeouts,
+        # the pipe bounds each write's replies instead (redis_pipe.py).
+        self._pipe_pool = aioredis.ConnectionPool.from_url(
+            settings.url, socket_timeout=None, socket_connect_timeout=settings.timeout_s, retry=Retry(NoBackoff(), 0)
+        )
+        self._pipe: Pipe | None = None
         self.hold_ids = HoldIds()
         self.on_error = on_error
         self._background: set[asyncio.Task[None]] = set()
@@ -282,6 +292,8 @@ class Limiter:
     async def close(self) -> None:
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
+        if self._pipe is not None:
+            await self._pipe.close()
         await self.client.aclose()
 
     def in_background(self, settle: Awaitable[None]) -> None:
@@ -295,6 +307,26 @@ class Limiter:
 
         While the circuit is open the command is not sent at all.
         """
+        return await self._guarded(command, timed=True)
+
+    async def run(self, call: Prepared, *more: Any) -> Any:
+        """One script call through the pipe (bounded there, not here), with the circuit and failures as in call()."""
+        return await self._guarded(self._eval(call, more), timed=False)
+
+    async def _eval(self, call: Prepared, more: tuple[Any, ...]) -> Any:
+        if self._pipe is None:
+            self._pipe = Pipe(self._pipe_pool.make_connection, self.timeout_s)
+        packed = call.pack(*more)
+        reply = await self._pipe.call(packed)
+        if isinstance(reply, NoScriptError):
+            # A Redis restarted or flushed since the script was last loaded: load it and ask again.
+            await self._pipe.call(pack_command(b"SCRIPT", b"LOAD", call.script.source.encode()))
+            reply = await self._pipe.call(packed)
+        if isinstance(reply, ResponseError):
+            raise reply
+        return reply
+
+    async def _guarded(self, command: Awaitable[Any], timed: bool) -> Any:
         circuit = self.circuit
         if not circuit.allow():
             if inspect.iscoroutine(command):
@@ -303,7 +335,10 @@ class Limiter:
                 self.on_error()
             raise CircuitOpen("circuit open")
         try:
-            async with asyncio.timeout(self.timeout_s):
+            if timed:
+                async with asyncio.timeout(self.timeout_s):
+                    result = await command
+            else:
                 result = await command
         except REDIS_ERRORS as exc:
             circuit.failure()
@@ -322,9 +357,9 @@ class Limiter:
         When the script was sent but its answer did not come back, the hold is
         "id:?": it may have been taken, and its settle finds it by id.
         """
-        args = (*plan.args, hold_tokens, hold_id) if plan.budgeted else plan.args
         try:
-            result: list[int] = await self.call(self._admit(keys=plan.keys, args=args))
+            more = (hold_tokens, hold_id) if plan.budgeted else ()
+            result: list[int] = await self.run(plan.call, *more)
         except LimiterFailure as exc:
             if self.settings.on_error == "deny":
                 raise LimiterUnavailable("The rate limiter is unavailable; retry shortly.") from exc
@@ -361,11 +396,10 @@ class Limiter:
 
     async def settle(self, limits: KeyLimits, hold: str | None, tokens: int) -> None:
         """Charge real usage after the answer and release the hold; buckets may go into debt."""
-        args = (*limits.charge_args, max(tokens, 0), hold or "")
         # A failure is counted by on_error; the answer has already gone out, and a hold
         # that was not released expires.
         with contextlib.suppress(LimiterFailure):
-            await self.call(self._charge(keys=limits.charge_keys, args=args))
+            await self.run(limits.settle_call, max(tokens, 0), hold or "")
 
     async def ping(self) -> str | None:
         """None when Redis answers, else the reason."""

@@ -1,0 +1,162 @@
+"""The script pipe against a real redis-server: batching, order, errors, timeouts and reconnects."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError, ResponseError
+
+from proxy.redis_pipe import Pipe, Prepared, Script, pack_command
+from tests.conftest import RedisServer, free_port
+
+ECHO = Script("return {KEYS[1], ARGV[1], ARGV[2]}")
+FAIL = Script("return redis.error_reply('ERR on purpose')")
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[RedisServer]:
+    own = RedisServer(free_port(), tmp_path / "redis.log").start()
+    try:
+        yield own
+    finally:
+        if own.proc is not None:
+            own.proc.send_signal(signal.SIGCONT)
+        own.stop()
+
+
+class Counted:
+    """Real connections to the real server, with their writes counted."""
+
+    def __init__(self, url: str) -> None:
+        self.pool = aioredis.ConnectionPool.from_url(url, socket_timeout=None, socket_connect_timeout=1)
+        self.writes = 0
+        self.made = 0
+
+    def __call__(self) -> Any:
+        conn = self.pool.make_connection()
+        self.made += 1
+        send = conn.send_packed_command
+
+        async def counted(command: Any, check_health: bool = True) -> None:
+            self.writes += 1
+            await send(command, check_health=check_health)
+
+        conn.send_packed_command = counted  # type: ignore[method-assign]
+        return conn
+
+
+@pytest.fixture
+async def loaded(server: RedisServer) -> AsyncIterator[RedisServer]:
+    client = aioredis.Redis.from_url(server.url)
+    for script in (ECHO, FAIL):
+        await client.script_load(script.source)
+    await client.aclose()
+    yield server
+
+
+async def test_calls_of_one_tick_go_out_in_one_write_and_come_back_in_order(loaded: RedisServer) -> None:
+    factory = Counted(loaded.url)
+    pipe = Pipe(factory, 1.0)
+    try:
+        assert await pipe.call(Prepared(ECHO, ["x"], [0]).pack()) == [b"x", b"0"]  # connected (with its handshake)
+        writes = factory.writes
+        calls = [Prepared(ECHO, [f"k{i}"], [i]) for i in range(200)]
+        futures = [pipe.call(call.pack()) for call in calls]  # all within one turn of the loop
+        replies = await asyncio.gather(*futures)
+        assert replies == [[f"k{i}".encode(), str(i).encode()] for i in range(200)]
+        assert factory.writes == writes + 1
+        assert factory.made == 1
+        # Later calls reuse the connection.
+        assert await pipe.call(Prepared(ECHO, ["x"], [1], more=1).pack("more")) == [b"x", b"1", b"more"]
+        assert factory.made == 1
+    finally:
+        await pipe.close()
+
+
+async def test_an_error_reply_fails_only_its_own_call(loaded: RedisServer) -> None:
+    pipe = Pipe(Counted(loaded.url), 1.0)
+    try:
+        unknown = Script("return 'never loaded'")
+        futures = [
+            pipe.call(Prepared(ECHO, ["a"], [1]).pack()),
+            pipe.call(Prepared(FAIL, [], []).pack()),
+            pipe.call(Prepared(unknown, [], []).pack()),
+            pipe.call(Prepared(ECHO, ["b"], [2]).pack()),
+        ]
+        first, failed, missing, last = await asyncio.gather(*futures)
+        assert first[0] == b"a" and last[0] == b"b"
+        assert isinstance(failed, ResponseError) and "on purpose" in str(failed)
+        assert isinstance(missing, NoScriptError)
+        assert await pipe.call(pack_command(b"SCRIPT", b"LOAD", unknown.source.encode())) == unknown.sha.encode()
+        assert await pipe.call(Prepared(unknown, [], []).pack()) == b"never loaded"
+    finally:
+        await pipe.close()
+
+
+async def test_a_paused_redis_fails_the_waiting_calls_in_time_and_the_pipe_recovers(loaded: RedisServer) -> None:
+    factory = Counted(loaded.url)
+    pipe = Pipe(factory, 0.3)
+    assert loaded.proc is not None
+    try:
+        assert (await pipe.call(Prepared(ECHO, ["a"], [1]).pack()))[0] == b"a"
+        loaded.proc.send_signal(signal.SIGSTOP)
+        start = time.monotonic()
+        futures = [pipe.call(Prepared(ECHO, ["a"], [i]).pack()) for i in range(5)]
+        results = await asyncio.gather(*futures, return_exceptions=True)
+        took = time.monotonic() - start
+        assert all(isinstance(r, TimeoutError) for r in results), results
+        assert 0.25 < took < 0.3 + 1.0, took
+        loaded.proc.send_signal(signal.SIGCONT)
+        # The stuck connection was dropped; the next call connects afresh.
+        assert (await pipe.call(Prepared(ECHO, ["b"], [2]).pack()))[0] == b"b"
+        assert factory.made == 2
+    finally:
+        await pipe.close()
+
+
+async def test_a_connection_that_breaks_fails_the_calls_after_the_break_and_the_next_ones_reconnect(
+    loaded: RedisServer,
+) -> None:
+    factory = Counted(loaded.url)
+    pipe = Pipe(factory, 1.0)
+    try:
+        # In one write: a call, the server killing this very connection, a call that gets no answer.
+        before = pipe.call(Prepared(ECHO, ["a"], [1]).pack())
+        kill = pipe.call(pack_command(b"CLIENT", b"KILL", b"TYPE", b"normal", b"SKIPME", b"no"))
+        after = pipe.call(Prepared(ECHO, ["b"], [2]).pack())
+        results = await asyncio.wait_for(asyncio.gather(before, kill, after, return_exceptions=True), 2)
+        assert results[0] == [b"a", b"1"]
+        assert isinstance(results[2], (RedisConnectionError, ConnectionError, OSError)), results
+        assert (await pipe.call(Prepared(ECHO, ["c"], [3]).pack()))[0] == b"c"
+        assert factory.made == 2
+    finally:
+        await pipe.close()
+
+
+async def test_no_redis_fails_fast_and_a_caller_that_left_is_skipped(tmp_path: Path) -> None:
+    pipe = Pipe(Counted(f"redis://127.0.0.1:{free_port()}/0"), 1.0)
+    try:
+        with pytest.raises((RedisConnectionError, OSError)):
+            await pipe.call(Prepared(ECHO, ["a"], [1]).pack())
+        gone = pipe.call(Prepared(ECHO, ["a"], [1]).pack())
+        gone.cancel()
+        await asyncio.sleep(0.1)  # the failure does not raise into a cancelled caller
+    finally:
+        await pipe.close()
+
+
+def test_arguments_are_packed_as_redis_py_packs_them() -> None:
+    call = Prepared(ECHO, ["k"], [1, 0.5, "s"], more=2)
+    packed = call.pack(7, "id.1")
+    parts = [b"EVALSHA", ECHO.sha.encode(), b"1", b"k", b"1", b"0.5", b"s", b"7", b"id.1"]
+    assert packed == b"*9\r\n" + b"".join(b"$%d\r\n%s\r\n" % (len(p), p) for p in parts)
+    with pytest.raises(TypeError):
+        Prepared(ECHO, ["k"], [True])
