@@ -8,8 +8,6 @@ import logging
 import re
 import secrets
 import time
-from collections.abc import Mapping
-from dataclasses import dataclass
 from urllib.parse import quote
 
 import orjson
@@ -17,7 +15,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.types import Receive, Scope, Send
 
 from .auth import CREDENTIAL_HEADERS, authenticate, extract_key, mask_key, two_credentials
-from .endpoints import MODEL_ROUTES, Call, model_request, passthrough
+from .endpoints import MODEL_ROUTES, model_request, passthrough
 from .errors import (
     GatewayError,
     Header,
@@ -35,6 +33,7 @@ from .redact import KEY_LIKE, clip
 from .relay import CLOSE, JSON_HEADERS, ClientGone, Exchange, read_body
 from .routing import Router
 from .settings import ConfigError, KeySettings, Settings, load_settings
+from .types import Call, Runtime
 from .upstream import ProviderClient, Sessions
 
 log = logging.getLogger("sluicegate")
@@ -54,33 +53,23 @@ RUNTIME_SAMPLE_S = 5.0
 UNSAFE_IN_PATH = re.compile(r"[\x00-\x1f\x7f;?#%\\]")
 
 
-@dataclass(frozen=True, slots=True)
-class Runtime:
-    """Everything derived from one Settings; a request keeps the one it started with."""
-
-    settings: Settings
-    router: Router
-    clients: Mapping[str, ProviderClient]
-    limits: Mapping[str, KeyLimits]  # by key sha256
-    model_labels: frozenset[str]
-
-    @classmethod
-    def build(cls, settings: Settings) -> Runtime:
-        router = Router(settings)
-        return cls(
-            settings,
-            router,
-            {p.name: ProviderClient.build(p) for p in settings.providers},
-            {k.sha256: KeyLimits.build(k, settings.groups[k.group], settings.limits) for k in settings.keys.values()},
-            frozenset(router.known_models),
-        )
+def build_runtime(settings: Settings) -> Runtime:
+    """Built once per config, at start-up and on each reload, never per request."""
+    router = Router(settings)
+    return Runtime(
+        settings,
+        router,
+        {p.name: ProviderClient.build(p) for p in settings.providers},
+        {k.sha256: KeyLimits.build(k, settings.groups[k.group], settings.limits) for k in settings.keys.values()},
+        frozenset(router.known_models),
+    )
 
 
 class Gateway:
     def __init__(self, settings: Settings, extra_keys: tuple[KeySettings, ...] = ()) -> None:
         """extra_keys: keys made at start-up (the demo's), kept across config reloads."""
         self.extra_keys = extra_keys
-        self.runtime = Runtime.build(settings.with_keys(*extra_keys))
+        self.runtime = build_runtime(settings.with_keys(*extra_keys))
         self.sessions: Sessions | None = None
         self.limiter: Limiter | None = None
         self.events: EventSink | None = None
@@ -100,7 +89,7 @@ class Gateway:
         for section in ("redis", "events"):
             if getattr(settings, section) != getattr(self.runtime.settings, section):
                 log.warning("[%s] changed: the new settings take effect after a restart", section)
-        self.runtime = Runtime.build(settings)
+        self.runtime = build_runtime(settings)
         if self.events is not None:
             self.events.reopen()
         log.info("config reloaded from %s", source)
