@@ -57,11 +57,13 @@ def build_runtime(settings: Settings) -> Runtime:
     """Built once per config, at start-up and on each reload, never per request."""
     router = Router(settings)
     return Runtime(
-        settings,
-        router,
-        {p.name: ProviderClient.build(p) for p in settings.providers},
-        {k.sha256: KeyLimits.build(k, settings.groups[k.group], settings.limits) for k in settings.keys.values()},
-        frozenset(router.known_models),
+        settings=settings,
+        router=router,
+        clients={p.name: ProviderClient.build(p) for p in settings.providers},
+        limits={
+            k.sha256: KeyLimits.build(k, settings.groups[k.group], settings.limits) for k in settings.keys.values()
+        },
+        model_labels=frozenset(router.known_models),
     )
 
 
@@ -286,9 +288,19 @@ class Gateway:
         if self.sessions is None or self.limiter is None:
             raise LimiterUnavailable("The gateway did not start properly; see its log.")
         call = Call(
-            scope, receive, ex, runtime, key, runtime.limits[key.sha256], rest,
-            upstream_path + ("?" + query.decode("latin-1") if query else ""), body, pinned, self.sessions, self.limiter,
-        )  # fmt: skip
+            scope=scope,
+            receive=receive,
+            ex=ex,
+            runtime=runtime,
+            key=key,
+            limits=runtime.limits[key.sha256],
+            route=rest,
+            path_and_query=upstream_path + ("?" + query.decode("latin-1") if query else ""),
+            body=body,
+            pinned=pinned,
+            sessions=self.sessions,
+            limiter=self.limiter,
+        )
         await (model_request(call) if rest in MODEL_ROUTES else passthrough(call))
 
     def authenticate(

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from .upstream import ProviderClient, Sessions
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Runtime:
     """Everything derived from one Settings (app.build_runtime); a request keeps the one it started with."""
 
@@ -32,7 +32,7 @@ class Runtime:
     model_labels: frozenset[str]
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, kw_only=True)
 class Call:
     """One authenticated request whose body has been read."""
 
