@@ -27,10 +27,11 @@ from .errors import (
     RateLimited,
 )
 from .events import EventSink, RequestRecord
+from .exchange import JSON_HEADERS, AnswerState, Exchange
 from .limits import KeyLimits, Limiter
 from .metrics import Metrics, latency_bucket
 from .redact import KEY_LIKE, clip
-from .relay import CLOSE, JSON_HEADERS, ClientGone, Exchange, read_body
+from .relay import CLOSE, ClientGone, read_body
 from .routing import Router
 from .settings import ConfigError, KeySettings, Settings, load_settings
 from .types import Call, Runtime
@@ -204,17 +205,18 @@ class Gateway:
         except GatewayError as err:
             if isinstance(err, RateLimited):
                 record.ratelimit = (err.scope, err.limit)
-            if not ex.started:
+            if ex.state is AnswerState.REQUEST:
                 await ex.error(err)
         except ClientGone:
             record.client_disconnected = True
         except Exception:
             # Never a traceback to the client; the log line has no headers or body.
             log.exception("unhandled error in request %s", request_id)
-            if not ex.started:
+            if ex.state is AnswerState.REQUEST:
                 await ex.error(GatewayError("Internal error in the gateway."))
         finally:
             record.ended_at = time.perf_counter()
+            ex.check_ended()
             self.metrics.inflight.dec()
             self.metrics.observe(record, runtime.model_labels, runtime.clients.keys())
             if self.events is not None:

@@ -9,11 +9,11 @@ from typing import Literal
 
 import aiohttp
 import orjson
-from prometheus_client import Gauge
-from starlette.types import Receive, Send
+from starlette.types import Receive
 
 from .errors import GatewayError, Header, RequestTimeout, RequestTooLarge, UpstreamError
 from .events import RequestRecord
+from .exchange import Exchange
 from .upstream import (
     REASON_429,
     AttemptFailed,
@@ -34,7 +34,6 @@ STREAM_HEADERS: tuple[Header, ...] = (
     (b"cache-control", b"no-cache"),
     (b"x-accel-buffering", b"no"),
 )
-JSON_HEADERS: tuple[Header, ...] = ((b"content-type", b"application/json"),)
 # The client's framing or timing cannot be trusted any more: answer, then end the connection.
 CLOSE: tuple[Header, ...] = ((b"connection", b"close"),)
 STREAM_HEADER_NAMES = frozenset(name for name, _ in STREAM_HEADERS)
@@ -99,38 +98,6 @@ class DisconnectWatcher:
             # leaves a reference cycle for the garbage collector (p99 pauses under load).
             self._task = None
             self._target = None
-
-
-class Exchange:
-    """One client request's response side: what went out, and the record."""
-
-    __slots__ = ("active_streams", "extra_headers", "record", "send", "started")
-
-    def __init__(self, send: Send, record: RequestRecord, extra_headers: list[Header], active_streams: Gauge) -> None:
-        self.send = send
-        self.record = record
-        self.extra_headers = extra_headers
-        self.active_streams = active_streams
-        self.started = False
-
-    async def start(self, status: int, headers: Sequence[Header]) -> None:
-        self.started = True
-        self.record.status = status
-        await self.send({"type": "http.response.start", "status": status, "headers": [*headers, *self.extra_headers]})
-
-    async def body(self, chunk: bytes, more: bool) -> None:
-        if self.record.first_byte_at is None and chunk:
-            self.record.first_byte_at = time.perf_counter()
-        await self.send({"type": "http.response.body", "body": chunk, "more_body": more})
-
-    async def respond(self, status: int, headers: Sequence[Header], body: bytes) -> None:
-        await self.start(status, [*headers, (b"content-length", str(len(body)).encode())])
-        await self.body(body, False)
-
-    async def error(self, err: GatewayError) -> None:
-        self.record.error = err.code
-        body = err.body(self.record.request_id)
-        await self.respond(err.status, [*JSON_HEADERS, *err.headers], body)
 
 
 async def relay(
@@ -227,7 +194,7 @@ async def _forward_stream(
                     scanner.feed(inflater.feed(chunk))
                     out = chunk
                 if out:
-                    await ex.body(out, True)
+                    await ex.body(out)
     except AttemptFailed as exc:
         failure = exc.error
         ex.record.failures.append((client.settings.name, exc.reason))
@@ -240,20 +207,21 @@ async def _forward_stream(
             on_usage(Usage.estimate(request_bytes, scanner.events))
     watcher.stop()
     if failure is None:
-        await ex.body(scanner.flush() if inflater is None else b"", False)
+        await ex.end(scanner.flush() if inflater is None else b"")
         return
     ex.record.error = failure.code
     if not is_sse or inflater is not None:
         # No way to say it inside an image or audio body, or after cut compressed bytes: ending
         # without the last message makes hypercorn close the connection, so the client sees a cut
         # answer, not a whole one.
+        ex.cut()
         return
     event = {"error": {"message": failure.message, "type": failure.type, "param": None, "code": failure.code}}
     event["error"]["request_id"] = ex.record.request_id
     # Held bytes of an unfinished event are dropped; one cut off mid-way gets its end first,
     # or the error would be glued onto it and clients could not parse either.
     fresh_line = b"\n\n" if scanner.mid_event else b""
-    await ex.body(fresh_line + b"data: " + orjson.dumps(event) + b"\n\n", False)
+    await ex.end(fresh_line + b"data: " + orjson.dumps(event) + b"\n\n")
 
 
 def _count_refusal(record: RequestRecord, resp: aiohttp.ClientResponse, client: ProviderClient) -> None:

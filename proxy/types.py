@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from starlette.types import Receive, Scope
 
+    from .exchange import Exchange
     from .limits import KeyLimits, Limiter
-    from .relay import Exchange
     from .routing import Router
     from .settings import KeySettings, Settings
     from .upstream import ProviderClient, Sessions

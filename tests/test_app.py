@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import orjson
@@ -11,19 +12,44 @@ import pytest
 
 from proxy.app import MAX_HEAD_BYTES, MAX_HEADER_LINE_BYTES, MAX_HEADERS, Gateway
 from proxy.auth import key_digest, new_key
+from proxy.events import RequestRecord
 from proxy.settings import parse_settings
+from proxy.usage import StreamUsageScanner
+from tests.conftest import Mocks
 
 KEY = new_key()
 Message = dict[str, Any]
 
 
-def gateway(**server: Any) -> Gateway:
+def gateway(base_url: str = "http://127.0.0.1:9/v1", **server: Any) -> Gateway:
     raw = {
         "server": server,
-        "providers": [{"name": "mock", "base_url": "http://127.0.0.1:9/v1", "models": ["mock-chat"]}],
+        # Nothing listens on port 1: a started gateway finds Redis down, and the key has no limits to check.
+        "redis": {"url": "redis://127.0.0.1:1/0", "timeout_s": 0.05},
+        "events": {"sink": "off"},
+        "providers": [{"name": "mock", "base_url": base_url, "models": ["mock-chat"]}],
         "keys": [{"name": "main", "sha256": key_digest(KEY)}],
     }
     return Gateway(parse_settings(raw, env={}))
+
+
+@contextlib.asynccontextmanager
+async def serving(app: Gateway) -> AsyncIterator[list[RequestRecord]]:
+    """The app between its lifespan's start-up and shut-down; yields the records it leaves."""
+    inbox: asyncio.Queue[Message] = asyncio.Queue()
+    outbox: asyncio.Queue[Message] = asyncio.Queue()
+    lifespan = asyncio.create_task(app({"type": "lifespan"}, inbox.get, outbox.put))  # type: ignore[arg-type]
+    await inbox.put({"type": "lifespan.startup"})
+    assert (await outbox.get())["type"] == "lifespan.startup.complete"
+    records: list[RequestRecord] = []
+    assert app.events is not None
+    app.events.emit = records.append  # type: ignore[method-assign]
+    try:
+        yield records
+    finally:
+        await inbox.put({"type": "lifespan.shutdown"})
+        assert (await outbox.get())["type"] == "lifespan.shutdown.complete"
+        await lifespan
 
 
 def scope(path: str, headers: list[tuple[bytes, bytes]], method: str = "GET") -> dict[str, Any]:
@@ -136,3 +162,134 @@ async def test_while_draining_readyz_says_so_and_requests_are_still_served() -> 
     assert body["data"][0]["id"] == "mock-chat"
     # Keep-alive connections are retired as they answer, so few are idle when the listener closes.
     assert headers[b"connection"] == b"close"
+
+
+# The answer's state through the whole gateway, against the real mock upstream: every way a stream ends.
+STREAM_BODY = orjson.dumps({"model": "mock-chat", "messages": [{"role": "user", "content": "hi"}], "stream": True})
+
+
+def stream_request(**knobs: str) -> dict[str, Any]:
+    headers = [*AUTH, (b"x-request-id", b"req-stream"), (b"content-type", b"application/json")]
+    headers += [(f"x-mock-{name}".encode(), value.encode()) for name, value in knobs.items()]
+    return scope("/v1/chat/completions", headers, "POST")
+
+
+def warnings_of(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "sluicegate" and r.levelname != "INFO"]
+
+
+def body_parts(sent: list[Message]) -> tuple[list[Message], Message | None]:
+    """The body messages with more to come, and the last one if it was sent."""
+    assert sent[0]["type"] == "http.response.start"
+    assert all(m["type"] == "http.response.body" for m in sent[1:])
+    more = [m for m in sent[1:] if m["more_body"]]
+    last = [m for m in sent[1:] if not m["more_body"]]
+    assert sent[1:] == more + last and len(last) <= 1
+    return more, last[0] if last else None
+
+
+async def stream(
+    app: Gateway, request: dict[str, Any], receive: Callable[[], Awaitable[Message]] | None = None
+) -> list[Message]:
+    return await asyncio.wait_for(call(app, request, receive or body_of([STREAM_BODY])), 10)
+
+
+async def test_a_stream_that_ends_well_leaves_no_warning(mocks: Mocks, caplog: pytest.LogCaptureFixture) -> None:
+    app = gateway(f"{mocks.beta.url}/v1")
+    async with serving(app) as records:
+        caplog.clear()
+        sent = await stream(app, stream_request(chunks="3"))
+    more, last = body_parts(sent)
+    assert sent[0]["status"] == 200
+    assert more and last is not None
+    assert b"data: [DONE]" in b"".join(m["body"] for m in sent[1:])
+    assert (records[0].status, records[0].error, records[0].client_disconnected) == (200, None, False)
+    assert warnings_of(caplog) == []
+
+
+async def test_a_provider_that_breaks_off_gets_an_error_event_as_the_last_message(
+    mocks: Mocks, caplog: pytest.LogCaptureFixture
+) -> None:
+    app = gateway(f"{mocks.beta.url}/v1")
+    async with serving(app) as records:
+        caplog.clear()
+        sent = await stream(app, stream_request(chunks="6", **{"reset-after": "2"}))
+    more, last = body_parts(sent)
+    assert more and last is not None
+    event = orjson.loads(last["body"].strip().removeprefix(b"data: "))
+    assert event["error"]["code"] == "upstream_error"
+    assert event["error"]["request_id"] == "req-stream"
+    assert records[0].error == "upstream_error"
+    # Ended with its error event: a finished answer, nothing to warn about.
+    assert warnings_of(caplog) == []
+
+
+async def test_a_compressed_stream_that_breaks_off_is_cut_on_purpose(
+    mocks: Mocks, caplog: pytest.LogCaptureFixture
+) -> None:
+    app = gateway(f"{mocks.beta.url}/v1")
+    async with serving(app) as records:
+        caplog.clear()
+        sent = await stream(app, stream_request(chunks="6", gzip="1", **{"reset-after": "2"}))
+    more, last = body_parts(sent)
+    # No error fits inside gzip bytes: no last message, so the server closes the connection.
+    assert more and last is None
+    assert (records[0].error, records[0].client_disconnected) == ("upstream_error", False)
+    assert warnings_of(caplog) == []
+
+
+async def test_a_client_that_leaves_mid_stream_leaves_no_warning(
+    mocks: Mocks, caplog: pytest.LogCaptureFixture
+) -> None:
+    app = gateway(f"{mocks.beta.url}/v1")
+    sent: list[Message] = []
+    some_came = asyncio.Event()
+    request_body = [{"type": "http.request", "body": STREAM_BODY, "more_body": False}]
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+        if message["type"] == "http.response.body":
+            some_came.set()
+
+    async def receive() -> Message:
+        """The client sends its request, then leaves once a piece of the stream has reached it."""
+        if request_body:
+            return request_body.pop()
+        await some_came.wait()
+        return {"type": "http.disconnect"}
+
+    async with serving(app) as records:
+        caplog.clear()
+        request = stream_request(chunks="50", **{"chunk-delay-ms": "20"})
+        await asyncio.wait_for(app(request, receive, send), 10)  # type: ignore[arg-type]
+    more, last = body_parts(sent)
+    assert more and last is None
+    assert records[0].client_disconnected is True
+    assert warnings_of(caplog) == []
+
+
+async def test_a_half_sent_answer_is_logged(
+    mocks: Mocks, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    feed = StreamUsageScanner.feed
+    calls = 0
+
+    def buggy_feed(self: StreamUsageScanner, chunk: bytes) -> bytes:
+        nonlocal calls
+        calls += 1
+        if calls == 3:
+            raise RuntimeError("a bug of ours, mid-stream")
+        return feed(self, chunk)
+
+    monkeypatch.setattr(StreamUsageScanner, "feed", buggy_feed)
+    app = gateway(f"{mocks.beta.url}/v1")
+    async with serving(app) as records:
+        caplog.clear()
+        sent = await stream(app, stream_request(chunks="6", **{"chunk-delay-ms": "20"}))
+    more, last = body_parts(sent)
+    assert more and last is None
+    assert records[0].client_disconnected is False
+    assert warnings_of(caplog) == [
+        "unhandled error in request req-stream",
+        "request req-stream ended with its answer half-sent",
+    ]
