@@ -26,10 +26,11 @@ from .errors import (
     NotFound,
     RateLimited,
 )
-from .events import EventSink, RequestRecord
+from .events import EventSink
 from .exchange import JSON_HEADERS, AnswerState, Exchange
 from .limits import KeyLimits, Limiter
 from .metrics import Metrics, latency_bucket
+from .record import RequestRecord
 from .redact import KEY_LIKE, clip
 from .relay import CLOSE, ClientGone, read_body
 from .routing import Router

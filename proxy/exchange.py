@@ -16,7 +16,7 @@ from prometheus_client import Gauge
 from starlette.types import Send
 
 from .errors import GatewayError, Header
-from .events import RequestRecord
+from .record import RequestRecord
 
 log = logging.getLogger("sluicegate")
 

@@ -12,8 +12,8 @@ import orjson
 from starlette.types import Receive
 
 from .errors import GatewayError, Header, RequestTimeout, RequestTooLarge, UpstreamError
-from .events import RequestRecord
 from .exchange import Exchange
+from .record import RequestRecord
 from .upstream import (
     REASON_429,
     AttemptFailed,

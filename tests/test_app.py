@@ -12,7 +12,7 @@ import pytest
 
 from proxy.app import MAX_HEAD_BYTES, MAX_HEADER_LINE_BYTES, MAX_HEADERS, Gateway
 from proxy.auth import key_digest, new_key
-from proxy.events import RequestRecord
+from proxy.record import RequestRecord
 from proxy.settings import parse_settings
 from proxy.usage import StreamUsageScanner
 from tests.conftest import Mocks

@@ -7,9 +7,9 @@ from typing import Any
 
 import pytest
 
-from proxy.events import RequestRecord
 from proxy.exchange import AnswerState, Exchange, UnexpectedMessage
 from proxy.metrics import Metrics
+from proxy.record import RequestRecord
 
 Message = dict[str, Any]
 START = {"type": "http.response.start", "status": 200, "headers": [(b"x-request-id", b"req-1")]}
