@@ -8,8 +8,6 @@ import logging
 import re
 import secrets
 import time
-from collections.abc import Mapping
-from dataclasses import dataclass
 from urllib.parse import quote
 
 import orjson
@@ -17,7 +15,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.types import Receive, Scope, Send
 
 from .auth import CREDENTIAL_HEADERS, authenticate, extract_key, mask_key, two_credentials
-from .endpoints import MODEL_ROUTES, Call, model_request, passthrough
+from .endpoints import MODEL_ROUTES, model_request, passthrough
 from .errors import (
     GatewayError,
     Header,
@@ -28,13 +26,16 @@ from .errors import (
     NotFound,
     RateLimited,
 )
-from .events import EventSink, RequestRecord
+from .events import EventSink
+from .exchange import JSON_HEADERS, AnswerState, Exchange
 from .limits import KeyLimits, Limiter
 from .metrics import Metrics, latency_bucket
+from .record import RequestRecord
 from .redact import KEY_LIKE, clip
-from .relay import CLOSE, JSON_HEADERS, ClientGone, Exchange, read_body
+from .relay import CLOSE, ClientGone, read_body
 from .routing import Router
 from .settings import ConfigError, KeySettings, Settings, load_settings
+from .types import Call, Runtime
 from .upstream import ProviderClient, Sessions
 
 log = logging.getLogger("sluicegate")
@@ -54,33 +55,25 @@ RUNTIME_SAMPLE_S = 5.0
 UNSAFE_IN_PATH = re.compile(r"[\x00-\x1f\x7f;?#%\\]")
 
 
-@dataclass(frozen=True, slots=True)
-class Runtime:
-    """Everything derived from one Settings; a request keeps the one it started with."""
-
-    settings: Settings
-    router: Router
-    clients: Mapping[str, ProviderClient]
-    limits: Mapping[str, KeyLimits]  # by key sha256
-    model_labels: frozenset[str]
-
-    @classmethod
-    def build(cls, settings: Settings) -> Runtime:
-        router = Router(settings)
-        return cls(
-            settings,
-            router,
-            {p.name: ProviderClient.build(p) for p in settings.providers},
-            {k.sha256: KeyLimits.build(k, settings.groups[k.group], settings.limits) for k in settings.keys.values()},
-            frozenset(router.known_models),
-        )
+def build_runtime(settings: Settings) -> Runtime:
+    """Built once per config, at start-up and on each reload, never per request."""
+    router = Router(settings)
+    return Runtime(
+        settings=settings,
+        router=router,
+        clients={p.name: ProviderClient.build(p) for p in settings.providers},
+        limits={
+            k.sha256: KeyLimits.build(k, settings.groups[k.group], settings.limits) for k in settings.keys.values()
+        },
+        model_labels=frozenset(router.known_models),
+    )
 
 
 class Gateway:
     def __init__(self, settings: Settings, extra_keys: tuple[KeySettings, ...] = ()) -> None:
         """extra_keys: keys made at start-up (the demo's), kept across config reloads."""
         self.extra_keys = extra_keys
-        self.runtime = Runtime.build(settings.with_keys(*extra_keys))
+        self.runtime = build_runtime(settings.with_keys(*extra_keys))
         self.sessions: Sessions | None = None
         self.limiter: Limiter | None = None
         self.events: EventSink | None = None
@@ -100,7 +93,7 @@ class Gateway:
         for section in ("redis", "events"):
             if getattr(settings, section) != getattr(self.runtime.settings, section):
                 log.warning("[%s] changed: the new settings take effect after a restart", section)
-        self.runtime = Runtime.build(settings)
+        self.runtime = build_runtime(settings)
         if self.events is not None:
             self.events.reopen()
         log.info("config reloaded from %s", source)
@@ -213,17 +206,18 @@ class Gateway:
         except GatewayError as err:
             if isinstance(err, RateLimited):
                 record.ratelimit = (err.scope, err.limit)
-            if not ex.started:
+            if ex.state is AnswerState.REQUEST:
                 await ex.error(err)
         except ClientGone:
             record.client_disconnected = True
         except Exception:
             # Never a traceback to the client; the log line has no headers or body.
             log.exception("unhandled error in request %s", request_id)
-            if not ex.started:
+            if ex.state is AnswerState.REQUEST:
                 await ex.error(GatewayError("Internal error in the gateway."))
         finally:
             record.ended_at = time.perf_counter()
+            ex.check_ended()
             self.metrics.inflight.dec()
             self.metrics.observe(record, runtime.model_labels, runtime.clients.keys())
             if self.events is not None:
@@ -297,9 +291,19 @@ class Gateway:
         if self.sessions is None or self.limiter is None:
             raise LimiterUnavailable("The gateway did not start properly; see its log.")
         call = Call(
-            scope, receive, ex, runtime, key, runtime.limits[key.sha256], rest,
-            upstream_path + ("?" + query.decode("latin-1") if query else ""), body, pinned, self.sessions, self.limiter,
-        )  # fmt: skip
+            scope=scope,
+            receive=receive,
+            ex=ex,
+            runtime=runtime,
+            key=key,
+            limits=runtime.limits[key.sha256],
+            route=rest,
+            path_and_query=upstream_path + ("?" + query.decode("latin-1") if query else ""),
+            body=body,
+            pinned=pinned,
+            sessions=self.sessions,
+            limiter=self.limiter,
+        )
         await (model_request(call) if rest in MODEL_ROUTES else passthrough(call))
 
     def authenticate(

@@ -3,22 +3,17 @@
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import orjson
-from starlette.types import Receive, Scope
 
 from .errors import InvalidRequest, NotFound
-from .limits import KeyLimits, Limiter, Plan, Settlement
+from .limits import Plan, Settlement
 from .redact import clip
-from .relay import BodyFor, DisconnectWatcher, Exchange, Kind, relay
-from .settings import KeySettings, ProviderSettings
-from .upstream import ProviderClient, Sessions
+from .relay import BodyFor, DisconnectWatcher, Kind, relay
+from .settings import ProviderSettings
+from .types import Call
+from .upstream import ProviderClient
 from .usage import Usage, prompt_estimate
-
-if TYPE_CHECKING:
-    from .app import Runtime
 
 MODEL_ROUTES = frozenset({"/chat/completions", "/completions", "/embeddings"})
 STREAMING_ROUTES = frozenset({"/chat/completions", "/completions"})
@@ -29,24 +24,6 @@ COMPLETION_CAPS = {
     "/completions": ("max_tokens",),
     "/embeddings": (),
 }
-
-
-@dataclass(slots=True)
-class Call:
-    """One authenticated request whose body has been read."""
-
-    scope: Scope
-    receive: Receive
-    ex: Exchange
-    runtime: Runtime
-    key: KeySettings
-    limits: KeyLimits
-    route: str
-    path_and_query: str
-    body: bytes
-    pinned: str | None
-    sessions: Sessions
-    limiter: Limiter
 
 
 async def model_request(call: Call) -> None:

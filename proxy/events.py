@@ -1,4 +1,4 @@
-"""The record filled along a request's path, and the event sink it ends up in.
+"""The event sink that each request's record ends up in.
 
 Records go through a bounded queue to one writer task: a full queue drops and
 counts, never blocks a request. Serialising and writing happen in the writer
@@ -10,15 +10,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
-import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import IO, Any
 
 import orjson
 
-from .redact import clip
+from .record import RequestRecord
 from .settings import EventSettings
 
 log = logging.getLogger("sluicegate")
@@ -26,69 +23,6 @@ log = logging.getLogger("sluicegate")
 BATCH_MAX = 512
 REDIS_STREAM = "sluicegate:events"
 REDIS_MAXLEN = 100_000
-
-
-@dataclass(slots=True)
-class RequestRecord:
-    request_id: str
-    method: str
-    route: str = "other"
-    started: float = 0.0  # perf_counter
-    wall_started: float = 0.0  # time.time(), for ts
-    key: str | None = None  # masked
-    key_name: str | None = None
-    group: str | None = None
-    model: str | None = None
-    provider: str | None = None
-    upstream_model: str | None = None
-    stream: bool = False
-    status: int = 0
-    error: str | None = None
-    body_read_at: float | None = None  # the gateway's own time starts here, not while the client uploads
-    upstream_sent_at: float | None = None
-    first_byte_at: float | None = None
-    ended_at: float | None = None
-    prompt_tokens: int | None = None
-    completion_tokens: int | None = None
-    total_tokens: int | None = None
-    attempts: int = 0
-    client_disconnected: bool = False
-    ratelimit: tuple[str, str] | None = None  # (scope, limit) of a 429
-    failures: list[tuple[str, str]] = field(default_factory=list)  # (provider, reason) per failed attempt
-
-    @classmethod
-    def start(cls, request_id: str, method: str) -> RequestRecord:
-        return cls(request_id=request_id, method=method, started=time.perf_counter(), wall_started=time.time())
-
-    @property
-    def latency_s(self) -> float:
-        return (self.ended_at or time.perf_counter()) - self.started
-
-    def event(self, latency_bucket: str) -> dict[str, Any]:
-        ts = datetime.fromtimestamp(self.wall_started, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-        return {
-            "ts": ts,
-            "request_id": self.request_id,
-            "key": self.key,
-            "key_name": self.key_name,
-            "group": self.group,
-            "route": self.route,
-            "method": clip(self.method),
-            "model": None if self.model is None else clip(self.model),
-            "provider": self.provider,
-            "upstream_model": None if self.upstream_model is None else clip(self.upstream_model),
-            "stream": self.stream,
-            "status": self.status or 499,
-            "error": self.error,
-            "latency_ms": round(self.latency_s * 1000, 3),
-            "latency_bucket": latency_bucket,
-            "ttfb_ms": None if self.first_byte_at is None else round((self.first_byte_at - self.started) * 1000, 3),
-            "prompt_tokens": self.prompt_tokens,
-            "completion_tokens": self.completion_tokens,
-            "total_tokens": self.total_tokens,
-            "attempts": self.attempts,
-            "client_disconnected": self.client_disconnected,
-        }
 
 
 class EventSink:

@@ -47,7 +47,7 @@ class MockOptions:
 
 
 @dataclass
-class RequestRecord:
+class MockRecord:
     id: str
     path: str
     raw_path: str
@@ -171,11 +171,11 @@ def big_event(size: int, event_with: Callable[[str], bytes]) -> bytes:
 
 
 @dataclass
-class Exchange:
+class MockExchange:
     """One /v1 request being answered, with its log entry."""
 
     request: web.Request
-    record: RequestRecord
+    record: MockRecord
     body: dict[str, Any] = field(default_factory=dict)
     gzip: bool = False
 
@@ -207,14 +207,14 @@ class Exchange:
         self.record.finish("reset")
 
 
-Route = Callable[[Exchange, Knobs], Awaitable[web.StreamResponse]]
+Route = Callable[[MockExchange, Knobs], Awaitable[web.StreamResponse]]
 
 
 class MockUpstream:
     def __init__(self, options: MockOptions) -> None:
         self.options = options
         self.faults: dict[str, str] = {}
-        self.log: deque[RequestRecord] = deque(maxlen=LOG_SIZE)
+        self.log: deque[MockRecord] = deque(maxlen=LOG_SIZE)
         self._ids = itertools.count(1)
         # Only these answer completions/embeddings, so only they get ttfb.
         self._model_routes: dict[tuple[str, str], Route] = {
@@ -224,7 +224,7 @@ class MockUpstream:
         }
 
     async def handle_v1(self, request: web.Request) -> web.StreamResponse:
-        record = RequestRecord(
+        record = MockRecord(
             id=request.headers.get("x-request-id") or str(next(self._ids)),
             path=request.path,
             raw_path=request.raw_path,
@@ -234,7 +234,7 @@ class MockUpstream:
         )
         self.log.append(record)
         try:
-            return await self._serve(Exchange(request, record))
+            return await self._serve(MockExchange(request, record))
         except asyncio.CancelledError:
             # handler_cancellation turns the client going away into this, so
             # it is the earliest moment the disconnect can be observed.
@@ -243,7 +243,7 @@ class MockUpstream:
         finally:
             record.finish("error")
 
-    async def _serve(self, ex: Exchange) -> web.StreamResponse:
+    async def _serve(self, ex: MockExchange) -> web.StreamResponse:
         request, record = ex.request, ex.record
         raw = await request.read()
         bad_json = False
@@ -287,17 +287,17 @@ class MockUpstream:
             route = self._models if request.path == "/v1/models" else self._echo
         return await route(ex, knobs)
 
-    async def _chat(self, ex: Exchange, knobs: Knobs) -> web.StreamResponse:
+    async def _chat(self, ex: MockExchange, knobs: Knobs) -> web.StreamResponse:
         messages = ex.body.get("messages")
         if not isinstance(messages, list):
             messages = []
         prompt = [m.get("content") for m in messages if isinstance(m, dict)]
         return await self._generate(ex, knobs, prompt, chat=True)
 
-    async def _completions(self, ex: Exchange, knobs: Knobs) -> web.StreamResponse:
+    async def _completions(self, ex: MockExchange, knobs: Knobs) -> web.StreamResponse:
         return await self._generate(ex, knobs, ex.body.get("prompt"), chat=False)
 
-    async def _generate(self, ex: Exchange, knobs: Knobs, prompt: Any, *, chat: bool) -> web.StreamResponse:
+    async def _generate(self, ex: MockExchange, knobs: Knobs, prompt: Any, *, chat: bool) -> web.StreamResponse:
         record = ex.record
         texts = [f"tok{i} " for i in range(knobs.chunks)]
         if texts:
@@ -406,7 +406,7 @@ class MockUpstream:
         record.finish("completed")
         return resp
 
-    async def _embeddings(self, ex: Exchange, knobs: Knobs) -> web.StreamResponse:
+    async def _embeddings(self, ex: MockExchange, knobs: Knobs) -> web.StreamResponse:
         raw = ex.body.get("input", "")
         inputs = [
             x if isinstance(x, str) else orjson.dumps(x).decode() for x in (raw if isinstance(raw, list) else [raw])
@@ -422,13 +422,13 @@ class MockUpstream:
         }
         return await ex.reply(answer)
 
-    async def _models(self, ex: Exchange, knobs: Knobs) -> web.StreamResponse:
+    async def _models(self, ex: MockExchange, knobs: Knobs) -> web.StreamResponse:
         owner = self.options.name
         data = [{"id": m, "object": "model", "created": 0, "owned_by": owner} for m in self.options.models]
         answer = {"object": "list", "data": data}
         return await ex.reply(answer)
 
-    async def _echo(self, ex: Exchange, knobs: Knobs) -> web.StreamResponse:
+    async def _echo(self, ex: MockExchange, knobs: Knobs) -> web.StreamResponse:
         answer = {
             "object": "mock.echo",
             "path": ex.request.path,

@@ -9,22 +9,23 @@ from typing import Literal
 
 import aiohttp
 import orjson
-from prometheus_client import Gauge
-from starlette.types import Receive, Send
+from starlette.types import Receive
 
 from .errors import GatewayError, Header, RequestTimeout, RequestTooLarge, UpstreamError
-from .events import RequestRecord
+from .exchange import Exchange
+from .record import RequestRecord
 from .upstream import (
+    REASON_429,
+    AttemptFailed,
     ProviderClient,
     Retryable,
     Sessions,
     forwarded_headers,
-    mid_stream_error,
     open_upstream,
-    rejected_credential,
+    raise_for_status,
     response_headers,
 )
-from .usage import Inflater, NotJson, StreamUsageScanner, Usage, usage_from_answer
+from .usage import Inflater, StreamUsageScanner, Usage, usage_from_answer
 
 Kind = Literal["json", "stream", "raw"]
 BodyFor = Callable[["ProviderClient"], tuple[bytes, bool]]
@@ -33,12 +34,9 @@ STREAM_HEADERS: tuple[Header, ...] = (
     (b"cache-control", b"no-cache"),
     (b"x-accel-buffering", b"no"),
 )
-JSON_HEADERS: tuple[Header, ...] = ((b"content-type", b"application/json"),)
 # The client's framing or timing cannot be trusted any more: answer, then end the connection.
 CLOSE: tuple[Header, ...] = ((b"connection", b"close"),)
 STREAM_HEADER_NAMES = frozenset(name for name, _ in STREAM_HEADERS)
-MID_STREAM_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError, OSError)
-REJECTED_CREDENTIAL = frozenset({401, 403})
 
 
 class ClientGone(Exception):
@@ -102,38 +100,6 @@ class DisconnectWatcher:
             self._target = None
 
 
-class Exchange:
-    """One client request's response side: what went out, and the record."""
-
-    __slots__ = ("active_streams", "extra_headers", "record", "send", "started")
-
-    def __init__(self, send: Send, record: RequestRecord, extra_headers: list[Header], active_streams: Gauge) -> None:
-        self.send = send
-        self.record = record
-        self.extra_headers = extra_headers
-        self.active_streams = active_streams
-        self.started = False
-
-    async def start(self, status: int, headers: Sequence[Header]) -> None:
-        self.started = True
-        self.record.status = status
-        await self.send({"type": "http.response.start", "status": status, "headers": [*headers, *self.extra_headers]})
-
-    async def body(self, chunk: bytes, more: bool) -> None:
-        if self.record.first_byte_at is None and chunk:
-            self.record.first_byte_at = time.perf_counter()
-        await self.send({"type": "http.response.body", "body": chunk, "more_body": more})
-
-    async def respond(self, status: int, headers: Sequence[Header], body: bytes) -> None:
-        await self.start(status, [*headers, (b"content-length", str(len(body)).encode())])
-        await self.body(body, False)
-
-    async def error(self, err: GatewayError) -> None:
-        self.record.error = err.code
-        body = err.body(self.record.request_id)
-        await self.respond(err.status, [*JSON_HEADERS, *err.headers], body)
-
-
 async def relay(
     ex: Exchange,
     sessions: Sessions,
@@ -166,14 +132,7 @@ async def relay(
         try:
             session = sessions.get(client.settings.name)
             async with open_upstream(session, client, method, client.base_url + path_and_query, headers, body) as resp:
-                if resp.status in REJECTED_CREDENTIAL:
-                    last = rejected_credential(client.settings.name, resp.status)
-                    record.failures.append((client.settings.name, last.reason))
-                    continue
-                if resp.status >= 500 or (resp.status == 429 and not final):
-                    last = UpstreamError(f"Provider '{client.settings.name}' answered HTTP {resp.status}.")
-                    record.failures.append((client.settings.name, "http_429" if resp.status == 429 else "http_5xx"))
-                    continue
+                raise_for_status(resp.status, client.settings, last_attempt=final)
                 is_sse = resp.content_type == "text/event-stream"
                 if kind == "raw" or (is_sse and resp.status == 200 and kind == "stream"):
                     scanner = StreamUsageScanner(injected)
@@ -194,19 +153,12 @@ async def _forward_whole(
     watcher: DisconnectWatcher,
     on_usage: Callable[[Usage], None],
 ) -> None:
-    try:
+    with client.read_errors:
         body = await resp.read()
-    except MID_STREAM_ERRORS as exc:
-        raise Retryable(mid_stream_error(exc, client.settings.name), "read_error") from exc
+        usage = usage_from_answer(body, resp.headers.get("Content-Encoding")) if resp.status == 200 else None
     _count_refusal(ex.record, resp, client)
-    if resp.status == 200:
-        try:
-            usage = usage_from_answer(body, resp.headers.get("Content-Encoding"))
-        except NotJson as exc:
-            err = UpstreamError(f"Provider '{client.settings.name}' answered something that is not JSON.")
-            raise Retryable(err, "bad_json") from exc
-        if usage is not None:
-            on_usage(usage)
+    if usage is not None:
+        on_usage(usage)
     watcher.stop()
     await ex.respond(resp.status, response_headers(resp), body)
 
@@ -234,17 +186,18 @@ async def _forward_stream(
     failure: GatewayError | None = None
     ex.active_streams.inc()
     try:
-        async for chunk in resp.content.iter_any():
-            if inflater is None:
-                out = scanner.feed(chunk)
-            else:
-                scanner.feed(inflater.feed(chunk))
-                out = chunk
-            if out:
-                await ex.body(out, True)
-    except MID_STREAM_ERRORS as exc:
-        failure = mid_stream_error(exc, client.settings.name)
-        ex.record.failures.append((client.settings.name, failure.code))
+        with client.stream_errors:
+            async for chunk in resp.content.iter_any():
+                if inflater is None:
+                    out = scanner.feed(chunk)
+                else:
+                    scanner.feed(inflater.feed(chunk))
+                    out = chunk
+                if out:
+                    await ex.body(out)
+    except AttemptFailed as exc:
+        failure = exc.error
+        ex.record.failures.append((client.settings.name, exc.reason))
     finally:
         ex.active_streams.dec()
         # Runs on a client disconnect too: a stream cut short still charges what is known.
@@ -254,23 +207,24 @@ async def _forward_stream(
             on_usage(Usage.estimate(request_bytes, scanner.events))
     watcher.stop()
     if failure is None:
-        await ex.body(scanner.flush() if inflater is None else b"", False)
+        await ex.end(scanner.flush() if inflater is None else b"")
         return
     ex.record.error = failure.code
     if not is_sse or inflater is not None:
         # No way to say it inside an image or audio body, or after cut compressed bytes: ending
         # without the last message makes hypercorn close the connection, so the client sees a cut
         # answer, not a whole one.
+        ex.cut()
         return
     event = {"error": {"message": failure.message, "type": failure.type, "param": None, "code": failure.code}}
     event["error"]["request_id"] = ex.record.request_id
     # Held bytes of an unfinished event are dropped; one cut off mid-way gets its end first,
     # or the error would be glued onto it and clients could not parse either.
     fresh_line = b"\n\n" if scanner.mid_event else b""
-    await ex.body(fresh_line + b"data: " + orjson.dumps(event) + b"\n\n", False)
+    await ex.end(fresh_line + b"data: " + orjson.dumps(event) + b"\n\n")
 
 
 def _count_refusal(record: RequestRecord, resp: aiohttp.ClientResponse, client: ProviderClient) -> None:
     """A provider's 429 passed on as the answer (no provider left to try) is still a failed attempt for ops."""
     if resp.status == 429:
-        record.failures.append((client.settings.name, "http_429"))
+        record.failures.append((client.settings.name, REASON_429))

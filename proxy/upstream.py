@@ -5,14 +5,18 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from enum import Enum, auto
+from types import TracebackType
 
 import aiohttp
 from yarl import URL
 
 from .errors import Header, UpstreamAuthError, UpstreamError, UpstreamTimeout
 from .settings import ProviderSettings
+from .usage import NotJson
 
 POOL_LIMIT = 1000
+REASON_429 = "http_429"  # a provider's 429 counts under this reason, retried or passed on
 REQUEST_DROP = frozenset(
     name.encode()
     for name in {
@@ -41,13 +45,78 @@ RESPONSE_DROP = frozenset(
 )  # fmt: skip
 
 
-class Retryable(Exception):
-    """An attempt that failed before any byte reached the client; try the next provider."""
+class AttemptFailed(Exception):
+    """One attempt at a provider failed: what the client is told, and the reason it is counted under."""
 
     def __init__(self, error: UpstreamError | UpstreamTimeout, reason: str) -> None:
         super().__init__(error.message)
         self.error = error
         self.reason = reason
+
+
+class Retryable(AttemptFailed):
+    """An attempt that failed before any byte reached the client; try the next provider."""
+
+
+class Phase(Enum):
+    CONNECT = auto()  # until the response headers are in
+    READ = auto()  # reading a whole answer, before any of it is passed on
+    STREAM = auto()  # passing an answer on as it comes: the client has its headers
+
+
+ErrorRow = tuple[type[BaseException] | tuple[type[BaseException], ...], type[UpstreamError | UpstreamTimeout], str, str]
+# What aiohttp raises, what the client is told and the reason the failed attempt is counted under (records,
+# metrics), by phase; the first row that matches wins. Messages are filled with the provider's settings `p`.
+# The reasons after the headers are the errors' codes: records and dashboards already count those.
+UPSTREAM_ERRORS: dict[Phase, tuple[ErrorRow, ...]] = {
+    Phase.CONNECT: (
+        (aiohttp.ConnectionTimeoutError, UpstreamTimeout, "Timed out connecting to provider '{p.name}'.",
+         "connect_timeout"),
+        (aiohttp.ServerTimeoutError, UpstreamTimeout,
+         "Provider '{p.name}' sent no response within {p.first_byte_timeout_s:g}s.", "first_byte_timeout"),
+        (aiohttp.ClientConnectorError, UpstreamError, "Cannot connect to provider '{p.name}'.", "connect_error"),
+        ((aiohttp.ClientError, OSError), UpstreamError,
+         "Provider '{p.name}' closed the connection before answering.", "disconnected"),
+    ),
+    Phase.READ: (
+        (TimeoutError, UpstreamTimeout, "Provider '{p.name}' stopped sending (idle timeout).", "read_error"),
+        ((aiohttp.ClientError, OSError), UpstreamError, "Provider '{p.name}' broke off the response.", "read_error"),
+        (NotJson, UpstreamError, "Provider '{p.name}' answered something that is not JSON.", "bad_json"),
+    ),
+    Phase.STREAM: (
+        (TimeoutError, UpstreamTimeout, "Provider '{p.name}' stopped sending (idle timeout).", "upstream_timeout"),
+        ((aiohttp.ClientError, OSError), UpstreamError, "Provider '{p.name}' broke off the response.",
+         "upstream_error"),
+    ),
+}  # fmt: skip
+
+
+class ErrorMap:
+    """`with` it around one phase of an attempt: what aiohttp raises there leaves as an AttemptFailed.
+
+    httpx's map_httpcore_exceptions(), as an object: it holds no state of a request, so one per
+    provider and phase is built with the ProviderClient and a request allocates nothing for it.
+    Before the headers reached the client the failure is Retryable; after, it is not.
+    """
+
+    __slots__ = ("failed", "provider", "rows")
+
+    def __init__(self, provider: ProviderSettings, phase: Phase) -> None:
+        self.provider = provider
+        self.rows = UPSTREAM_ERRORS[phase]
+        self.failed = AttemptFailed if phase is Phase.STREAM else Retryable
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        if exc is None:
+            return
+        for raised, error, message, reason in self.rows:
+            if isinstance(exc, raised):
+                raise self.failed(error(message.format(p=self.provider)), reason) from exc
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +127,9 @@ class ProviderClient:
     base_url: str
     auth: dict[str, str]  # the provider's credential, added to every request
     timeout: aiohttp.ClientTimeout
+    connect_errors: ErrorMap
+    read_errors: ErrorMap
+    stream_errors: ErrorMap
 
     @classmethod
     def build(cls, provider: ProviderSettings) -> ProviderClient:
@@ -74,6 +146,9 @@ class ProviderClient:
                 sock_connect=provider.connect_timeout_s,
                 sock_read=provider.first_byte_timeout_s,
             ),
+            connect_errors=ErrorMap(provider, Phase.CONNECT),
+            read_errors=ErrorMap(provider, Phase.READ),
+            stream_errors=ErrorMap(provider, Phase.STREAM),
         )
 
 
@@ -164,28 +239,14 @@ async def open_upstream(
 ) -> AsyncIterator[aiohttp.ClientResponse]:
     """Send the request and yield once the response headers are in.
 
-    Failures before the headers become Retryable. A response left with unread
+    Failures before the headers are Retryable. A response left with unread
     bytes (client gone, error) has its connection closed, not pooled.
     """
-    name = client.settings.name
-    try:
+    with client.connect_errors:
         # encoded=True: the path goes out byte for byte as the client sent it, never re-normalised.
         resp = await session.request(
             method, URL(url, encoded=True), headers=headers, data=body, allow_redirects=False, timeout=client.timeout
         )
-    except aiohttp.ConnectionTimeoutError as exc:
-        raise Retryable(UpstreamTimeout(f"Timed out connecting to provider '{name}'."), "connect_timeout") from exc
-    except aiohttp.ServerTimeoutError as exc:
-        wait = client.settings.first_byte_timeout_s
-        raise Retryable(
-            UpstreamTimeout(f"Provider '{name}' sent no response within {wait:g}s."), "first_byte_timeout"
-        ) from exc
-    except aiohttp.ClientConnectorError as exc:
-        raise Retryable(UpstreamError(f"Cannot connect to provider '{name}'."), "connect_error") from exc
-    except (aiohttp.ClientError, OSError) as exc:
-        raise Retryable(
-            UpstreamError(f"Provider '{name}' closed the connection before answering."), "disconnected"
-        ) from exc
     try:
         start_idle_timeout(resp, client.settings.idle_timeout_s)
         yield resp
@@ -194,16 +255,19 @@ async def open_upstream(
         resp.release()
 
 
-def mid_stream_error(exc: BaseException, provider: str) -> UpstreamError | UpstreamTimeout:
-    if isinstance(exc, (aiohttp.SocketTimeoutError, TimeoutError)):
-        return UpstreamTimeout(f"Provider '{provider}' stopped sending (idle timeout).")
-    return UpstreamError(f"Provider '{provider}' broke off the response.")
+def raise_for_status(status: int, provider: ProviderSettings, *, last_attempt: bool) -> None:
+    """An answer not to pass on while another provider may do better is a Retryable failure.
 
-
-def rejected_credential(provider: str, status: int) -> UpstreamAuthError:
-    # The client's key never goes upstream, so a 401/403 there is about ours: passing it on
-    # would send the user after their own key. The provider's body may quote our key: dropped.
-    return UpstreamAuthError(
-        f"Provider '{provider}' rejected the gateway's own credential (HTTP {status}). "
-        "Your API key is fine: the gateway's operators must fix the provider key or its access."
-    )
+    The last provider's 429 is passed on: its Retry-After is the client's best hint.
+    """
+    if status == 401 or status == 403:
+        # The client's key never goes upstream, so a 401/403 there is about ours: passing it on
+        # would send the user after their own key. The provider's body may quote our key: dropped.
+        rejected = UpstreamAuthError(
+            f"Provider '{provider.name}' rejected the gateway's own credential (HTTP {status}). "
+            "Your API key is fine: the gateway's operators must fix the provider key or its access."
+        )
+        raise Retryable(rejected, UpstreamAuthError.reason)
+    if status >= 500 or (status == 429 and not last_attempt):
+        failed = UpstreamError(f"Provider '{provider.name}' answered HTTP {status}.")
+        raise Retryable(failed, REASON_429 if status == 429 else "http_5xx")

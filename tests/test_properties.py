@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 from proxy.app import Gateway
 from proxy.auth import key_digest, new_key
 from proxy.errors import Header
-from proxy.events import RequestRecord
+from proxy.record import RequestRecord
 from proxy.settings import parse_settings
 from tests.conftest import Mocks
 
