@@ -81,6 +81,16 @@ class Exchange:
             self.record.first_byte_at = time.perf_counter()
         await self.send({"type": "http.response.body", "body": chunk, "more_body": True})
 
+    def body_sender(self) -> Send:
+        """For a stream's loop: the server's send itself, one call less per chunk.
+
+        The loop owns the answer from start() until it calls end(), so the state
+        stays RESPONSE throughout; it sends only http.response.body with more_body.
+        """
+        if self.state is not _RESPONSE:
+            raise UnexpectedMessage(self.state, "a stream of http.response.body")
+        return self.send
+
     async def end(self, chunk: bytes) -> None:
         """The last part of the answer."""
         if self.state is not _RESPONSE:

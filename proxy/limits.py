@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import inspect
 import itertools
 import math
@@ -313,15 +314,19 @@ class Limiter:
         """One script call through the pipe (bounded there, not here), with the circuit and failures as in call()."""
         return await self._guarded(self._eval(call, more), timed=False)
 
-    async def _eval(self, call: Prepared, more: tuple[Any, ...]) -> Any:
+    def _the_pipe(self) -> Pipe:
         if self._pipe is None:
             self._pipe = Pipe(self._pipe_pool.make_connection, self.timeout_s)
+        return self._pipe
+
+    async def _eval(self, call: Prepared, more: tuple[Any, ...]) -> Any:
+        pipe = self._the_pipe()
         packed = call.pack(*more)
-        reply = await self._pipe.call(packed)
+        reply = await pipe.call(packed)
         if isinstance(reply, NoScriptError):
             # A Redis restarted or flushed since the script was last loaded: load it and ask again.
-            await self._pipe.call(pack_command(b"SCRIPT", b"LOAD", call.script.source.encode()))
-            reply = await self._pipe.call(packed)
+            await pipe.call(pack_command(b"SCRIPT", b"LOAD", call.script.source.encode()))
+            reply = await pipe.call(packed)
         if isinstance(reply, ResponseError):
             raise reply
         return reply
@@ -401,6 +406,42 @@ class Limiter:
         with contextlib.suppress(LimiterFailure):
             await self.run(limits.settle_call, max(tokens, 0), hold or "")
 
+    def settle_soon(self, limits: KeyLimits, hold: str | None, tokens: int) -> asyncio.Future[Any] | None:
+        """The same settle, queued now without a task of its own: it goes out with this tick's calls.
+
+        Its outcome feeds the circuit and on_error as any call's does. None when the circuit is
+        open (counted, as a skipped call is).
+        """
+        if not self.circuit.allow():
+            if self.on_error is not None:
+                self.on_error()
+            return None
+        more = (max(tokens, 0), hold or "")
+        future = self._the_pipe().call(limits.settle_call.pack(*more))
+        future.add_done_callback(functools.partial(self._settled, limits.settle_call, more))
+        return future
+
+    def _settled(self, call: Prepared, more: tuple[Any, ...], future: asyncio.Future[Any]) -> None:
+        if future.cancelled():
+            self.circuit.abandon()
+            return
+        failure = future.exception()
+        reply = future.result() if failure is None else failure
+        if isinstance(reply, NoScriptError):
+            # Redis answered (it lost its scripts in a restart): load the script and settle again.
+            self.circuit.success()
+            self.in_background(self._settle_again(call, more))
+        elif isinstance(reply, REDIS_ERRORS):
+            self.circuit.failure()
+            if self.on_error is not None:
+                self.on_error()
+        else:
+            self.circuit.success()
+
+    async def _settle_again(self, call: Prepared, more: tuple[Any, ...]) -> None:
+        with contextlib.suppress(LimiterFailure):
+            await self.run(call, *more)
+
     async def ping(self) -> str | None:
         """None when Redis answers, else the reason."""
         try:
@@ -422,13 +463,14 @@ class Settlement:
     been taken: it is released by id, without making anyone wait for it.
     """
 
-    __slots__ = ("_hold", "_limiter", "_limits", "_task")
+    __slots__ = ("_hold", "_limiter", "_limits", "_sent", "_settling")
 
     def __init__(self, limiter: Limiter, limits: KeyLimits) -> None:
         self._limiter = limiter
         self._limits = limits
         self._hold: str | None = None  # the hold's member in Redis, which the settle removes
-        self._task: asyncio.Task[None] | None = None
+        self._sent = False
+        self._settling: asyncio.Future[Any] | None = None
 
     async def admit(self, plan: Plan, hold_tokens: int) -> list[Header]:
         """Admission, with the hold if the key has a budget; returns the x-ratelimit-* headers."""
@@ -449,14 +491,17 @@ class Settlement:
         return admission.headers
 
     def settle(self, tokens: int) -> None:
-        if self._task is None and (self._hold is not None or (tokens > 0 and self._limits.charges_tokens)):
-            self._task = asyncio.create_task(self._limiter.settle(self._limits, self._hold, tokens))
+        if not self._sent and (self._hold is not None or (tokens > 0 and self._limits.charges_tokens)):
+            self._sent = True
+            self._settling = self._limiter.settle_soon(self._limits, self._hold, tokens)
 
     async def close(self) -> None:
-        if self._task is None and self._hold is not None and self._hold.endswith(UNKNOWN_HOLD):
-            self._limiter.in_background(self._limiter.settle(self._limits, self._hold, 0))
+        if not self._sent and self._hold is not None and self._hold.endswith(UNKNOWN_HOLD):
+            self.settle(0)  # queued; nobody waits for a release that may find nothing
             return
         self.settle(0)
-        if self._task is not None:
-            # Shielded: a request cancelled now must not cancel the release of its hold.
-            await asyncio.shield(self._task)
+        if self._settling is not None:
+            # Shielded: a request cancelled now must not cancel the release of its hold. Its
+            # failure was counted where it happened.
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self._settling)

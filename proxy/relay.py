@@ -185,6 +185,8 @@ async def _forward_stream(
     await ex.start(resp.status, headers)
     failure: GatewayError | None = None
     ex.active_streams.inc()
+    send = ex.body_sender()
+    record = ex.record
     try:
         with client.stream_errors:
             async for chunk in resp.content.iter_any():
@@ -194,7 +196,9 @@ async def _forward_stream(
                     scanner.feed(inflater.feed(chunk))
                     out = chunk
                 if out:
-                    await ex.body(out)
+                    if record.first_byte_at is None:
+                        record.first_byte_at = time.perf_counter()
+                    await send({"type": "http.response.body", "body": out, "more_body": True})
     except AttemptFailed as exc:
         failure = exc.error
         ex.record.failures.append((client.settings.name, exc.reason))

@@ -22,6 +22,8 @@ import orjson
 USAGE_MARK = b'"usage"'
 # An event ends at a blank line; SSE allows LF and CRLF line ends.
 EVENT_END = re.compile(rb"\r?\n\r?\n")
+# A "usage" key holding an object (OpenAI sends "usage":null on every chunk when asked for usage).
+USAGE_OBJECT = re.compile(rb'"usage"\s*:\s*\{')
 FINISHED = re.compile(rb'"finish_reason"\s*:\s*"')
 MAX_TAIL_BYTES = 1 << 20  # an event larger than this is not scanned
 FULL_PARSE_BYTES = 64 * 1024  # non-stream answers up to this size are parsed whole
@@ -191,6 +193,15 @@ class StreamUsageScanner:
     def feed(self, chunk: bytes) -> bytes:
         """Return the bytes to forward now: `chunk` itself on the fast path."""
         self.events += chunk.count(b"data:")
+        if (
+            # The common chunk: whole events, nothing held, no usage object, nothing to watch for.
+            not self._pending
+            and not self._oversized
+            and chunk.endswith(b"\n\n")
+            and not (self.strip_usage_event and (self._finished or FINISHED.search(chunk)))
+            and not USAGE_OBJECT.search(chunk)
+        ):
+            return chunk
         sent = self._sent
         data = self._pending + chunk if self._pending else chunk
         end = _last_event_end(data)
@@ -255,13 +266,7 @@ def _event_ends(data: bytes, end: int) -> list[int]:
 
 def _has_usage_object(data: bytes, end: int) -> bool:
     """True when some "usage" key before `end` holds an object: OpenAI sends "usage":null on every chunk."""
-    at = data.find(USAGE_MARK, 0, end)
-    while at >= 0:
-        rest = data[at + len(USAGE_MARK) : at + len(USAGE_MARK) + 8].lstrip(b" \t:")
-        if rest.startswith(b"{"):
-            return True
-        at = data.find(USAGE_MARK, at + 1, end)
-    return False
+    return USAGE_OBJECT.search(data, 0, end) is not None
 
 
 def _event_json(event: bytes) -> Any:
