@@ -124,7 +124,7 @@ async def _relay(
         record.client_disconnected = True
     finally:
         watcher.stop()
-        await settlement.close()
+        settlement.close()
 
 
 class _BodyVariants:

@@ -417,7 +417,9 @@ class Limiter:
                 self.on_error()
             return None
         more = (max(tokens, 0), hold or "")
-        future = self._the_pipe().call(limits.settle_call.pack(*more))
+        # Lazy: it goes out with the next admission's write, or within 10 ms. Calls keep their order
+        # on the pipe, so this worker's next admission for the key still comes after it.
+        future = self._the_pipe().call(limits.settle_call.pack(*more), lazy=True)
         future.add_done_callback(functools.partial(self._settled, limits.settle_call, more))
         return future
 
@@ -455,22 +457,21 @@ class Settlement:
     """One request's hold on its key's budget, from admission to its one settle.
 
     `admit` takes the hold with the admission. The first `settle` charges the
-    real usage and releases the hold, while the answer's last bytes go out, so
-    the client's next request already sees it. `close`, in the request's one
-    `finally`, settles with nothing billed when no usage came (an upstream
-    failure, a client gone), then waits for it. A hold whose admission never
+    real usage and releases the hold, queued while the answer's last bytes go
+    out: this worker sends it before any later admission of the key. `close`,
+    in the request's one `finally`, settles with nothing billed when no usage
+    came (an upstream failure, a client gone). A hold whose admission never
     answered (a timeout, a client gone while Redis was slow) may still have
-    been taken: it is released by id, without making anyone wait for it.
+    been taken: its settle finds it by id.
     """
 
-    __slots__ = ("_hold", "_limiter", "_limits", "_sent", "_settling")
+    __slots__ = ("_hold", "_limiter", "_limits", "_sent")
 
     def __init__(self, limiter: Limiter, limits: KeyLimits) -> None:
         self._limiter = limiter
         self._limits = limits
         self._hold: str | None = None  # the hold's member in Redis, which the settle removes
         self._sent = False
-        self._settling: asyncio.Future[Any] | None = None
 
     async def admit(self, plan: Plan, hold_tokens: int) -> list[Header]:
         """Admission, with the hold if the key has a budget; returns the x-ratelimit-* headers."""
@@ -491,17 +492,11 @@ class Settlement:
         return admission.headers
 
     def settle(self, tokens: int) -> None:
+        """Queue the one settle; nobody waits for it (the answer is out), and the pipe sends it in order."""
         if not self._sent and (self._hold is not None or (tokens > 0 and self._limits.charges_tokens)):
             self._sent = True
-            self._settling = self._limiter.settle_soon(self._limits, self._hold, tokens)
+            self._limiter.settle_soon(self._limits, self._hold, tokens)
 
-    async def close(self) -> None:
-        if not self._sent and self._hold is not None and self._hold.endswith(UNKNOWN_HOLD):
-            self.settle(0)  # queued; nobody waits for a release that may find nothing
-            return
+    def close(self) -> None:
+        """In the request's one `finally`: settle with nothing billed if no usage came."""
         self.settle(0)
-        if self._settling is not None:
-            # Shielded: a request cancelled now must not cancel the release of its hold. Its
-            # failure was counted where it happened.
-            with contextlib.suppress(Exception):
-                await asyncio.shield(self._settling)

@@ -160,3 +160,32 @@ def test_arguments_are_packed_as_redis_py_packs_them() -> None:
     assert packed == b"*9\r\n" + b"".join(b"$%d\r\n%s\r\n" % (len(p), p) for p in parts)
     with pytest.raises(TypeError):
         Prepared(ECHO, ["k"], [True])
+
+
+async def test_a_lazy_call_rides_with_the_next_urgent_one_or_goes_within_lazy_s(loaded: RedisServer) -> None:
+    factory = Counted(loaded.url)
+    pipe = Pipe(factory, 1.0, lazy_s=0.2)
+    try:
+        await pipe.call(Prepared(ECHO, ["x"], [0]).pack())  # connected
+        writes = factory.writes
+        lazy = pipe.call(Prepared(ECHO, ["settle"], [1]).pack(), lazy=True)
+        await asyncio.sleep(0.05)
+        assert not lazy.done() and factory.writes == writes  # not sent yet
+        urgent = pipe.call(Prepared(ECHO, ["admit"], [2]).pack())
+        assert await urgent == [b"admit", b"2"]
+        assert lazy.done() and lazy.result() == [b"settle", b"1"]
+        assert factory.writes == writes + 1  # together, the lazy one first
+        alone = pipe.call(Prepared(ECHO, ["settle"], [3]).pack(), lazy=True)
+        start = time.monotonic()
+        assert await alone == [b"settle", b"3"]
+        assert 0.15 < time.monotonic() - start < 1.0
+    finally:
+        await pipe.close()
+
+
+async def test_close_sends_what_is_still_queued(loaded: RedisServer) -> None:
+    pipe = Pipe(Counted(loaded.url), 1.0, lazy_s=60.0)
+    await pipe.call(Prepared(ECHO, ["x"], [0]).pack())
+    lazy = pipe.call(Prepared(ECHO, ["last"], [1]).pack(), lazy=True)
+    await pipe.close()
+    assert lazy.result() == [b"last", b"1"]
