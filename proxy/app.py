@@ -131,7 +131,7 @@ class Gateway:
 
     async def startup(self) -> None:
         settings = self.runtime.settings
-        self.sessions = Sessions()
+        self.sessions = Sessions(on_wait=self.pool_waited)
         self.limiter = Limiter(
             settings.redis, on_error=self.metrics.limiter_errors.inc, on_circuit=self.circuit_changed
         )
@@ -156,6 +156,9 @@ class Gateway:
     def sample_runtime(self) -> None:
         if self.sessions is not None and self.events is not None:
             self.metrics.sample_runtime(self.sessions.pool_stats(), len(asyncio.all_tasks()), self.events.queue.qsize())
+
+    def pool_waited(self, provider: str) -> None:
+        self.metrics.pool_waits.labels(provider if provider in self.runtime.clients else "other").inc()
 
     def circuit_changed(self, is_open: bool) -> None:
         self.metrics.limiter_circuit_open.set(1 if is_open else 0)

@@ -83,6 +83,10 @@ class Metrics:
             "sluicegate_limiter_circuit_open", "1 while Redis calls are skipped after repeated failures, per worker",
             registry=r, multiprocess_mode="livesum",
         )  # fmt: skip
+        self.pool_waits = Counter(
+            "sluicegate_upstream_pool_waits", "Requests that waited for a free connection to their provider",
+            ["provider"], registry=r,
+        )  # fmt: skip
         # Sampled (every few seconds, and at each scrape of this worker), not counted per request.
         self.upstream_connections = Gauge(
             "sluicegate_upstream_connections", "Connections in each provider's pool (sampled)",

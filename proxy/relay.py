@@ -130,7 +130,7 @@ async def relay(
         if record.upstream_sent_at is None:
             record.upstream_sent_at = time.perf_counter()
         try:
-            session = sessions.get(client.settings.name)
+            session = sessions.get(client.settings)
             async with open_upstream(session, client, method, client.base_url + path_and_query, headers, body) as resp:
                 raise_for_status(resp.status, client.settings, last_attempt=final)
                 is_sse = resp.content_type == "text/event-stream"

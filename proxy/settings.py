@@ -100,6 +100,7 @@ class ProviderSettings:
     first_byte_timeout_s: float = 120.0
     idle_timeout_s: float = 120.0
     stream_usage: bool = True
+    pool_connections: int = 1000  # open connections to this provider at most, per worker
 
 
 @dataclass(frozen=True, slots=True)
@@ -312,7 +313,7 @@ def _providers(
         r.unknown(
             {
                 "name", "base_url", "api_key_env", "models", "priority", "weight",
-                "connect_timeout_s", "first_byte_timeout_s", "idle_timeout_s", "stream_usage",
+                "connect_timeout_s", "first_byte_timeout_s", "idle_timeout_s", "stream_usage", "pool_connections",
             }
         )  # fmt: skip
         name = r.text("name") or ""
@@ -353,6 +354,7 @@ def _providers(
                 first_byte_timeout_s=r.number("first_byte_timeout_s", 120.0, minimum=0.001),
                 idle_timeout_s=r.number("idle_timeout_s", 120.0, minimum=0.001),
                 stream_usage=r.boolean("stream_usage", True),
+                pool_connections=r.count("pool_connections", 1000, minimum=1) or 1000,
             )
         )
     if not providers and not problems:

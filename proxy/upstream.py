@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from enum import Enum, auto
@@ -15,7 +15,6 @@ from .errors import Header, UpstreamAuthError, UpstreamError, UpstreamTimeout
 from .settings import ProviderSettings
 from .usage import NotJson
 
-POOL_LIMIT = 1000
 REASON_429 = "http_429"  # a provider's 429 counts under this reason, retried or passed on
 REQUEST_DROP = frozenset(
     name.encode()
@@ -174,8 +173,9 @@ class Sessions:
     """One aiohttp session, so one connection pool, per provider: a slow provider's
     streams cannot take the connections another provider needs."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_wait: Callable[[str], object] | None = None) -> None:
         self._by_provider: dict[str, aiohttp.ClientSession] = {}
+        self._on_wait = on_wait
 
     def pool_stats(self) -> dict[str, PoolStats]:
         """What each provider's pool holds now. aiohttp has no public counts: its own fields, read defensively."""
@@ -192,10 +192,16 @@ class Sessions:
             )
         return stats
 
-    def get(self, provider: str) -> aiohttp.ClientSession:
-        session = self._by_provider.get(provider)
-        if session is None:
-            session = self._by_provider[provider] = create_session()
+    def get(self, provider: ProviderSettings) -> aiohttp.ClientSession:
+        """The provider's session; a request that will wait for a free pooled connection is counted."""
+        session = self._by_provider.get(provider.name)
+        if session is None or session.connector is None or session.connector.limit != provider.pool_connections:
+            # New, or its pool size changed in a reload: requests in flight keep the old one.
+            session = self._by_provider[provider.name] = create_session(provider.pool_connections)
+        elif self._on_wait is not None:
+            in_use = len(getattr(session.connector, "_acquired", ()))  # aiohttp has no public count
+            if in_use >= provider.pool_connections:
+                self._on_wait(provider.name)
         return session
 
     async def close(self) -> None:
@@ -203,8 +209,8 @@ class Sessions:
             await session.close()
 
 
-def create_session() -> aiohttp.ClientSession:
-    connector = aiohttp.TCPConnector(limit=POOL_LIMIT, limit_per_host=0, ttl_dns_cache=300)
+def create_session(pool_connections: int) -> aiohttp.ClientSession:
+    connector = aiohttp.TCPConnector(limit=pool_connections, limit_per_host=0, ttl_dns_cache=300)
     return aiohttp.ClientSession(
         connector=connector,
         auto_decompress=False,

@@ -9,7 +9,6 @@ import aiohttp
 import orjson
 import pytest
 
-from proxy import upstream
 from proxy.settings import parse_settings
 from proxy.upstream import (
     AttemptFailed,
@@ -17,7 +16,7 @@ from proxy.upstream import (
     Phase,
     ProviderClient,
     Retryable,
-    create_session,
+    Sessions,
     open_upstream,
     raise_for_status,
 )
@@ -31,12 +30,14 @@ async def test_waiting_for_a_pooled_connection_is_bounded(mocks: Mocks, monkeypa
     raw = {
         "providers": [
             {"name": "beta", "base_url": f"{mocks.beta.url}/v1", "models": ["mock-chat"],
-             "connect_timeout_s": 0.2, "first_byte_timeout_s": 0.3},
+             "connect_timeout_s": 0.2, "first_byte_timeout_s": 0.3, "pool_connections": 1},
         ]
     }  # fmt: skip
-    client = ProviderClient.build(parse_settings(raw, {}).providers[0])
-    monkeypatch.setattr(upstream, "POOL_LIMIT", 1)
-    session = create_session()
+    provider = parse_settings(raw, {}).providers[0]
+    client = ProviderClient.build(provider)
+    waits: list[str] = []
+    sessions = Sessions(on_wait=waits.append)
+    session = sessions.get(provider)
     url = client.base_url + "/chat/completions"
     slow = {"x-mock-chunks": "100", "x-mock-chunk-delay-ms": "50", "content-type": "application/json"}
     try:
@@ -49,8 +50,11 @@ async def test_waiting_for_a_pooled_connection_is_bounded(mocks: Mocks, monkeypa
             # The one connection stays busy for 5 s; the wait gives up after connect + first byte (0.5 s).
             assert time.monotonic() - started < 2.0
             assert info.value.reason == "connect_timeout"
+            # The pool is full: the next request through it is counted as waiting.
+            assert sessions.get(provider) is session
+            assert waits == ["beta"]
     finally:
-        await session.close()
+        await sessions.close()
 
 
 ALPHA_RAW = {"name": "alpha", "base_url": "http://127.0.0.1:9/v1", "models": ["m"], "first_byte_timeout_s": 2.5}
