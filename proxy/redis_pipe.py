@@ -4,9 +4,15 @@ redis-py spends more on each call than Redis spends running the script: a pooled
 connection taken and given back under a lock, a task for the write timeout, a
 timer for the read, a socket write and a wakeup of Redis per call. Here the
 calls queued while the event loop runs one turn go out together on one
-connection that stays open, and one reader task hands the replies back in the
-order they were sent. Each call is still its own EVALSHA, so every decision is
-as atomic and exact as before; only the trips are shared.
+connection that stays open, and its replies are handed back as they come off
+the socket, in the order the calls were sent. Each call is still its own
+EVALSHA, so every decision is as atomic and exact as before; only the trips are
+shared.
+
+redis-py opens the connection (TLS, AUTH, SELECT, whatever the URL asks for);
+then the socket's protocol is swapped for `_Replies`, which parses replies with
+hiredis right where asyncio delivers the bytes: no reader task, so a call's
+answer reaches its request one turn of the loop sooner.
 
 A connection that does not answer within `timeout_s` of a write, or breaks,
 fails every call waiting on it and is dropped; the next call connects afresh.
@@ -19,10 +25,12 @@ import contextlib
 import hashlib
 from collections import deque
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
+import hiredis
 from redis.asyncio.connection import AbstractConnection
-from redis.exceptions import ResponseError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 ConnectionFactory = Callable[[], AbstractConnection]
 
@@ -72,6 +80,28 @@ def _bulk(value: bytes) -> bytes:
     return b"$%d\r\n%s\r\n" % (len(value), value)
 
 
+class _Replies(asyncio.Protocol):
+    """The socket's protocol once connected: each reply goes straight to the oldest waiting call."""
+
+    def __init__(self, pipe: Pipe, conn: AbstractConnection, transport: asyncio.Transport) -> None:
+        self._pipe = pipe
+        self._parser = hiredis.Reader(replyError=ResponseError)
+        # Kept: redis-py closes the socket of a connection object that is garbage-collected.
+        self.conn = conn
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self._parser.feed(data)
+        while (reply := self._parser.gets()) is not False:
+            if isinstance(reply, ResponseError) and str(reply).startswith("NOSCRIPT"):
+                reply = NoScriptError(str(reply))
+            if not self._pipe._reply(self, reply):
+                return
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._pipe._lost(self, exc or RedisConnectionError("Redis closed the connection"))
+
+
 class Pipe:
     def __init__(self, make_connection: ConnectionFactory, timeout_s: float, lazy_s: float = 0.01) -> None:
         self._make_connection = make_connection
@@ -80,13 +110,11 @@ class Pipe:
         self._queued: list[bytes] = []
         self._queued_futures: list[asyncio.Future[Any]] = []
         self._sent: deque[tuple[asyncio.Future[Any], float]] = deque()  # awaiting a reply, with its deadline
-        self._wake = asyncio.Event()
-        self._conn: AbstractConnection | None = None
-        self._reader: asyncio.Task[None] | None = None
-        self._writer: asyncio.Task[None] | None = None
-        self._watchdog: asyncio.TimerHandle | None = None
-        self._closing: set[asyncio.Task[None]] = set()
+        self._replies: _Replies | None = None  # the connected socket, when there is one
+        self._connecting: asyncio.Task[None] | None = None
+        self._flush_soon: asyncio.Handle | None = None
         self._lazy: asyncio.TimerHandle | None = None
+        self._watchdog: asyncio.TimerHandle | None = None
         self._loop = asyncio.get_running_loop()
 
     def call(self, packed: bytes, lazy: bool = False) -> asyncio.Future[Any]:
@@ -99,83 +127,85 @@ class Pipe:
         future: asyncio.Future[Any] = self._loop.create_future()
         self._queued.append(packed)
         self._queued_futures.append(future)
-        if self._writer is None:
-            self._writer = self._loop.create_task(self._write_loop())
         if not lazy:
-            self._wake.set()
-        elif self._lazy is None and not self._wake.is_set():
-            self._lazy = self._loop.call_later(self._lazy_s, self._wake.set)
+            if self._flush_soon is None:
+                # At the end of this turn of the loop, with whatever else this turn asks.
+                self._flush_soon = self._loop.call_soon(self._flush)
+        elif self._lazy is None and self._flush_soon is None:
+            self._lazy = self._loop.call_later(self._lazy_s, self._flush)
         return future
 
     async def close(self) -> None:
-        """Send what is queued and wait for its replies (at most timeout_s), then close."""
+        """Send what is queued and wait for its replies (at most about timeout_s), then close."""
         pending = [*self._queued_futures, *(future for future, _ in self._sent)]
         if pending:
-            self._wake.set()
+            self._flush()
             await asyncio.wait(pending, timeout=self._timeout_s * 2)
-        if self._lazy is not None:
-            self._lazy.cancel()
-            self._lazy = None
-        for task in (self._writer, self._reader):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-        self._writer = None
-        self._drop(ConnectionError("closed"))
-        await asyncio.gather(*self._closing, return_exceptions=True)
+        for handle in (self._flush_soon, self._lazy):
+            if handle is not None:
+                handle.cancel()
+        self._flush_soon = self._lazy = None
+        if self._connecting is not None:
+            self._connecting.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._connecting
+        self._drop(RedisConnectionError("closed"))
+        _fail(self._queued_futures, RedisConnectionError("closed"))
+        self._queued, self._queued_futures = [], []
 
-    async def _write_loop(self) -> None:
-        while True:
-            await self._wake.wait()
-            self._wake.clear()
-            if self._lazy is not None:
-                self._lazy.cancel()
-                self._lazy = None
-            batch, futures = self._queued, self._queued_futures
-            self._queued, self._queued_futures = [], []
-            try:
-                conn = await self._connected()
-                deadline = self._loop.time() + self._timeout_s
-                # In the reply queue before the write: the replies may come back before it returns.
-                self._sent.extend((future, deadline) for future in futures)
-                await conn.send_packed_command(batch, check_health=False)
-            except Exception as exc:  # any failure to connect or write fails these calls
-                _fail(futures, exc)
-                self._drop(exc)
-                continue
-            if self._watchdog is None:
-                self._watchdog = self._loop.call_at(deadline, self._check_deadline)
+    def _flush(self) -> None:
+        for handle in (self._flush_soon, self._lazy):
+            if handle is not None:
+                handle.cancel()
+        self._flush_soon = self._lazy = None
+        if not self._queued:
+            return
+        replies = self._replies
+        if replies is None:
+            if self._connecting is None:
+                self._connecting = self._loop.create_task(self._connect())
+            return  # sent once connected
+        batch, futures = self._queued, self._queued_futures
+        self._queued, self._queued_futures = [], []
+        deadline = self._loop.time() + self._timeout_s
+        self._sent.extend((future, deadline) for future in futures)
+        replies.transport.write(b"".join(batch))
+        if self._watchdog is None:
+            self._watchdog = self._loop.call_at(deadline, self._check_deadline)
 
-    async def _connected(self) -> AbstractConnection:
-        if self._conn is not None and self._conn.is_connected:
-            return self._conn
-        self._drop(ConnectionError("reconnecting"))
-        conn = self._make_connection()
-        async with asyncio.timeout(self._timeout_s):
-            await conn.connect()  # type: ignore[no-untyped-call]
-        self._conn = conn
-        self._reader = self._loop.create_task(self._read_loop(conn))
-        return conn
-
-    async def _read_loop(self, conn: AbstractConnection) -> None:
+    async def _connect(self) -> None:
         try:
-            while True:
-                try:
-                    reply: Any = await conn.read_response(disconnect_on_error=False)
-                except ResponseError as exc:
-                    reply = exc  # one call's error reply; the connection is fine
-                if not self._sent:
-                    raise ConnectionError("a reply nobody asked for")
-                future, _ = self._sent.popleft()
-                if not future.done():
-                    future.set_result(reply)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # the connection broke: every waiting call fails
-            if self._conn is conn:
-                self._reader = None
-                self._drop(exc)
+            conn = self._make_connection()
+            async with asyncio.timeout(self._timeout_s):
+                await conn.connect()  # type: ignore[no-untyped-call]
+            transport = _transport_of(conn)
+            replies = _Replies(self, conn, transport)
+            transport.set_protocol(replies)
+            self._replies = replies
+        except Exception as exc:  # no connection: the calls waiting for one fail, as Redis errors
+            futures, self._queued, self._queued_futures = self._queued_futures, [], []
+            failure = exc if isinstance(exc, (RedisError, OSError)) else RedisConnectionError(repr(exc))
+            _fail(futures, failure)
+            return
+        finally:
+            self._connecting = None
+        self._flush()
+
+    def _reply(self, replies: _Replies, reply: Any) -> bool:
+        """One reply off the socket; False once this connection is no longer ours."""
+        if replies is not self._replies:
+            return False
+        if not self._sent:
+            self._drop(RedisConnectionError("a reply nobody asked for"))
+            return False
+        future, _ = self._sent.popleft()
+        if not future.done():
+            future.set_result(reply)
+        return True
+
+    def _lost(self, replies: _Replies, exc: Exception) -> None:
+        if replies is self._replies:
+            self._drop(exc)
 
     def _check_deadline(self) -> None:
         self._watchdog = None
@@ -193,14 +223,18 @@ class Pipe:
         if self._watchdog is not None:
             self._watchdog.cancel()
             self._watchdog = None
-        conn, self._conn = self._conn, None
-        reader, self._reader = self._reader, None
-        if reader is not None and reader is not asyncio.current_task():
-            reader.cancel()
-        if conn is not None:
-            closing = self._loop.create_task(conn.disconnect(nowait=True))
-            self._closing.add(closing)
-            closing.add_done_callback(self._closing.discard)
+        replies, self._replies = self._replies, None
+        if replies is not None:
+            replies.transport.close()
+
+
+def _transport_of(conn: AbstractConnection) -> asyncio.Transport:
+    """The socket redis-py connected: its own reader and writer are not used again."""
+    writer: asyncio.StreamWriter | None = getattr(conn, "_writer", None)
+    if writer is None:
+        raise RedisConnectionError("no connection")
+    # uvloop's transports are not asyncio.Transport subclasses, but have the same methods.
+    return cast(asyncio.Transport, writer.transport)
 
 
 def _fail(futures: Sequence[asyncio.Future[Any]], exc: BaseException) -> None:
