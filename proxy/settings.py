@@ -41,7 +41,7 @@ class ServerSettings:
     header_timeout_s: float = 10.0
     keep_alive_timeout_s: float = 75.0
     drain_delay_s: float = 5.0
-    max_connections: int = 1000
+    max_connections: int = 4096
     backlog: int = 1024
 
 
@@ -100,7 +100,7 @@ class ProviderSettings:
     first_byte_timeout_s: float = 120.0
     idle_timeout_s: float = 120.0
     stream_usage: bool = True
-    pool_connections: int = 1000  # open connections to this provider at most, per worker
+    pool_connections: int = 4096  # open connections to this provider at most, per worker
 
 
 @dataclass(frozen=True, slots=True)
@@ -249,7 +249,7 @@ def _server(raw: Mapping[str, Any], env: Mapping[str, str], problems: list[str])
         header_timeout_s=r.number("header_timeout_s", 10.0, minimum=0.001),
         keep_alive_timeout_s=r.number("keep_alive_timeout_s", 75.0, minimum=0.001),
         drain_delay_s=r.number("drain_delay_s", 5.0),
-        max_connections=r.count("max_connections", 1000, minimum=1) or 1,
+        max_connections=r.count("max_connections", 4096, minimum=1) or 1,
         backlog=r.count("backlog", 1024, minimum=1) or 1,
     )
 
@@ -354,7 +354,7 @@ def _providers(
                 first_byte_timeout_s=r.number("first_byte_timeout_s", 120.0, minimum=0.001),
                 idle_timeout_s=r.number("idle_timeout_s", 120.0, minimum=0.001),
                 stream_usage=r.boolean("stream_usage", True),
-                pool_connections=r.count("pool_connections", 1000, minimum=1) or 1000,
+                pool_connections=r.count("pool_connections", 4096, minimum=1) or 4096,
             )
         )
     if not providers and not problems:

@@ -43,7 +43,7 @@ def test_defaults() -> None:
     assert settings.server.graceful_timeout_s == 120.0
     assert (settings.server.body_timeout_s, settings.server.drain_delay_s) == (30.0, 5.0)
     assert (settings.server.header_timeout_s, settings.server.keep_alive_timeout_s) == (10.0, 75.0)
-    assert (settings.server.max_connections, settings.server.backlog) == (1000, 1024)
+    assert (settings.server.max_connections, settings.server.backlog) == (4096, 1024)
     assert settings.redis == RedisSettings(url="redis://127.0.0.1:6379/0", on_error="allow", timeout_s=0.25)
     assert (settings.redis.circuit_failures, settings.redis.circuit_cooldown_s) == (3, 5.0)
     assert settings.events == EventSettings(sink="stdout", path="events.jsonl", queue_size=10000)
