@@ -10,6 +10,7 @@ import sys
 from collections.abc import Sequence
 
 from .admin import keys_new, keys_usage, search_file, search_redis
+from .bench import command as bench_command
 from .mock_upstream import MockOptions, run_mock
 from .server import run_demo, serve
 from .settings import ConfigError, config_path, load_settings
@@ -66,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default="mock", help="shows in answers, to tell several mocks apart")
     p.add_argument("--api-key-env", help="require 'Authorization: Bearer $VAR' on every request")
 
+    bench_command.add_parser(sub, _positive)
+
     p = sub.add_parser("demo", help="run the mock upstream and the gateway together with a fresh demo key")
     p.add_argument("--config", default="config/demo.toml")
     return parser
@@ -88,6 +91,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(exc, file=sys.stderr)
             return 2
         return 0
+    if args.command == "bench":
+        return bench_command.main(args)
     if args.command == "mock-upstream":
         host, port = args.bind
         run_mock(
