@@ -1,15 +1,28 @@
 """What sluicegate costs over a bare relay and over no relay at all, in one run.
 
-Starts the built-in mock upstream, tests/bench/bare_relay.py and `python -m proxy serve`
-(one provider, one key made now, events off, no limits) on free 127.0.0.1 ports, then
-measures each path with one aiohttp client session at a fixed concurrency:
+Starts the built-in mock upstream, tests/bench/bare_relay.py and `python -m proxy serve` on free 127.0.0.1 ports
+and measures each path with one aiohttp client session; rounds take turns between the targets, so drift hits each
+alike. Four scenarios:
 
-    python tests/bench/overhead.py [--requests 2000] [--concurrency 16] [--json]
+    python tests/bench/overhead.py [--requests 2000] [--concurrency 16] [--json]      # quick, the default
+    python tests/bench/overhead.py --scenario s1 [--duration 10] [--rounds 3] [--json]
+    python tests/bench/overhead.py --scenario s3 [--duration 10] [--rounds 3] [--json]
+    python tests/bench/overhead.py --scenario s4 [--duration 20] [--json]
 
-The requests are split into rounds that take turns between the targets, so drift hits each alike.
-On a 2-core box the client, the mock and the relay share the CPUs, so latency includes queueing;
-"CPU us/req" (CPU time of the process the client talks to) is the steadiest column. The header
-says how much CPU other processes used meanwhile; above 10% the numbers are flagged.
+quick: the gateway with one key, events off, no limits; --requests non-stream and then stream requests per target
+at --concurrency 16. On a 2-core box the client, the mock and the relay share the CPUs, so latency includes
+queueing; "CPU us/req" (CPU time of the process the client talks to) is the steadiest column.
+
+s1, s3, s4: the reference harness's loads (../shared/bench/README.md), set up the way it sets them up (see
+scenarios.py: limits on, records to a file, the targets pinned apart from the mock and the client):
+    s1  non-stream, closed loop, 64 connections, --duration s per target and round
+    s3  200 concurrent streams of 50 chunks 20 ms apart (+ usage chunk, [DONE]), --duration s per target and round
+    s4  1000 concurrent slow streams of 25 chunks 200 ms apart, two waves of --duration s per target
+Targets: direct (the mock), bare_relay, sluicegate and, in s1 and s3, sluicegate_nolimits (the same gateway with a
+key without limits). --concurrency, --chunks and --chunk-delay-ms change a scenario's own.
+
+The header says how much CPU other processes used meanwhile; above 10% the numbers are flagged. --deadline bounds
+the whole run. Exit 1 on any error or when the deadline cut the run short.
 """
 
 from __future__ import annotations
@@ -30,10 +43,13 @@ import aiohttp
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # `common` imports however this file is started
 
 from common import HOST, ROOT, Child, free_port, loop_factory, machine_busy_s, no_nan, our_cpu_s, pct, proc_status
+from scenarios import SCENARIOS, run_scenario
 
 TARGETS = ("direct", "bare_relay", "sluicegate")
 DIFFERENCES = (("json", ("p50_ms", "p99_ms")), ("stream", ("ttfb_p50_ms", "ttfb_p99_ms", "p50_ms", "p99_ms")))
 WHOLE = frozenset({"rps", "requests", "errors", "cpu_us_per_req"})  # printed without decimals
+QUICK = {"concurrency": 16, "rounds": 4, "chunks": 8, "chunk_delay_ms": 0.0, "deadline": 120.0}
+SCENARIO_DEADLINE_S = 600.0
 
 
 def gateway_config(tmp: Path, mock_url: str, stream_usage: bool) -> tuple[Path, str]:
@@ -190,19 +206,32 @@ def start_children(args: Any, tmp: Path, children: dict[str, Child]) -> dict[str
     return urls
 
 
-def main() -> int:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="sluicegate vs bare relay vs direct, against the mock upstream")
-    parser.add_argument("--requests", type=int, default=2000, help="measured requests per target and mode")
-    parser.add_argument("--warmup", type=int, default=100, help="warm-up requests per target and mode")
-    parser.add_argument("--concurrency", type=int, default=16)
-    parser.add_argument("--rounds", type=int, default=4, help="the requests are split into rounds that take turns")
-    parser.add_argument("--chunks", type=int, default=8, help="mock stream chunks")
-    parser.add_argument("--chunk-delay-ms", type=float, default=0.0, help="mock gap between stream chunks")
+    parser.add_argument("--scenario", choices=("quick", *SCENARIOS), default="quick",
+                        help="quick (default), or one of the reference harness's loads: s1, s3, s4")  # fmt: skip
+    parser.add_argument("--requests", type=int, default=2000, help="quick: measured requests per target and mode")
+    parser.add_argument("--duration", type=float, help="s1, s3, s4: seconds per target and round (default 10; s4 20)")
+    parser.add_argument("--warmup", type=int, default=100, help="warm-up requests per target (quick: and mode)")
+    parser.add_argument("--concurrency", type=int, help="default: quick 16, s1 64, s3 200, s4 1000")
+    parser.add_argument("--rounds", type=int, help="rounds that take turns (default: quick 4, s1 and s3 3; s4: 2)")
+    parser.add_argument("--chunks", type=int, help="mock stream chunks (default: quick 8, s1 and s3 50, s4 25)")
+    parser.add_argument("--chunk-delay-ms", type=float, help="mock gap between chunks (quick 0, s1 and s3 20, s4 200)")
     parser.add_argument("--no-stream-usage", dest="stream_usage", action="store_false",
                         help="provider stream_usage = false (no include_usage injection and scan)")  # fmt: skip
-    parser.add_argument("--deadline", type=float, default=120.0, help="global time limit in seconds")
+    parser.add_argument("--deadline", type=float, help="global time limit in seconds (default: quick 120, else 600)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     args = parser.parse_args()
+    if args.scenario == "quick":
+        for name, default in QUICK.items():
+            if getattr(args, name) is None:
+                setattr(args, name, default)
+    elif args.deadline is None:
+        args.deadline = SCENARIO_DEADLINE_S
+    return args
+
+
+def run_quick(args: argparse.Namespace) -> int:
     started = time.monotonic()
     args.deadline_at = started + args.deadline
     children: dict[str, Child] = {}
@@ -220,14 +249,19 @@ def main() -> int:
     finally:
         for child in children.values():
             child.stop()
-    settings = {k: v for k, v in vars(args).items() if k not in ("json", "deadline_at", "key")}
+    settings = {k: v for k, v in vars(args).items() if k not in ("json", "deadline_at", "key", "scenario", "duration")}
     out = {
-        "settings": settings, **results, "overhead": overhead(results), "rss_mib": rss,
+        "scenario": "quick", "settings": settings, **results, "overhead": overhead(results), "rss_mib": rss,
         "elapsed_s": time.monotonic() - started, "other_processes_cpu_pct": max(0.0, others_pct),
         "deadline_hit": any(r["requests"] < args.requests for m in ("json", "stream") for r in results[m].values()),
     }  # fmt: skip
     print(json.dumps(no_nan(out), indent=2) if args.json else report(out))
     return 1 if out["deadline_hit"] or any(r["errors"] for m in ("json", "stream") for r in results[m].values()) else 0
+
+
+def main() -> int:
+    args = parse_args()
+    return run_quick(args) if args.scenario == "quick" else run_scenario(args)
 
 
 if __name__ == "__main__":
