@@ -31,7 +31,10 @@ class BareRelay:
             while True:
                 message = await receive()
                 if message["type"] == "lifespan.startup":
-                    self.session = aiohttp.ClientSession(auto_decompress=False)
+                    # No cap on connections (aiohttp's default is 100), as in the reference harness's relay:
+                    # with one, 200 concurrent streams would queue for the upstream.
+                    connector = aiohttp.TCPConnector(limit=0)
+                    self.session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
                     await send({"type": "lifespan.startup.complete"})
                 elif message["type"] == "lifespan.shutdown":
                     if self.session is not None:

@@ -28,7 +28,6 @@ import json
 import math
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -40,9 +39,9 @@ from typing import Any
 import aiohttp
 import redis.asyncio as aioredis
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # `overhead` imports however this file is started
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # `common` imports however this file is started
 
-from overhead import (
+from common import (
     HOST,
     ROOT,
     Child,
@@ -62,16 +61,6 @@ QUIET_S = 0.003  # Redis counts as quiet when commandstats do not move for this 
 QUIET_MAX_S = 1.0
 REQUEST_TIMEOUT_S = 10.0
 DEADLINE_GRACE_S = 5.0  # in-flight requests get this long after the deadline before they are cancelled
-
-
-class EnvChild(Child):
-    """overhead.Child with extra environment variables for the child."""
-
-    def __init__(self, name: str, args: list[str], port: int, tmp: Path, env: dict[str, str]) -> None:
-        self.name, self.port, self.log = name, port, tmp / f"{name}.log"
-        with self.log.open("wb") as out:
-            full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **env}
-            self.proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env=full_env)
 
 
 @dataclass
@@ -347,7 +336,7 @@ def start_children(args: Any, tmp: Path, children: dict[str, Child]) -> tuple[st
     gateway_bind = f"{HOST}:{ports['gateway']}"
     gateway_args = [sys.executable, "-m", "proxy", "serve", "--config", str(config), "--bind", gateway_bind]
     redis_url = {"REDIS_URL": f"redis://{HOST}:{ports['redis']}/0"}
-    children["gateway"] = EnvChild("gateway", gateway_args, ports["gateway"], tmp, redis_url)
+    children["gateway"] = Child("gateway", gateway_args, ports["gateway"], tmp, redis_url)
     for child in children.values():
         child.wait_ready()
     return f"http://{HOST}:{ports['gateway']}/v1/chat/completions", ports["redis"], keys

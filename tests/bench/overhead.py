@@ -1,15 +1,28 @@
 """What sluicegate costs over a bare relay and over no relay at all, in one run.
 
-Starts the built-in mock upstream, tests/bench/bare_relay.py and `python -m proxy serve`
-(one provider, one key made now, events off, no limits) on free 127.0.0.1 ports, then
-measures each path with one aiohttp client session at a fixed concurrency:
+Starts the built-in mock upstream, tests/bench/bare_relay.py and `python -m proxy serve` on free 127.0.0.1 ports
+and measures each path with one aiohttp client session; rounds take turns between the targets, so drift hits each
+alike. Four scenarios:
 
-    python tests/bench/overhead.py [--requests 2000] [--concurrency 16] [--json]
+    python tests/bench/overhead.py [--requests 2000] [--concurrency 16] [--json]      # quick, the default
+    python tests/bench/overhead.py --scenario s1 [--duration 10] [--rounds 3] [--json]
+    python tests/bench/overhead.py --scenario s3 [--duration 10] [--rounds 3] [--json]
+    python tests/bench/overhead.py --scenario s4 [--duration 20] [--json]
 
-The requests are split into rounds that take turns between the targets, so drift hits each alike.
-On a 2-core box the client, the mock and the relay share the CPUs, so latency includes queueing;
-"CPU us/req" (CPU time of the process the client talks to) is the steadiest column. The header
-says how much CPU other processes used meanwhile; above 10% the numbers are flagged.
+quick: the gateway with one key, events off, no limits; --requests non-stream and then stream requests per target
+at --concurrency 16. On a 2-core box the client, the mock and the relay share the CPUs, so latency includes
+queueing; "CPU us/req" (CPU time of the process the client talks to) is the steadiest column.
+
+s1, s3, s4: the reference harness's loads (../shared/bench/README.md), set up the way it sets them up (see
+scenarios.py: limits on, records to a file, the targets pinned apart from the mock and the client):
+    s1  non-stream, closed loop, 64 connections, --duration s per target and round
+    s3  200 concurrent streams of 50 chunks 20 ms apart (+ usage chunk, [DONE]), --duration s per target and round
+    s4  1000 concurrent slow streams of 25 chunks 200 ms apart, two waves of --duration s per target
+Targets: direct (the mock), bare_relay, sluicegate and, in s1 and s3, sluicegate_nolimits (the same gateway with a
+key without limits). --concurrency, --chunks and --chunk-delay-ms change a scenario's own.
+
+The header says how much CPU other processes used meanwhile; above 10% the numbers are flagged. --deadline bounds
+the whole run. Exit 1 on any error or when the deadline cut the run short.
 """
 
 from __future__ import annotations
@@ -19,9 +32,6 @@ import asyncio
 import json
 import math
 import os
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -30,67 +40,16 @@ from typing import Any
 
 import aiohttp
 
-ROOT = Path(__file__).resolve().parents[2]
-HOST = "127.0.0.1"
-START_TIMEOUT_S = 15.0
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # `common` imports however this file is started
+
+from common import HOST, ROOT, Child, free_port, loop_factory, machine_busy_s, no_nan, our_cpu_s, pct, proc_status
+from scenarios import SCENARIOS, run_scenario
+
 TARGETS = ("direct", "bare_relay", "sluicegate")
-CLOCK_TICK = os.sysconf("SC_CLK_TCK")
 DIFFERENCES = (("json", ("p50_ms", "p99_ms")), ("stream", ("ttfb_p50_ms", "ttfb_p99_ms", "p50_ms", "p99_ms")))
 WHOLE = frozenset({"rps", "requests", "errors", "cpu_us_per_req"})  # printed without decimals
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def proc_status(pid: int) -> tuple[float, float]:
-    """(resident MiB, CPU seconds used so far) of a live process, from /proc."""
-    with open(f"/proc/{pid}/status") as f:
-        kib = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rpartition(")")[2].split()
-    return kib / 1024, (int(fields[11]) + int(fields[12])) / CLOCK_TICK
-
-
-class Child:
-    """A child process on its own port; output goes to a log file in the temp folder."""
-
-    def __init__(self, name: str, args: list[str], port: int, tmp: Path) -> None:
-        self.name, self.port, self.log = name, port, tmp / f"{name}.log"
-        with self.log.open("wb") as out:
-            env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-            self.proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
-
-    def wait_ready(self) -> Child:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n{self.log.read_text()}")
-            try:
-                with socket.create_connection((HOST, self.port), timeout=0.2):
-                    return self
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError(f"{self.name} did not open port {self.port} in {START_TIMEOUT_S}s:\n{self.log.read_text()}")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=5)
-
-
-def machine_busy_s() -> float:
-    """CPU seconds every process on the machine has used since boot (/proc/stat, all CPUs)."""
-    with open("/proc/stat") as f:
-        user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, f.readline().split()[1:9])
-    return (user + nice + system + irq + softirq + steal) / CLOCK_TICK
+QUICK = {"concurrency": 16, "rounds": 4, "chunks": 8, "chunk_delay_ms": 0.0, "deadline": 120.0}
+SCENARIO_DEADLINE_S = 600.0
 
 
 def gateway_config(tmp: Path, mock_url: str, stream_usage: bool) -> tuple[Path, str]:
@@ -106,28 +65,6 @@ def gateway_config(tmp: Path, mock_url: str, stream_usage: bool) -> tuple[Path, 
         f'[[keys]]\nname = "bench"\nsha256 = "{key_digest(key)}"\n'
     )
     return path, key
-
-
-def loop_factory() -> Any:
-    try:
-        import uvloop
-    except ImportError:
-        return None
-    return uvloop.new_event_loop
-
-
-def no_nan(value: Any) -> Any:
-    """NaN (a run with no successes) is not JSON; print null instead."""
-    if isinstance(value, dict):
-        return {k: no_nan(v) for k, v in value.items()}
-    return None if isinstance(value, float) and math.isnan(value) else value
-
-
-def pct(values: list[float], q: float) -> float:
-    """Nearest-rank percentile, in ms."""
-    if not values:
-        return math.nan
-    return sorted(values)[max(0, math.ceil(q * len(values)) - 1)] * 1000
 
 
 class Tally:
@@ -269,23 +206,32 @@ def start_children(args: Any, tmp: Path, children: dict[str, Child]) -> dict[str
     return urls
 
 
-def our_cpu_s(pids: dict[str, int]) -> float:
-    return sum(os.times()[:2]) + sum(proc_status(pid)[1] for pid in pids.values())
-
-
-def main() -> int:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="sluicegate vs bare relay vs direct, against the mock upstream")
-    parser.add_argument("--requests", type=int, default=2000, help="measured requests per target and mode")
-    parser.add_argument("--warmup", type=int, default=100, help="warm-up requests per target and mode")
-    parser.add_argument("--concurrency", type=int, default=16)
-    parser.add_argument("--rounds", type=int, default=4, help="the requests are split into rounds that take turns")
-    parser.add_argument("--chunks", type=int, default=8, help="mock stream chunks")
-    parser.add_argument("--chunk-delay-ms", type=float, default=0.0, help="mock gap between stream chunks")
+    parser.add_argument("--scenario", choices=("quick", *SCENARIOS), default="quick",
+                        help="quick (default), or one of the reference harness's loads: s1, s3, s4")  # fmt: skip
+    parser.add_argument("--requests", type=int, default=2000, help="quick: measured requests per target and mode")
+    parser.add_argument("--duration", type=float, help="s1, s3, s4: seconds per target and round (default 10; s4 20)")
+    parser.add_argument("--warmup", type=int, default=100, help="warm-up requests per target (quick: and mode)")
+    parser.add_argument("--concurrency", type=int, help="default: quick 16, s1 64, s3 200, s4 1000")
+    parser.add_argument("--rounds", type=int, help="rounds that take turns (default: quick 4, s1 and s3 3; s4: 2)")
+    parser.add_argument("--chunks", type=int, help="mock stream chunks (default: quick 8, s1 and s3 50, s4 25)")
+    parser.add_argument("--chunk-delay-ms", type=float, help="mock gap between chunks (quick 0, s1 and s3 20, s4 200)")
     parser.add_argument("--no-stream-usage", dest="stream_usage", action="store_false",
                         help="provider stream_usage = false (no include_usage injection and scan)")  # fmt: skip
-    parser.add_argument("--deadline", type=float, default=120.0, help="global time limit in seconds")
+    parser.add_argument("--deadline", type=float, help="global time limit in seconds (default: quick 120, else 600)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     args = parser.parse_args()
+    if args.scenario == "quick":
+        for name, default in QUICK.items():
+            if getattr(args, name) is None:
+                setattr(args, name, default)
+    elif args.deadline is None:
+        args.deadline = SCENARIO_DEADLINE_S
+    return args
+
+
+def run_quick(args: argparse.Namespace) -> int:
     started = time.monotonic()
     args.deadline_at = started + args.deadline
     children: dict[str, Child] = {}
@@ -303,14 +249,19 @@ def main() -> int:
     finally:
         for child in children.values():
             child.stop()
-    settings = {k: v for k, v in vars(args).items() if k not in ("json", "deadline_at", "key")}
+    settings = {k: v for k, v in vars(args).items() if k not in ("json", "deadline_at", "key", "scenario", "duration")}
     out = {
-        "settings": settings, **results, "overhead": overhead(results), "rss_mib": rss,
+        "scenario": "quick", "settings": settings, **results, "overhead": overhead(results), "rss_mib": rss,
         "elapsed_s": time.monotonic() - started, "other_processes_cpu_pct": max(0.0, others_pct),
         "deadline_hit": any(r["requests"] < args.requests for m in ("json", "stream") for r in results[m].values()),
     }  # fmt: skip
     print(json.dumps(no_nan(out), indent=2) if args.json else report(out))
     return 1 if out["deadline_hit"] or any(r["errors"] for m in ("json", "stream") for r in results[m].values()) else 0
+
+
+def main() -> int:
+    args = parse_args()
+    return run_quick(args) if args.scenario == "quick" else run_scenario(args)
 
 
 if __name__ == "__main__":

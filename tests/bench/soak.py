@@ -36,9 +36,9 @@ from typing import Any
 
 import aiohttp
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # `overhead` imports however this file is started
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # `common` imports however this file is started
 
-from overhead import HOST, ROOT, Child, free_port, loop_factory, pct, proc_status
+from common import HOST, ROOT, Child, free_port, loop_factory, pct, proc_status
 
 # What each fault asks of the mock, and the statuses a client may then see.
 FAULTS: dict[str, tuple[dict[str, str], frozenset[int]]] = {
