@@ -19,9 +19,6 @@ INSTALL_HINT = "pip install 'sluicegate[bench]'"
 COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd")  # one per run, the same in every chart
 CHART_HEIGHT_PX = 460
 PLOT_CONFIG = {"displaylogo": False, "responsive": True}
-# Log axes labelled 1, 2, 3, 5, 10, 20, ... in full: plotly's own labels read "100 2 3 4" for 100-400.
-LOG_TICKS_MS = [m * 10**e for e in range(-2, 7) for m in (1, 2, 3, 5)]
-LOG_AXIS = {"type": "log", "tickvals": LOG_TICKS_MS, "ticktext": [f"{v:,.7g}" for v in LOG_TICKS_MS]}
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 24px auto; max-width: 1320px; padding: 0 16px; color: #222; }
 h1 { font-size: 22px; margin: 0 0 4px; } h2 { font-size: 16px; margin: 20px 0 6px; }
@@ -176,6 +173,17 @@ def layout(title: str, note: str | None, **axes: Any) -> dict[str, Any]:
     }
 
 
+def log_axis(title: str, values: list[float]) -> dict[str, Any]:
+    """A log axis labelled in full ms: over more than a decade plotly's own labels read "100 2 3 4" for 100-400."""
+    axis = {"title": {"text": title}, "type": "log"}
+    positive = [v for v in values if v > 0]
+    decades = math.log10(max(positive) / min(positive)) if positive else 0.0
+    if decades > 1:
+        ticks = [step * 10**power for power in range(-2, 8) for step in ((1, 2, 5) if decades > 3 else (1, 2, 3, 5))]
+        axis.update(tickvals=ticks, ticktext=[f"{v:,.7g}" for v in ticks])
+    return axis
+
+
 def latency_cdf(runs: list[dict[str, Any]]) -> dict[str, Any]:
     traces = [
         {
@@ -192,9 +200,10 @@ def latency_cdf(runs: list[dict[str, Any]]) -> dict[str, Any]:
         for name, title, dash in (("e2e", "end to end", "solid"), ("ttft", "TTFT", "dash"))
         if (points := run["cdf"].get(name))
     ]
+    latencies = [point[0] for run in runs for points in run["cdf"].values() for point in points]
     return {"data": traces, "layout": layout(
         "Latency CDF: share of successful requests at or below a latency", None if traces else "no successful requests",
-        xaxis={"title": {"text": "latency, ms (log scale)"}, **LOG_AXIS},
+        xaxis=log_axis("latency, ms (log scale)", latencies),
         yaxis={"title": {"text": "share of requests"}, "tickformat": ".0%", "range": [0, 1.02]})}  # fmt: skip
 
 
@@ -217,9 +226,10 @@ def ttft_histogram(runs: list[dict[str, Any]]) -> dict[str, Any]:
         if (buckets := run["histogram"].get("ttft"))
     ]
     note = None if traces else "no TTFT: only streamed requests have one, and none succeeded"
+    edges = [edge for run in runs for bucket in run["histogram"].get("ttft", []) for edge in bucket[:2]]
     return {"data": traces, "layout": layout(
         "Time to first token: histogram", note, barmode="overlay",
-        xaxis={"title": {"text": "time to first token, ms (log scale)"}, **LOG_AXIS},
+        xaxis=log_axis("time to first token, ms (log scale)", edges),
         yaxis={"title": {"text": "requests per bucket"}})}  # fmt: skip
 
 
@@ -235,8 +245,9 @@ def throughput(runs: list[dict[str, Any]]) -> dict[str, Any]:
                            "marker": {"size": 5, "symbol": "circle" if axis == "y" else "diamond"},
                            "hovertemplate": f"second %{{x}}: %{{y:,}} {unit}"})  # fmt: skip
     note = None if any(run["timeline"] for run in runs) else "no requests finished"
+    seconds_long = max((point["t_s"] for run in runs for point in run["timeline"]), default=0)
     return {"data": traces, "layout": layout(
         "Throughput over time, per second of the run", note, height=CHART_HEIGHT_PX + 140,
-        xaxis={"title": {"text": "time into the run, s"}, "anchor": "y2"},
+        xaxis={"title": {"text": "time into the run, s"}, "anchor": "y2", "dtick": 1 if seconds_long <= 15 else None},
         yaxis={"title": {"text": "successful req/s"}, "domain": [0.56, 1], "rangemode": "tozero"},
         yaxis2={"title": {"text": "output tokens/s"}, "domain": [0, 0.44], "rangemode": "tozero"})}  # fmt: skip
