@@ -72,7 +72,7 @@ def compare_result() -> dict[str, Any]:
               "ttft_p99": 8.0 / 12.0, "output_tokens_per_s": 6912.0 / 6336.0}  # fmt: skip
     slo = [{"name": "ttft", "bound_ms": 500.0, "label": label, "p99_ms": p99, "passed": True}
            for label, p99 in (("A", 12.0), ("B", 8.0))]  # fmt: skip
-    return {"tool": "sluicegate bench", "settings": SETTINGS, "runs": [run_a, run_b], "compare": ratios,
+    return {"tool": "sluicegate bench", "settings": copy.deepcopy(SETTINGS), "runs": [run_a, run_b], "compare": ratios,
             "slo": slo, "passed": True}  # fmt: skip
 
 
