@@ -1,0 +1,1 @@
+"""sluicegate bench: a load tester for OpenAI-compatible endpoints."""
