@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import pickle
 import random
 
@@ -36,7 +37,7 @@ def test_merged_recorders_equal_one_recorder_that_saw_everything() -> None:
     assert sum(b[2] for b in summary["histogram"]["ttft"]) == 3000
     assert sum(s["ok"] for s in summary["timeline"]) == 3000
     cdf = summary["cdf"]["e2e"]
-    assert cdf[-1][1] == 1.0 and all(a[0] < b[0] for a, b in zip(cdf, cdf[1:], strict=False))
+    assert cdf[-1][1] == 1.0 and all(a[0] < b[0] for a, b in itertools.pairwise(cdf))
 
 
 def test_a_success_is_good_only_within_every_slo() -> None:

@@ -127,7 +127,7 @@ class Recorder:
         return hist.get_value_at_percentile(percentile) / 1000 if hist.get_total_count() else math.nan
 
     def summary(self) -> dict[str, Any]:
-        """The numbers of `--json` for this target (see the README's "Load testing")."""
+        """The numbers of `--json` for this target; the timeline leaves out a last, partial second."""
         per_s = (lambda n: n / self.elapsed_s) if self.elapsed_s > 0 else (lambda n: 0.0)
         return {
             "label": self.label, "url": self.url, "elapsed_s": round(self.elapsed_s, 3),
@@ -149,7 +149,7 @@ class Recorder:
             "cdf": {name: cdf(self.hist[name]) for name in ("e2e", "ttft") if self.hist[name].get_total_count()},
             "histogram": {"ttft": buckets(self.hist["ttft"])} if self.hist["ttft"].get_total_count() else {},
             "timeline": [{"t_s": s, "ok": v[0], "failed": v[1], "output_tokens": v[2]}
-                         for s, v in sorted(self.timeline.items())],
+                         for s, v in sorted(self.timeline.items()) if s + 1 <= self.elapsed_s or self.elapsed_s < 2],
         }  # fmt: skip
 
 
