@@ -214,3 +214,14 @@ def test_ctrl_c_prints_what_was_measured_so_far(tmp_path: Path, slow: Mock) -> N
     assert result["interrupted"] is True
     assert result["runs"][0]["ok"] > 0
     assert "interrupted" in stdout and "Traceback" not in stderr
+
+
+def test_chosen_percentiles_reach_the_table_and_the_json(tmp_path: Path, mocks: Mocks) -> None:
+    run = bench(tmp_path, mocks.beta.url + "/v1", "--requests", "20", "--percentiles", "75,99.9,50")
+    assert run.code == 0, run.err
+    e2e = run.a["latency_ms"]["e2e"]
+    assert {"p50", "p75", "p90", "p95", "p99", "p99.9", "mean", "std", "min", "max"} <= set(e2e)
+    rows = [line.split()[0] for line in run.out.splitlines()[1:] if line.startswith("  ")]
+    assert rows == ["mean", "median", "p75", "p99.9", "max"]
+    bad = bench(tmp_path, mocks.beta.url + "/v1", "--requests", "1", "--percentiles", "50,100")
+    assert bad.code == 2 and "expected percentiles between 0 and 100" in bad.err

@@ -40,6 +40,16 @@ def positive_float(text: str) -> float:
     return value
 
 
+def percentiles(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(part) for part in text.split(","))
+    except ValueError:
+        values = ()
+    if not values or not all(0 < v < 100 for v in values):
+        raise argparse.ArgumentTypeError(f"expected percentiles between 0 and 100 like 50,90,99, got {text!r}")
+    return tuple(sorted(set(values)))
+
+
 def header(text: str) -> tuple[str, str]:
     name, sep, value = text.partition(":")
     if not sep or not name.strip():
@@ -86,6 +96,9 @@ def add_parser(sub: Any, positive: Any) -> None:
     p.add_argument("--rounds", type=positive, default=4, help="alternating rounds with --compare (default 4)")
     p.add_argument("--slo", type=slo, nargs="+", action="extend", default=[], metavar="NAME:MS",
                    help=f"fail (exit 1) when NAME's p99 is over MS; NAME is one of {', '.join(SLO_NAMES)}")  # fmt: skip
+    p.add_argument("--percentiles", type=percentiles, default=(50.0, 90.0, 99.0), metavar="LIST",
+                   help="percentiles the table shows, e.g. 50,90,99,99.9 (default 50,90,99); "
+                   "--json has these and 95 and 99.9 too")  # fmt: skip
     p.add_argument("--json", type=Path, metavar="PATH", help="write every number as JSON")
     p.add_argument("--report", type=Path, metavar="PATH.html",
                    help="write a self-contained HTML report (needs: pip install 'sluicegate[bench]')")  # fmt: skip
@@ -134,7 +147,9 @@ def settings_of(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def assemble(args: argparse.Namespace, recs: list[Any], interrupted: bool) -> dict[str, Any]:
-    runs = [rec.summary() for rec in recs]
+    from proxy.bench.stats import PERCENTILES
+
+    runs = [rec.summary(tuple(sorted({*PERCENTILES, *args.percentiles}))) for rec in recs]
     slos = [
         {"name": name, "bound_ms": ms, "label": run["label"],
          "p99_ms": run["latency_ms"].get(name, {}).get("p99"),

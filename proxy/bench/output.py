@@ -19,9 +19,6 @@ LATENCY_TITLES = {"e2e": "end to end", "ttft": "time to first token", "tpot": "t
                   "itl": "inter-token latency", "chunk_gap": "gap between reads"}  # fmt: skip
 
 
-TABLE_STATS = ("mean", "p50", "p90", "p99", "max")
-
-
 class Progress:
     """req/s, errors and p50 so far, redrawn in place on stderr (only when stderr is a terminal)."""
 
@@ -73,7 +70,7 @@ def table(result: dict[str, Any]) -> str:
         if not any(name in r["latency_ms"] for r in runs):
             continue
         rows.append([f"{title}, ms", *[""] * (len(head) - 1)])
-        for stat in TABLE_STATS:  # the rest (std, p95, p99.9, min) is in --json
+        for stat in ("mean", *(f"p{p:g}" for p in result["settings"]["percentiles"]), "max"):  # std, min: --json
             label = "  median" if stat == "p50" else f"  {stat}"
             row(label, [r["latency_ms"].get(name, {}).get(stat) for r in runs], f"{name}_{stat}")
     rows.append(["status", *[statuses(r) for r in runs], *([""] if ratio else [])])

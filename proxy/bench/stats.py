@@ -14,7 +14,7 @@ from typing import Any
 from hdrh.histogram import HdrHistogram
 
 LATENCIES = ("e2e", "ttft", "tpot", "itl", "chunk_gap")
-PERCENTILES = (50.0, 90.0, 95.0, 99.0, 99.9)
+PERCENTILES = (50.0, 90.0, 95.0, 99.0, 99.9)  # the default of --percentiles; p50 and p99 are always given
 HIGHEST_US = 3_600_000_000
 CDF_POINTS = 200  # percentiles kept for the report's CDF
 LIMIT_HEADERS = ("x-ratelimit-limit-requests", "x-ratelimit-remaining-requests",
@@ -126,7 +126,7 @@ class Recorder:
         hist = self.hist[name]
         return hist.get_value_at_percentile(percentile) / 1000 if hist.get_total_count() else math.nan
 
-    def summary(self) -> dict[str, Any]:
+    def summary(self, percentiles: tuple[float, ...] = PERCENTILES) -> dict[str, Any]:
         """The numbers of `--json` for this target; the timeline leaves out a last, partial second."""
         per_s = (lambda n: n / self.elapsed_s) if self.elapsed_s > 0 else (lambda n: 0.0)
         return {
@@ -145,7 +145,7 @@ class Recorder:
                 "headers": self.limit_headers,
             },
             "streams": dict(self.streams) or None,
-            "latency_ms": {name: describe(h) for name, h in self.hist.items() if h.get_total_count()},
+            "latency_ms": {name: describe(h, percentiles) for name, h in self.hist.items() if h.get_total_count()},
             "cdf": {name: cdf(self.hist[name]) for name in ("e2e", "ttft") if self.hist[name].get_total_count()},
             "histogram": {"ttft": buckets(self.hist["ttft"])} if self.hist["ttft"].get_total_count() else {},
             "timeline": [{"t_s": s, "ok": v[0], "failed": v[1], "output_tokens": v[2]}
@@ -153,12 +153,13 @@ class Recorder:
         }  # fmt: skip
 
 
-def describe(hist: HdrHistogram) -> dict[str, float]:
+def describe(hist: HdrHistogram, percentiles: tuple[float, ...] = PERCENTILES) -> dict[str, float]:
     out = {
         "count": hist.get_total_count(), "mean": hist.get_mean_value() / 1000, "std": hist.get_stddev() / 1000,
         "min": hist.get_min_value() / 1000, "max": hist.get_max_value() / 1000,
     }  # fmt: skip
-    out.update({f"p{p:g}": hist.get_value_at_percentile(p) / 1000 for p in PERCENTILES})
+    chosen = sorted({50.0, 99.0, *percentiles})
+    out.update({f"p{p:g}": hist.get_value_at_percentile(p) / 1000 for p in chosen})
     return out
 
 
