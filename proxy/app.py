@@ -30,6 +30,7 @@ from .events import EventSink
 from .exchange import AnswerState, Exchange
 from .limits import KeyLimits, Limiter
 from .metrics import Metrics, latency_bucket
+from .model_list import ModelLists
 from .record import RequestRecord
 from .redact import KEY_LIKE, clip
 from .relay import CLOSE, ClientGone, read_body
@@ -77,6 +78,7 @@ class Gateway:
         self.sessions: Sessions | None = None
         self.limiter: Limiter | None = None
         self.events: EventSink | None = None
+        self.model_lists: ModelLists | None = None
         self.metrics = Metrics()
         self.started_at = int(time.time())
         self.draining = False
@@ -102,6 +104,8 @@ class Gateway:
         self.runtime = build_runtime(settings)
         if self.events is not None:
             self.events.reopen()
+        if self.model_lists is not None:
+            self.model_lists.wake()
         log.info("config reloaded from %s", source)
         return True
 
@@ -126,6 +130,8 @@ class Gateway:
             elif message["type"] == "lifespan.shutdown":
                 if self._sampler is not None:
                     self._sampler.cancel()
+                if self.model_lists is not None:
+                    await self.model_lists.close()
                 if self.events is not None:
                     await self.events.close()
                 if self.sessions is not None:
@@ -144,6 +150,8 @@ class Gateway:
         self.events = EventSink(settings.events, latency_bucket, self.metrics.events_dropped.inc, self.limiter.client)
         self.events.start()
         self._sampler = asyncio.create_task(self._sample_runtime())
+        self.model_lists = ModelLists(self.sessions, lambda: self.runtime.settings)
+        self.model_lists.start()
         for warning in settings.warnings:
             log.warning("%s", warning)
         problem = await self.limiter.ping()
@@ -338,9 +346,11 @@ class Gateway:
     async def list_models(self, asked: Asked) -> Answer:
         if asked.key is None:
             raise TypeError("/models is a KEY route: its handler runs with the caller's key")
+        settings = asked.runtime.settings
+        fetched = await self.model_lists.fetched(settings, asked.key) if self.model_lists is not None else []
         data = [
             {"id": model, "object": "model", "created": self.started_at, "owned_by": owner}
-            for model, owner in asked.runtime.router.models_for(asked.key)
+            for model, owner in asked.runtime.router.models_for(asked.key, fetched)
         ]
         return Answer(200, orjson.dumps({"object": "list", "data": data}))
 
