@@ -1,4 +1,4 @@
-"""create_app(settings): the ASGI entry, dispatch by path, lifespan resources."""
+"""create_app(settings): the ASGI entry, dispatch by path (routes.py), lifespan resources."""
 
 from __future__ import annotations
 
@@ -27,12 +27,14 @@ from .errors import (
     RateLimited,
 )
 from .events import EventSink
-from .exchange import JSON_HEADERS, AnswerState, Exchange
+from .exchange import AnswerState, Exchange
 from .limits import KeyLimits, Limiter
 from .metrics import Metrics, latency_bucket
+from .model_list import ModelLists
 from .record import RequestRecord
 from .redact import KEY_LIKE, clip
 from .relay import CLOSE, ClientGone, read_body
+from .routes import Access, Answer, Asked, Found, RouteTable, Row, strip_prefix
 from .routing import Router
 from .settings import ConfigError, KeySettings, Settings, load_settings
 from .types import Call, Runtime
@@ -50,7 +52,6 @@ MAX_HEADERS = 100
 MAX_HEADER_LINE_BYTES = 8 * 1024
 MAX_HEAD_BYTES = 32 * 1024
 SANE_REQUEST_ID = re.compile(rb"^[A-Za-z0-9._:@/+=-]{1,128}$")
-INTERNAL_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 RUNTIME_SAMPLE_S = 5.0
 UNSAFE_IN_PATH = re.compile(r"[\x00-\x1f\x7f;?#%\\]")
 
@@ -77,10 +78,17 @@ class Gateway:
         self.sessions: Sessions | None = None
         self.limiter: Limiter | None = None
         self.events: EventSink | None = None
+        self.model_lists: ModelLists | None = None
         self.metrics = Metrics()
         self.started_at = int(time.time())
         self.draining = False
         self._sampler: asyncio.Task[None] | None = None
+        self.routes = RouteTable(
+            Row("/healthz", self.healthz, access=Access.OPEN),
+            Row("/readyz", self.readyz, access=Access.OPEN),
+            Row("/metrics", self.scrape, access=Access.OPEN),
+            Row("/models", self.list_models),
+        )
 
     def reload(self) -> bool:
         """Re-read the config file; a broken file keeps the old config."""
@@ -96,6 +104,8 @@ class Gateway:
         self.runtime = build_runtime(settings)
         if self.events is not None:
             self.events.reopen()
+        if self.model_lists is not None:
+            self.model_lists.wake()
         log.info("config reloaded from %s", source)
         return True
 
@@ -120,6 +130,8 @@ class Gateway:
             elif message["type"] == "lifespan.shutdown":
                 if self._sampler is not None:
                     self._sampler.cancel()
+                if self.model_lists is not None:
+                    await self.model_lists.close()
                 if self.events is not None:
                     await self.events.close()
                 if self.sessions is not None:
@@ -138,6 +150,8 @@ class Gateway:
         self.events = EventSink(settings.events, latency_bucket, self.metrics.events_dropped.inc, self.limiter.client)
         self.events.start()
         self._sampler = asyncio.create_task(self._sample_runtime())
+        self.model_lists = ModelLists(self.sessions, lambda: self.runtime.settings)
+        self.model_lists.start()
         for warning in settings.warnings:
             log.warning("%s", warning)
         problem = await self.limiter.ping()
@@ -197,15 +211,15 @@ class Gateway:
             # moves away, so few are left idle when the listener closes.
             extra_headers.extend(CLOSE)
         refused = _refusal(len(headers), head_bytes, too_long, wanted)
-        internal = _internal_path(scope["path"], self.runtime.settings.server.prefixes)
-        if internal is not None and refused is None:
-            return await self.internal(internal, send, extra_headers)
+        found = self.routes.find(scope["path"], self.runtime.settings.server.prefixes)
+        if found is not None and found.row.access is Access.OPEN and refused is None:
+            return await self.answer_open(found, scope, send, extra_headers)
         record = RequestRecord.start(request_id, scope["method"])
         ex = Exchange(send, record, extra_headers, self.metrics.active_streams)
         runtime = self.runtime
         self.metrics.inflight.inc()
         try:
-            await self.dispatch(scope, receive, ex, runtime, wanted, repeated, refused)
+            await self.dispatch(scope, receive, ex, runtime, wanted, repeated, refused, found)
         except GatewayError as err:
             if isinstance(err, RateLimited):
                 record.ratelimit = (err.scope, err.limit)
@@ -226,31 +240,12 @@ class Gateway:
             if self.events is not None:
                 self.events.emit(record)
 
-    async def internal(self, path: str, send: Send, extra_headers: list[Header]) -> None:
-        if path == "/healthz":
-            status, body, content_type = 200, b'{"status":"ok"}', b"application/json"
-        elif path == "/readyz":
-            if self.draining:
-                problem: str | None = "draining"
-            elif self.sessions is None or self.limiter is None:
-                problem = "start-up did not complete"
-            else:
-                problem = await self.limiter.ping()
-            status = 200 if problem is None else 503
-            body = orjson.dumps(
-                {"status": "ready"} if problem is None else {"status": "unavailable", "reason": problem}
-            )
-            content_type = b"application/json"
-        else:
-            self.sample_runtime()
-            status, body, content_type = 200, self.metrics.exposition(), CONTENT_TYPE_LATEST.encode()
-        headers = [
-            (b"content-type", content_type),
-            (b"content-length", str(len(body)).encode()),
-            *extra_headers,
-        ]
-        await send({"type": "http.response.start", "status": status, "headers": headers})
-        await send({"type": "http.response.body", "body": body, "more_body": False})
+    async def answer_open(self, found: Found, scope: Scope, send: Send, extra_headers: list[Header]) -> None:
+        """An OPEN route's answer: no record and no Exchange, so probes and scrapes cost next to nothing."""
+        answer = await found.row.handler(Asked(scope=scope, runtime=self.runtime, key=None, params=found.params))
+        headers = [*answer.headers, (b"content-length", str(len(answer.body)).encode()), *extra_headers]
+        await send({"type": "http.response.start", "status": answer.status, "headers": headers})
+        await send({"type": "http.response.body", "body": answer.body, "more_body": False})
 
     async def dispatch(
         self,
@@ -261,8 +256,10 @@ class Gateway:
         wanted: dict[bytes, bytes],
         repeated: bytes | None,
         refused: GatewayError | None,
+        found: Found | None,
     ) -> None:
-        """repeated: a credential header sent twice with different values; refused: what is wrong with the head."""
+        """repeated: a credential header sent twice with different values; refused: what is wrong with the head;
+        found: the gateway's own route for the path, if it has one."""
         path: str = scope["path"]
         method: str = scope["method"]
         server = runtime.settings.server
@@ -275,15 +272,17 @@ class Gateway:
         ex.record.body_read_at = time.perf_counter()
         if refused is not None:
             raise refused
-        rest = _strip_prefix(path, runtime.settings.server.prefixes)
+        rest = strip_prefix(path, runtime.settings.server.prefixes)
         if rest is None:
             raise NotFound(_missing_prefix_message(path, runtime.settings.server.prefixes))
-        ex.record.route = rest if rest in MODEL_ROUTES or rest == "/models" else "passthrough"
+        # An OPEN route found here had its head refused above: what is left are KEY routes.
+        ex.record.route = found.row.path if found is not None else rest if rest in MODEL_ROUTES else "passthrough"
         key = self.authenticate(wanted, repeated, ex.record, runtime)
-        if rest == "/models":
-            if method != "GET":
-                raise MethodNotAllowed(f"Expected GET for {clip(path)}, but got {clip(method)}.")
-            return await self.list_models(ex, runtime, key)
+        if found is not None:
+            if method != found.row.method:
+                raise MethodNotAllowed(f"Expected {found.row.method} for {clip(path)}, but got {clip(method)}.")
+            answer = await found.row.handler(Asked(scope=scope, runtime=runtime, key=key, params=found.params))
+            return await ex.respond(answer.status, answer.headers, answer.body)
         if rest in MODEL_ROUTES and method != "POST":
             raise MethodNotAllowed(f"Expected POST for {clip(path)}, but got {clip(method)}.")
         pinned = wanted[b"x-ai-provider"].decode("latin-1") if b"x-ai-provider" in wanted else None
@@ -326,12 +325,34 @@ class Gateway:
         record.group = key.group
         return key
 
-    async def list_models(self, ex: Exchange, runtime: Runtime, key: KeySettings) -> None:
+    async def healthz(self, asked: Asked) -> Answer:
+        return Answer(200, b'{"status":"ok"}')
+
+    async def readyz(self, asked: Asked) -> Answer:
+        if self.draining:
+            problem: str | None = "draining"
+        elif self.sessions is None or self.limiter is None:
+            problem = "start-up did not complete"
+        else:
+            problem = await self.limiter.ping()
+        if problem is None:
+            return Answer(200, orjson.dumps({"status": "ready"}))
+        return Answer(503, orjson.dumps({"status": "unavailable", "reason": problem}))
+
+    async def scrape(self, asked: Asked) -> Answer:
+        self.sample_runtime()
+        return Answer(200, self.metrics.exposition(), ((b"content-type", CONTENT_TYPE_LATEST.encode()),))
+
+    async def list_models(self, asked: Asked) -> Answer:
+        if asked.key is None:
+            raise TypeError("/models is a KEY route: its handler runs with the caller's key")
+        settings = asked.runtime.settings
+        fetched = await self.model_lists.fetched(settings, asked.key) if self.model_lists is not None else []
         data = [
             {"id": model, "object": "model", "created": self.started_at, "owned_by": owner}
-            for model, owner in runtime.router.models_for(key)
+            for model, owner in asked.runtime.router.models_for(asked.key, fetched)
         ]
-        await ex.respond(200, JSON_HEADERS, orjson.dumps({"object": "list", "data": data}))
+        return Answer(200, orjson.dumps({"object": "list", "data": data}))
 
 
 def _refusal(count: int, head_bytes: int, too_long: bytes | None, wanted: dict[bytes, bytes]) -> GatewayError | None:
@@ -349,21 +370,6 @@ def _refusal(count: int, head_bytes: int, too_long: bytes | None, wanted: dict[b
         # Two framings: a proxy in front may have read this request differently (request smuggling).
         return InvalidRequest("The request has both Transfer-Encoding and Content-Length.", headers=CLOSE)
     return None
-
-
-def _strip_prefix(path: str, prefixes: tuple[str, ...]) -> str | None:
-    for prefix in prefixes:
-        if path.startswith(prefix) and len(path) > len(prefix) and path[len(prefix)] == "/":
-            return path[len(prefix) :]
-    return None
-
-
-def _internal_path(path: str, prefixes: tuple[str, ...]) -> str | None:
-    """/healthz, /readyz and /metrics, also under each prefix (/v1/healthz)."""
-    if path in INTERNAL_PATHS:
-        return path
-    rest = _strip_prefix(path, prefixes)
-    return rest if rest in INTERNAL_PATHS else None
 
 
 def _passthrough_path(scope: Scope, rest: str, prefixes: tuple[str, ...]) -> str:
@@ -386,7 +392,7 @@ def _passthrough_path(scope: Scope, rest: str, prefixes: tuple[str, ...]) -> str
         shown = f"'{char}'" if char.isprintable() else f"the control character {char!r}"
         raise InvalidRequest(f"The path has {shown} once decoded; it is not forwarded.")
     raw = scope.get("raw_path")
-    raw_rest = _strip_prefix(raw.decode("latin-1"), prefixes) if raw else None
+    raw_rest = strip_prefix(raw.decode("latin-1"), prefixes) if raw else None
     if raw_rest is None:
         return quote(rest)
     if "%2f" in raw_rest.lower():

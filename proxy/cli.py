@@ -30,6 +30,13 @@ def _bind(text: str) -> tuple[str, int]:
     return host.strip("[]") or "0.0.0.0", int(port)
 
 
+def _names(text: str) -> tuple[str, ...]:
+    names = tuple(n.strip() for n in text.split(","))
+    if not all(names):
+        raise argparse.ArgumentTypeError(f"expected names separated by commas, got {text!r}")
+    return names
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sluicegate", description="OpenAI-compatible LLM API gateway")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -66,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ttfb-ms", type=float, default=0.0)
     p.add_argument("--name", default="mock", help="shows in answers, to tell several mocks apart")
     p.add_argument("--api-key-env", help="require 'Authorization: Bearer $VAR' on every request")
+    p.add_argument(
+        "--models", type=_names, default=MockOptions.models, help="what GET /v1/models lists, comma-separated"
+    )
 
     bench_command.add_parser(sub, _positive)
 
@@ -98,7 +108,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         run_mock(
             MockOptions(
                 host=host, port=port, chunks=args.chunks, chunk_delay_ms=args.chunk_delay_ms,
-                ttfb_ms=args.ttfb_ms, name=args.name,
+                ttfb_ms=args.ttfb_ms, name=args.name, models=args.models,
                 api_key=os.environ.get(args.api_key_env) if args.api_key_env else None,
             )
         )  # fmt: skip

@@ -4,7 +4,9 @@ Every knob can be set per request with an ``x-mock-<knob>`` header, for the
 whole server with ``POST /_mock/faults`` (so one of several mocks can fail
 without touching the requests), or through :class:`MockOptions`.  Requests to
 ``/v1`` are logged with timestamps in ``GET /_mock/requests`` so tests can
-check *when* the gateway sent, read and abandoned its upstream requests.
+check *when* the gateway sent, read and abandoned its upstream requests;
+``GET /v1/models`` requests are logged apart, in ``GET /_mock/models``, with the
+list it serves (``POST /_mock/models`` replaces that list).
 """
 
 from __future__ import annotations
@@ -214,7 +216,11 @@ class MockUpstream:
     def __init__(self, options: MockOptions) -> None:
         self.options = options
         self.faults: dict[str, str] = {}
+        self.models = options.models  # what GET /v1/models lists; POST /_mock/models changes it
         self.log: deque[MockRecord] = deque(maxlen=LOG_SIZE)
+        # A gateway fetches GET /v1/models on its own schedule: those go here, so the request log
+        # holds only what a test made the gateway send.
+        self.models_log: deque[MockRecord] = deque(maxlen=LOG_SIZE)
         self._ids = itertools.count(1)
         # Only these answer completions/embeddings, so only they get ttfb.
         self._model_routes: dict[tuple[str, str], Route] = {
@@ -232,7 +238,7 @@ class MockUpstream:
             headers={k.lower(): v for k, v in request.headers.items()},
             started_at=time.time(),
         )
-        self.log.append(record)
+        (self.models_log if request.path == "/v1/models" else self.log).append(record)
         try:
             return await self._serve(MockExchange(request, record))
         except asyncio.CancelledError:
@@ -424,7 +430,7 @@ class MockUpstream:
 
     async def _models(self, ex: MockExchange, knobs: Knobs) -> web.StreamResponse:
         owner = self.options.name
-        data = [{"id": m, "object": "model", "created": 0, "owned_by": owner} for m in self.options.models]
+        data = [{"id": m, "object": "model", "created": 0, "owned_by": owner} for m in self.models]
         answer = {"object": "list", "data": data}
         return await ex.reply(answer)
 
@@ -443,6 +449,7 @@ class MockUpstream:
 
     async def clear_requests(self, request: web.Request) -> web.Response:
         self.log.clear()
+        self.models_log.clear()
         return web.Response(status=204)
 
     async def get_faults(self, request: web.Request) -> web.Response:
@@ -470,6 +477,19 @@ class MockUpstream:
         self.faults = {}
         return web.Response(status=204)
 
+    async def get_models(self, request: web.Request) -> web.Response:
+        return json_response({"models": self.models, "requests": list(self.models_log)})
+
+    async def set_models(self, request: web.Request) -> web.Response:
+        try:
+            payload = orjson.loads(await request.read())
+        except orjson.JSONDecodeError:
+            payload = None
+        if not isinstance(payload, list) or not all(isinstance(m, str) and m for m in payload):
+            return json_response(error_envelope("expected a JSON list of model names", "bad_mock_models"), 400)
+        self.models = tuple(payload)
+        return await self.get_models(request)
+
 
 MOCK_KEY = web.AppKey("mock_upstream", MockUpstream)
 
@@ -483,6 +503,8 @@ def create_mock_app(options: MockOptions) -> web.Application:
     app.router.add_get("/_mock/faults", mock.get_faults)
     app.router.add_post("/_mock/faults", mock.set_faults)
     app.router.add_delete("/_mock/faults", mock.clear_faults)
+    app.router.add_get("/_mock/models", mock.get_models)
+    app.router.add_post("/_mock/models", mock.set_models)
     app.router.add_route("*", "/v1/{tail:.*}", mock.handle_v1)
     return app
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import difflib
+import itertools
 import random
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from .errors import ModelNotAllowed, ModelNotFound, NotFound
@@ -94,14 +96,25 @@ class Router:
         # Efraimidis-Spirakis: sort by u ** (1 / weight), one random draw each.
         return sorted(group, key=lambda p: self._rng.random() ** (1.0 / p.weight), reverse=True)
 
-    def models_for(self, key: KeySettings) -> list[tuple[str, str]]:
-        """(model id, owned_by) pairs this key may use, for GET /models."""
-        listed: list[tuple[str, str]] = []
-        for model in self.known_models:
-            upstream = self.settings.aliases.get(model, model)
-            serving = self._serving(upstream)
-            if not serving:
-                continue
-            if key.models is None or key.models.matches(model) or key.models.matches(upstream):
-                listed.append((model, serving[0].name))
-        return listed
+    def models_for(self, key: KeySettings, fetched: Iterable[str] = ()) -> list[tuple[str, str]]:
+        """(model id, owned_by) pairs this key may use, for GET /models, each once.
+
+        The configured exact names and aliases, then the key's own exact names that a
+        provider's glob serves, then `fetched`: names glob-only providers list themselves.
+        """
+        own = sorted(key.models.exact) if key.models is not None else []
+        listed: dict[str, str] = {}
+        for model in itertools.chain(self.known_models, own, fetched):
+            if model not in listed:
+                owner = self._owner(model, key)
+                if owner is not None:
+                    listed[model] = owner
+        return list(listed.items())
+
+    def _owner(self, model: str, key: KeySettings) -> str | None:
+        """The provider a request for `model` goes to first, if this key may use it and one serves it."""
+        upstream = self.settings.aliases.get(model, model)
+        if key.models is not None and not (key.models.matches(model) or key.models.matches(upstream)):
+            return None
+        serving = self._serving(upstream)
+        return serving[0].name if serving else None

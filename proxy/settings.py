@@ -101,6 +101,7 @@ class ProviderSettings:
     idle_timeout_s: float = 120.0
     stream_usage: bool = True
     pool_connections: int = 4096  # open connections to this provider at most, per worker
+    models_cache_s: float = 300.0  # a glob-only provider's own model list is fetched again after this
 
 
 @dataclass(frozen=True, slots=True)
@@ -314,6 +315,7 @@ def _providers(
             {
                 "name", "base_url", "api_key_env", "models", "priority", "weight",
                 "connect_timeout_s", "first_byte_timeout_s", "idle_timeout_s", "stream_usage", "pool_connections",
+                "models_cache_s",
             }
         )  # fmt: skip
         name = r.text("name") or ""
@@ -355,6 +357,7 @@ def _providers(
                 idle_timeout_s=r.number("idle_timeout_s", 120.0, minimum=0.001),
                 stream_usage=r.boolean("stream_usage", True),
                 pool_connections=r.count("pool_connections", 4096, minimum=1) or 4096,
+                models_cache_s=r.number("models_cache_s", 300.0, minimum=0.1),
             )
         )
     if not providers and not problems:

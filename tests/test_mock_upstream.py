@@ -326,6 +326,24 @@ async def test_models(start: StartMock, session: aiohttp.ClientSession) -> None:
     ]
 
 
+async def test_models_log_apart_and_replaced(start: StartMock, session: aiohttp.ClientSession) -> None:
+    base = await start(models=("m1",))
+    async with session.get(f"{base}/v1/models", headers={"Authorization": "Bearer sk-x"}) as resp:
+        assert resp.status == 200
+    async with session.get(f"{base}/_mock/requests") as resp:
+        assert await resp.json() == []
+    async with session.post(f"{base}/_mock/models", json=["m2", "m3"]) as resp:
+        assert resp.status == 200
+    async with session.get(f"{base}/v1/models") as resp:
+        assert [m["id"] for m in (await resp.json())["data"]] == ["m2", "m3"]
+    async with session.get(f"{base}/_mock/models") as resp:
+        log = await resp.json()
+    assert log["models"] == ["m2", "m3"]
+    assert [r["headers"].get("authorization") for r in log["requests"]] == ["Bearer sk-x", None]
+    async with session.post(f"{base}/_mock/models", json=["m4", ""]) as resp:
+        assert resp.status == 400
+
+
 async def test_echo_route_and_request_log(start: StartMock, session: aiohttp.ClientSession) -> None:
     base = await start(name="mock-e")
     headers = {"x-request-id": "req-42"}

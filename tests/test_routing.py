@@ -305,7 +305,9 @@ def test_models_for_a_key_without_a_model_list() -> None:
         (("deepseek-chat",), [("deepseek-chat", "local"), ("gpt-4o-mini", "local")]),
         (("gpt-*",), [("gpt-4o", "openai"), ("gpt-4o-mini", "local"), ("smart", "openai")]),
         (("smart",), [("smart", "openai")]),
-        (("deepseek-reasoner",), []),
+        # The key's own exact name, served by a glob (issue 10: it was left out, so pickers showed nothing).
+        (("deepseek-reasoner",), [("deepseek-reasoner", "deepseek")]),
+        (("no-such-model",), []),
         ((), []),
     ],
 )

@@ -63,6 +63,7 @@ def test_provider_defaults() -> None:
     assert provider.models == ("mock-chat",)
     assert (provider.priority, provider.weight, provider.stream_usage) == (0, 1.0, True)
     assert (provider.connect_timeout_s, provider.first_byte_timeout_s, provider.idle_timeout_s) == (5.0, 120.0, 120.0)
+    assert provider.models_cache_s == 300.0
 
 
 def test_base_url_trailing_slash_is_dropped() -> None:
@@ -320,6 +321,10 @@ def test_limits_values_from_the_file() -> None:
         (
             {"providers": [{**PROVIDER, "stream_usage": "yes"}]},
             ["providers[0].stream_usage: expected true or false, got 'yes'"],
+        ),
+        (
+            {"providers": [{**PROVIDER, "models_cache_s": 0}]},
+            ["providers[0].models_cache_s: must be >= 0.1, got 0"],
         ),
         (
             minimal(keys=[{"name": "alice", "sha256": "ab" * 31}]),

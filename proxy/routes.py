@@ -1,0 +1,114 @@
+"""The gateway's own routes (probes, the model list): one table of rows, built once per app.
+
+The model routes and passthrough go to the upstream; everything else the gateway answers
+itself, and each such route is one Row. A new one (billing, admin) is a row, not a branch
+in dispatch, the way uvicorn picks implementations from name -> class tables.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from enum import Enum, auto
+from typing import TYPE_CHECKING
+
+from .errors import Header
+from .exchange import JSON_HEADERS
+
+if TYPE_CHECKING:
+    from starlette.types import Scope
+
+    from .settings import KeySettings
+    from .types import Runtime
+
+
+class Access(Enum):
+    """What a route asks of a request before its handler runs."""
+
+    # No key, no body read, no record: probes and scrapes. Any method (balancers probe with HEAD),
+    # and answered at the root as well as under each prefix (/healthz, /v1/healthz).
+    OPEN = auto()
+    # A client key: the body is read, the key checked, the method checked, the request recorded.
+    KEY = auto()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Asked:
+    """What a handler gets to answer from."""
+
+    scope: Scope
+    runtime: Runtime
+    key: KeySettings | None  # the caller's, on KEY routes
+    params: Mapping[str, str]  # the row's {name} segments, as found in the path
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    status: int
+    body: bytes
+    headers: tuple[Header, ...] = JSON_HEADERS  # content-length and x-request-id are added
+
+
+Handler = Callable[[Asked], Awaitable[Answer]]
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    path: str  # after the prefix; a segment "{name}" matches any one segment
+    handler: Handler
+    access: Access = Access.KEY
+    method: str = "GET"  # on KEY rows; another gets 405
+
+
+@dataclass(frozen=True, slots=True)
+class Found:
+    row: Row
+    params: Mapping[str, str]
+
+
+class RouteTable:
+    def __init__(self, *rows: Row) -> None:
+        self.rows = rows
+        self._exact = {row.path: row for row in rows if "{" not in row.path}
+        self._templates = [(row, row.path.split("/")) for row in rows if "{" in row.path]
+
+    def find(self, path: str, prefixes: tuple[str, ...]) -> Found | None:
+        """The row for a request path, under a prefix or, for OPEN rows, at the root."""
+        rest = strip_prefix(path, prefixes)
+        found = self._match(rest) if rest is not None else None
+        if found is None:
+            at_root = self._match(path)
+            if at_root is not None and at_root.row.access is Access.OPEN:
+                return at_root
+        return found
+
+    def _match(self, path: str) -> Found | None:
+        row = self._exact.get(path)
+        if row is not None:
+            return Found(row, {})
+        segments = path.split("/")
+        for row, template in self._templates:
+            if len(template) == len(segments):
+                params = _params(template, segments)
+                if params is not None:
+                    return Found(row, params)
+        return None
+
+
+def _params(template: list[str], segments: list[str]) -> dict[str, str] | None:
+    params: dict[str, str] = {}
+    for want, got in zip(template, segments, strict=True):
+        if want.startswith("{") and want.endswith("}"):
+            if not got:
+                return None
+            params[want[1:-1]] = got
+        elif want != got:
+            return None
+    return params
+
+
+def strip_prefix(path: str, prefixes: tuple[str, ...]) -> str | None:
+    for prefix in prefixes:
+        if path.startswith(prefix) and len(path) > len(prefix) and path[len(prefix)] == "/":
+            return path[len(prefix) :]
+    return None
