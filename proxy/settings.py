@@ -18,6 +18,8 @@ from typing import Any, Literal
 
 from redis.connection import parse_url
 
+from .limit_kinds import LimitKind, Scope, kinds_for, setting_names
+
 DEFAULT_CONFIG_PATH = "config/gateway.toml"
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
@@ -103,12 +105,18 @@ class ProviderSettings:
     pool_connections: int = 4096  # open connections to this provider at most, per worker
 
 
+# The limits (limit_kinds.py) are fields of their own, so code and tests can name them;
+# the reader below fills them from the table, and `limit(kind)` reads them by row.
 @dataclass(frozen=True, slots=True)
 class GroupSettings:
     name: str
     rpm: int | None = None
     tpm: int | None = None
     burst: int | None = None
+
+    def limit(self, kind: LimitKind) -> int | None:
+        value: int | None = getattr(self, kind.name)
+        return value
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,6 +130,10 @@ class KeySettings:
     budget_tokens: int | None = None
     models: ModelPatterns | None = None
     enabled: bool = True
+
+    def limit(self, kind: LimitKind) -> int | None:
+        value: int | None = getattr(self, kind.name)
+        return value
 
 
 @dataclass(frozen=True, slots=True)
@@ -383,14 +395,19 @@ def _groups(raw: Mapping[str, Any], problems: list[str]) -> dict[str, GroupSetti
             problems.append(f"{where}: expected a table")
             continue
         r = _Reader(table, where, problems)
-        r.unknown({"rpm", "tpm", "burst"})
-        groups[name] = GroupSettings(
-            name=name,
-            rpm=r.count("rpm", None, minimum=1),
-            tpm=r.count("tpm", None, minimum=1),
-            burst=r.count("burst", None, minimum=1),
-        )
+        r.unknown(set(setting_names("group")))
+        groups[name] = GroupSettings(name=name, **_limit_values(r, "group"))
     return groups
+
+
+def _limit_values(r: _Reader, scope: Scope) -> dict[str, Any]:
+    """The limits a key or group sets, by field name, read as the table declares them."""
+    values: dict[str, Any] = {}
+    for kind in kinds_for(scope):
+        values[kind.name] = r.count(kind.name, None, minimum=kind.minimum)
+        if kind.burst_key is not None:
+            values[kind.burst_key] = r.count(kind.burst_key, None, minimum=1)
+    return values
 
 
 def _keys(raw: Mapping[str, Any], groups: Mapping[str, GroupSettings], problems: list[str]) -> dict[str, KeySettings]:
@@ -406,7 +423,7 @@ def _keys(raw: Mapping[str, Any], groups: Mapping[str, GroupSettings], problems:
             problems.append(f"{where}: expected a table")
             continue
         r = _Reader(item, where, problems)
-        r.unknown({"name", "sha256", "group", "rpm", "tpm", "burst", "budget_tokens", "models", "enabled"})
+        r.unknown({"name", "sha256", "group", "models", "enabled", *setting_names("key")})
         name = r.text("name") or ""
         if not NAME_RE.match(name):
             problems.append(f"{where}.name: expected 1-64 of A-Z a-z 0-9 _ . -, got {name!r}")
@@ -426,10 +443,7 @@ def _keys(raw: Mapping[str, Any], groups: Mapping[str, GroupSettings], problems:
             name=name,
             sha256=digest,
             group=group,
-            rpm=r.count("rpm", None, minimum=1),
-            tpm=r.count("tpm", None, minimum=1),
-            burst=r.count("burst", None, minimum=1),
-            budget_tokens=r.count("budget_tokens", None, minimum=0),
+            **_limit_values(r, "key"),
             models=ModelPatterns.parse(models) if models is not None else None,
             enabled=r.boolean("enabled", True),
         )
