@@ -19,11 +19,14 @@ from typing import Any, Literal
 from redis.connection import parse_url
 
 from .limit_kinds import LimitKind, Scope, kinds_for, setting_names
+from .prices import Price, Prices
 
 DEFAULT_CONFIG_PATH = "config/gateway.toml"
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
+CURRENCY_RE = re.compile(r"^[A-Z]{3}$")
+DEFAULT_CURRENCY = "USD"
 
 
 class ConfigError(Exception):
@@ -146,6 +149,7 @@ class Settings:
     aliases: Mapping[str, str]
     groups: Mapping[str, GroupSettings]
     keys: Mapping[str, KeySettings]  # by sha256 hex
+    prices: Prices = field(default_factory=Prices)
     source: str = "<memory>"
     warnings: tuple[str, ...] = ()
 
@@ -450,10 +454,57 @@ def _keys(raw: Mapping[str, Any], groups: Mapping[str, GroupSettings], problems:
     return keys
 
 
+def _prices(raw: Mapping[str, Any], problems: list[str]) -> Prices:
+    items = raw.get("prices", [])
+    if not isinstance(items, list):
+        problems.append("prices: expected an array of tables ([[prices]])")
+        return Prices()
+    prices: list[Price] = []
+    seen: dict[str, str] = {}  # model -> where it is priced
+    currency: tuple[str, str] | None = None  # the first one named, and where
+    for i, item in enumerate(items):
+        where = f"prices[{i}]"
+        if not isinstance(item, Mapping):
+            problems.append(f"{where}: expected a table")
+            continue
+        r = _Reader(item, where, problems)
+        r.unknown({"model", "input", "output", "cached_input", "currency"})
+        model = r.text("model") or ""
+        if not model and isinstance(item.get("model", ""), str):
+            problems.append(f"{where}.model: expected a model name or glob")
+        elif model in seen:
+            problems.append(f"{where}.model: {model!r} is priced already by {seen[model]}")
+        else:
+            seen[model] = where
+        for side in ("input", "output"):
+            if side not in item:
+                problems.append(f"{where}.{side}: required (the price per million {side} tokens)")
+        code = r.text("currency")
+        if code is not None and not CURRENCY_RE.match(code):
+            problems.append(f"{where}.currency: expected a three-letter code such as USD, got {code!r}")
+        elif code is not None and currency is None:
+            currency = (code, where)
+        elif code is not None and currency is not None and code != currency[0]:
+            problems.append(
+                f"{where}.currency: {code!r}, but {currency[1]} is in {currency[0]!r}: one currency per deployment"
+            )
+        prices.append(
+            Price(
+                model=model,
+                input=r.number("input", 0.0),
+                output=r.number("output", 0.0),
+                cached_input=r.number("cached_input", 0.0) if "cached_input" in item else None,
+            )
+        )
+    if not prices:
+        return Prices()
+    return Prices(prices, currency[0] if currency is not None else DEFAULT_CURRENCY)
+
+
 def parse_settings(raw: Mapping[str, Any], env: Mapping[str, str], source: str = "<memory>") -> Settings:
     problems: list[str] = []
     warnings: list[str] = []
-    known = {"server", "redis", "events", "limits", "providers", "aliases", "groups", "keys"}
+    known = {"server", "redis", "events", "limits", "providers", "aliases", "groups", "keys", "prices"}
     problems.extend(f"{key}: unknown section" for key in raw if key not in known)
     groups = _groups(raw, problems)
     settings = Settings(
@@ -465,6 +516,7 @@ def parse_settings(raw: Mapping[str, Any], env: Mapping[str, str], source: str =
         aliases=_aliases(raw, problems),
         groups=groups,
         keys=_keys(raw, groups, problems),
+        prices=_prices(raw, problems),
         source=source,
         warnings=tuple(warnings),
     )
