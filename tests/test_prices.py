@@ -8,6 +8,7 @@ import pytest
 
 from proxy.prices import CACHE_LIMIT, Price, Prices
 from proxy.settings import ConfigError, parse_settings
+from proxy.usage import Usage
 
 PROVIDER = {"name": "mock", "base_url": "http://127.0.0.1:8001/v1", "models": ["mock-*"]}
 
@@ -115,3 +116,10 @@ def parse_problems(raw: dict[str, Any]) -> list[str]:
     with pytest.raises(ConfigError) as info:
         parse_settings({"providers": [PROVIDER], **raw}, env={})
     return info.value.problems
+
+
+def test_cached_tokens_are_read_from_the_usage_when_reported() -> None:
+    details = {"prompt_tokens": 10, "completion_tokens": 2, "prompt_tokens_details": {"cached_tokens": 4}}
+    assert Usage.from_json(details) == Usage(10, 2, 12, cached_tokens=4)
+    assert Usage.from_json({"prompt_tokens": 10, "completion_tokens": 2}) == Usage(10, 2, 12, cached_tokens=0)
+    assert Usage.from_json({"prompt_tokens": 10, "prompt_tokens_details": None}) == Usage(10, 0, 10)
