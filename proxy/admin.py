@@ -11,6 +11,7 @@ import orjson
 
 from .auth import key_digest, new_key
 from .events import REDIS_STREAM
+from .limit_kinds import TOKEN_BUDGET, kinds_for
 from .limits import Bucket, Limiter, LimiterFailure, buckets_for, budget_keys, format_duration
 from .redact import safe_url
 from .settings import NAME_RE, Settings
@@ -27,10 +28,10 @@ def keys_new(args: argparse.Namespace) -> str:
     lines = ["[[keys]]", f'name = "{args.name}"', f'sha256 = "{key_digest(key)}"']
     if args.group:
         lines.append(f'group = "{args.group}"')
-    for field in ("rpm", "tpm", "budget_tokens"):
-        value = getattr(args, field)
+    for kind in kinds_for("key"):
+        value = getattr(args, kind.name)
         if value is not None:
-            lines.append(f"{field} = {value}")
+            lines.append(f"{kind.name} = {value}")
     if args.models:
         models = ", ".join(f'"{m.strip()}"' for m in args.models.split(",") if m.strip())
         lines.append(f"models = [{models}]")
@@ -71,11 +72,12 @@ async def keys_usage(settings: Settings, name: str | None) -> tuple[list[str], i
             spent = int(raw) if raw is not None else 0
             # Holds not yet expired: an expired one is only dropped at the key's next admission.
             held = _held(await limiter.call(limiter.client.zrangebyscore(holds_key, f"({now_ms}", "+inf")))
-            budget = "unlimited" if key.budget_tokens is None else str(key.budget_tokens)
+            limit = key.limit(TOKEN_BUDGET)
+            budget = "unlimited" if limit is None else str(limit)
             levels = []
             for bucket in buckets_for(key, settings.groups[key.group]):
                 state = await limiter.call(limiter.client.hmget(bucket.redis_key, ["t", "ts"]))
-                levels.append(f"{bucket.scope} {bucket.kind} {_level(bucket, state, now)}")
+                levels.append(f"{bucket.scope} {bucket.kind.name} {_level(bucket, state, now)}")
             row = f"{key.name:<20} {key.group:<12} {spent:>12} {held:>12} {budget:>12}"
             lines.append(f"{row}  {'; '.join(levels) or '-'}")
     except LimiterFailure as exc:

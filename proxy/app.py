@@ -217,6 +217,7 @@ class Gateway:
         record = RequestRecord.start(request_id, scope["method"])
         ex = Exchange(send, record, extra_headers, self.metrics.active_streams)
         runtime = self.runtime
+        record.currency = runtime.settings.prices.currency
         self.metrics.inflight.inc()
         try:
             await self.dispatch(scope, receive, ex, runtime, wanted, repeated, refused, found)

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 from .admin import keys_new, keys_usage, search_file, search_redis
 from .bench import command as bench_command
+from .limit_kinds import kinds_for
 from .mock_upstream import MockOptions, run_mock
 from .server import run_demo, serve
 from .settings import ConfigError, config_path, load_settings
@@ -53,9 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = keys.add_parser("new", help="print a fresh key once, and the [[keys]] block that stores its sha256")
     p.add_argument("--name", required=True)
     p.add_argument("--group")
-    p.add_argument("--rpm", type=_positive)
-    p.add_argument("--tpm", type=_positive)
-    p.add_argument("--budget-tokens", type=_positive)
+    for kind in kinds_for("key"):
+        p.add_argument("--" + kind.name.replace("_", "-"), type=_positive)
     p.add_argument("--models", help="comma-separated model names or globs")
     p = keys.add_parser("usage", help="what each key has spent and holds of its budget, and its bucket levels")
     p.add_argument("--config")

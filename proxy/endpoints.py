@@ -8,6 +8,7 @@ import orjson
 
 from .errors import InvalidRequest, NotFound
 from .limits import Plan, Settlement
+from .prices import Price
 from .redact import clip
 from .relay import BodyFor, DisconnectWatcher, Kind, relay
 from .settings import ProviderSettings
@@ -44,11 +45,12 @@ async def model_request(call: Call) -> None:
     record.stream = stream
     chosen = call.runtime.router.route(model, call.key, call.pinned)
     record.upstream_model = chosen.upstream_model
+    price = call.runtime.settings.prices.for_request(chosen.upstream_model, model)
     plan = call.limits.model
     hold = hold_wanted(call.route, payload, len(call.body), call.limits.reserve_tokens) if plan and plan.budgeted else 0
     kind: Kind = "stream" if stream and call.route in STREAMING_ROUTES else "json"
     bodies = _BodyVariants(payload, call.body, chosen.upstream_model, kind)
-    await _relay(call, plan, hold, chosen.providers, bodies.body_for, kind)
+    await _relay(call, plan, hold, chosen.providers, bodies.body_for, kind, price)
 
 
 def hold_wanted(route: str, payload: dict[str, object], request_bytes: int, reserve_tokens: int) -> int:
@@ -70,11 +72,13 @@ async def passthrough(call: Call) -> None:
     record = call.ex.record
     body = call.body
     payload, model = _model_field(body)
+    price = None
     if payload is not None and model is not None:
         record.model = model
         chosen = call.runtime.router.route(model, call.key, call.pinned)
         providers = chosen.providers
         record.upstream_model = chosen.upstream_model
+        price = call.runtime.settings.prices.for_request(chosen.upstream_model, model)
         if chosen.upstream_model != model:
             body = orjson.dumps({**payload, "model": chosen.upstream_model})
     elif call.pinned is not None:
@@ -83,7 +87,9 @@ async def passthrough(call: Call) -> None:
         path = clip(call.scope["path"])
         raise NotFound(f"Cannot route {path}: the body has no 'model' field and there is no X-AI-Provider header.")
     # A body here may be audio or an image: no prompt estimate, the reserve alone is held.
-    await _relay(call, call.limits.passthrough, call.limits.reserve_tokens, providers, lambda _c: (body, False), "raw")
+    await _relay(
+        call, call.limits.passthrough, call.limits.reserve_tokens, providers, lambda _c: (body, False), "raw", price
+    )
 
 
 async def _relay(
@@ -93,8 +99,15 @@ async def _relay(
     providers: tuple[ProviderSettings, ...],
     body_for: BodyFor,
     kind: Kind,
+    price: Price | None,
 ) -> None:
-    """Admit, relay, settle: everything after the admission is inside the one `finally` that settles it."""
+    """Admit, relay, settle: everything after the admission is inside the one `finally` that settles it.
+
+    The record's cost stays 0 unless usage comes: only the attempt that answered reports it
+    (a failed one never does), a stream cut short reports what was delivered, and an upstream
+    error, a 429 or 402 of ours or a client gone before the answer bill nothing. Usage of a
+    model with no price leaves the cost unknown (None).
+    """
     ex = call.ex
     record = ex.record
     attempts = [call.runtime.clients[p.name] for p in call.runtime.router.attempt_order(providers)]
@@ -104,6 +117,9 @@ async def _relay(
         record.prompt_tokens = usage.prompt_tokens
         record.completion_tokens = usage.completion_tokens
         record.total_tokens = usage.total_tokens
+        record.cost = (
+            None if price is None else price.cost(usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens)
+        )
         settlement.settle(usage.total_tokens)
 
     # Watching from before admission: a client that leaves while Redis is slow is not sent upstream.

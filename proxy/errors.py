@@ -116,7 +116,7 @@ class RateLimited(GatewayError):
     def __init__(self, message: str, *, headers: Sequence[Header], scope: str, limit: str) -> None:
         super().__init__(message, headers=headers)
         self.scope = scope  # "key" or "group"
-        self.limit = limit  # "rpm" or "tpm"
+        self.limit = limit  # the refusing LimitKind's limit_label: "rpm", "tpm", "budget"
 
 
 class UpstreamError(GatewayError):

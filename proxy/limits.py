@@ -22,7 +22,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from importlib.resources import files
-from typing import Any, Literal
+from typing import Any
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
@@ -30,6 +30,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from .errors import Header, InsufficientQuota, LimiterUnavailable, RateLimited
+from .limit_kinds import BUCKET_KINDS, TOKEN_BUDGET, Counts, LimitKind, Scope
 from .redis_pipe import Pipe, Prepared, Script, pack_command
 from .settings import GroupSettings, KeySettings, LimitSettings, RedisSettings
 
@@ -106,9 +107,9 @@ class Circuit:
 @dataclass(frozen=True, slots=True)
 class Bucket:
     redis_key: str
-    scope: Literal["key", "group"]
+    scope: Scope
     owner: str
-    kind: Literal["rpm", "tpm"]
+    kind: LimitKind
     per_minute: int
     capacity: int
 
@@ -116,8 +117,13 @@ class Bucket:
     def rate_per_s(self) -> float:
         return self.per_minute / 60.0
 
+    @property
+    def at_admission(self) -> bool:
+        """Taken from when the request is admitted (one request), rather than charged after the answer."""
+        return self.kind.counts is Counts.REQUESTS
+
     def describe(self) -> str:
-        return f"{self.kind} limit of {self.scope} '{self.owner}' ({self.per_minute} per minute)"
+        return f"{self.kind.name} limit of {self.scope} '{self.owner}' ({self.per_minute} per minute)"
 
 
 def key_prefix(key: KeySettings) -> str:
@@ -133,15 +139,17 @@ def budget_keys(key: KeySettings) -> tuple[str, str, str]:
 
 def buckets_for(key: KeySettings, group: GroupSettings) -> tuple[Bucket, ...]:
     found: list[Bucket] = []
-    for scope, owner, source, prefix in (
+    sources: tuple[tuple[Scope, str, KeySettings | GroupSettings, str], ...] = (
         ("key", key.name, key, key_prefix(key)),
         ("group", group.name, group, f"sg:{{g:{group.name}}}:g"),
-    ):
-        for kind in ("rpm", "tpm"):
-            per_minute = getattr(source, kind)
+    )
+    for scope, owner, source, prefix in sources:
+        for kind in BUCKET_KINDS:
+            per_minute = source.limit(kind) if scope in kind.scopes else None
             if per_minute is not None:
-                capacity = source.burst if kind == "rpm" and source.burst is not None else per_minute
-                found.append(Bucket(f"{prefix}:{kind}", scope, owner, kind, per_minute, capacity))  # type: ignore[arg-type]
+                burst = getattr(source, kind.burst_key) if kind.burst_key is not None else None
+                capacity = burst if burst is not None else per_minute
+                found.append(Bucket(f"{prefix}:{kind.name}", scope, owner, kind, per_minute, capacity))
     return tuple(found)
 
 
@@ -160,10 +168,10 @@ class Plan:
 
     @classmethod
     def build(cls, buckets: tuple[Bucket, ...], key: KeySettings, limits: LimitSettings) -> Plan:
-        budget = key.budget_tokens
+        budget = key.limit(TOKEN_BUDGET)
         args: list[Any] = [len(buckets), -1 if budget is None else budget, math.ceil(limits.hold_ttl_s * 1000)]
         for b in buckets:
-            args += [b.capacity, b.rate_per_s, 1 if b.kind == "rpm" else 0]
+            args += [b.capacity, b.rate_per_s, 1 if b.at_admission else 0]
         keys = [b.redis_key for b in buckets] + (list(budget_keys(key)) if budget is not None else [])
         call = Prepared(ADMIT, keys, args, more=2 if budget is not None else 0)
         return cls(buckets, tuple(keys), tuple(args), budget is not None, call)
@@ -172,10 +180,10 @@ class Plan:
 @dataclass(frozen=True, slots=True)
 class KeyLimits:
     key: KeySettings
-    model: Plan | None  # chat, completions, embeddings: rpm and tpm buckets, budget
-    passthrough: Plan | None  # other routes: rpm buckets and the budget
+    model: Plan | None  # chat, completions, embeddings: every bucket, the budget
+    passthrough: Plan | None  # other routes: the buckets taken at admission (rpm) and the budget
     reserve_tokens: int  # held of the budget for a completion of unknown length
-    token_buckets: tuple[Bucket, ...]
+    token_buckets: tuple[Bucket, ...]  # charged from the answer's usage
     charge_keys: tuple[str, ...]
     charge_args: tuple[Any, ...]  # a settle adds the tokens used and the hold
     settle_call: Prepared  # the EVALSHA, packed once
@@ -183,19 +191,19 @@ class KeyLimits:
     @classmethod
     def build(cls, key: KeySettings, group: GroupSettings, limits: LimitSettings) -> KeyLimits:
         buckets = buckets_for(key, group)
-        rpm = tuple(b for b in buckets if b.kind == "rpm")
-        tpm = tuple(b for b in buckets if b.kind == "tpm")
-        budgeted = key.budget_tokens is not None
-        args: list[Any] = [len(tpm), 1 if budgeted else 0]
-        for b in tpm:
+        admitted = tuple(b for b in buckets if b.at_admission)
+        charged = tuple(b for b in buckets if not b.at_admission)
+        budgeted = key.limit(TOKEN_BUDGET) is not None
+        args: list[Any] = [len(charged), 1 if budgeted else 0]
+        for b in charged:
             args += [b.capacity, b.rate_per_s]
-        charge_keys = tuple(b.redis_key for b in tpm) + (budget_keys(key) if budgeted else ())
+        charge_keys = tuple(b.redis_key for b in charged) + (budget_keys(key) if budgeted else ())
         return cls(
             key=key,
             model=Plan.build(buckets, key, limits) if buckets or budgeted else None,
-            passthrough=Plan.build(rpm, key, limits) if rpm or budgeted else None,
+            passthrough=Plan.build(admitted, key, limits) if admitted or budgeted else None,
             reserve_tokens=limits.reserve_tokens,
-            token_buckets=tpm,
+            token_buckets=charged,
             charge_keys=charge_keys,
             charge_args=tuple(args),
             settle_call=Prepared(SETTLE, charge_keys, args, more=2),
@@ -243,10 +251,11 @@ def format_duration(ms: int) -> str:
 def ratelimit_headers(plan: Plan, result: list[int]) -> list[Header]:
     """The tightest bucket of each kind speaks for it."""
     headers: list[Header] = []
-    for kind, label in (("rpm", b"requests"), ("tpm", b"tokens")):
+    for kind in BUCKET_KINDS:
+        label = kind.header
         tightest: tuple[int, int, int] | None = None
         for i, bucket in enumerate(plan.buckets):
-            if bucket.kind != kind:
+            if bucket.kind is not kind:
                 continue
             level, reset_ms = result[4 + 2 * i], result[5 + 2 * i]
             if tightest is None or level < tightest[1]:
@@ -374,17 +383,13 @@ class Limiter:
         if verdict == 1:
             return Admission(ratelimit_headers(plan, result), f"{hold_id}:{held}" if held > 0 else None)
         if verdict == -1:
-            raise InsufficientQuota(
-                "This API key's token budget is spent. Ask the gateway's operators to raise it.",
-                headers=((b"x-should-retry", b"false"),),
-            )
+            raise InsufficientQuota(TOKEN_BUDGET.spent_message("key"), headers=((b"x-should-retry", b"false"),))
         if verdict == -2:
             raise RateLimited(
-                "The rest of this API key's token budget is held by requests in flight. "
-                f"Retry in {format_duration(HELD_WAIT_MS)}.",
+                TOKEN_BUDGET.held_message("key", format_duration(HELD_WAIT_MS)),
                 headers=HELD_HEADERS,
                 scope="key",
-                limit="budget",
+                limit=TOKEN_BUDGET.limit_label,
             )
         bucket = plan.buckets[worst - 1]
         headers = [
@@ -396,7 +401,7 @@ class Limiter:
             f"Rate limit reached: the {bucket.describe()} is used up. Retry in {format_duration(wait_ms)}.",
             headers=headers,
             scope=bucket.scope,
-            limit=bucket.kind,
+            limit=bucket.kind.limit_label,
         )
 
     async def settle(self, limits: KeyLimits, hold: str | None, tokens: int) -> None:

@@ -58,6 +58,9 @@ class Metrics:
             ["route"], buckets=OVERHEAD_BUCKETS, registry=r,
         )  # fmt: skip
         self.tokens = Counter("sluicegate_tokens", "Tokens used", ["model", "provider", "type"], registry=r)
+        self.cost = Counter(
+            "sluicegate_cost", "Cost of the tokens used, in the [[prices]] currency", ["model", "provider"], registry=r
+        )
         self.ratelimited = Counter(
             "sluicegate_ratelimited", "Requests refused by a rate limit", ["scope", "limit"], registry=r
         )
@@ -128,6 +131,8 @@ class Metrics:
             child(self.tokens, model, provider, "prompt").inc(record.prompt_tokens)
         if record.completion_tokens:
             child(self.tokens, model, provider, "completion").inc(record.completion_tokens)
+        if record.cost:
+            child(self.cost, model, provider).inc(record.cost)
         if record.ratelimit is not None:
             child(self.ratelimited, *record.ratelimit).inc()
         for failed_provider, reason in record.failures:

@@ -29,7 +29,8 @@ from aiohttp import ClientConnectionResetError, web
 
 TIMING_KNOBS = ("chunks", "chunk-delay-ms", "ttfb-ms", "slow-chunk")
 FAULT_KNOBS = ("status", "hang", "reset-after", "reset-mid-event", "split-events", "garbage", "gzip", "big-event")
-KNOBS = TIMING_KNOBS + FAULT_KNOBS
+USAGE_KNOBS = ("cached-tokens",)
+KNOBS = TIMING_KNOBS + FAULT_KNOBS + USAGE_KNOBS
 OFF = ("", "none", "off")
 HANG_LIMIT_S = 600.0
 BIG_EVENT_LIMIT = 64 << 20
@@ -88,6 +89,7 @@ class Knobs:
     gzip: bool = False  # Content-Encoding: gzip whatever the request's Accept-Encoding, as some CDNs do
     big_event: int | None = None  # one extra stream event whose data: line is this many bytes
     big_event_late: bool = False  # ... sent after the finish event, as a second choice may still stream
+    cached_tokens: int | None = None  # reported as usage.prompt_tokens_details.cached_tokens (at most the prompt)
 
 
 def _flag(raw: Mapping[str, str], knob: str) -> bool:
@@ -130,6 +132,7 @@ def resolve_knobs(headers: Mapping[str, str], faults: Mapping[str, str], options
         gzip=_flag(raw, "gzip"),
         big_event=big_event,
         big_event_late=where == "after-finish",
+        cached_tokens=max(0, int(raw["cached-tokens"])) if "cached-tokens" in raw else None,
     )
 
 
@@ -309,11 +312,13 @@ class MockUpstream:
         if texts:
             texts[0] = f"[{self.options.name}] {texts[0]}"
         prompt_tokens = max(1, count_words(prompt))
-        usage = {
+        usage: dict[str, Any] = {
             "prompt_tokens": prompt_tokens,
             "completion_tokens": knobs.chunks,
             "total_tokens": prompt_tokens + knobs.chunks,
         }
+        if knobs.cached_tokens is not None:
+            usage["prompt_tokens_details"] = {"cached_tokens": min(knobs.cached_tokens, prompt_tokens)}
         base = {
             "id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}",
             "object": "chat.completion" if chat else "text_completion",

@@ -37,6 +37,9 @@ class RequestRecord:
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     total_tokens: int | None = None
+    # Nothing billed costs 0; usage with no price for its model, None. See endpoints.py.
+    cost: float | None = 0.0
+    currency: str | None = None  # the deployment's, from [[prices]]
     attempts: int = 0
     client_disconnected: bool = False
     ratelimit: tuple[str, str] | None = None  # (scope, limit) of a 429
@@ -72,6 +75,8 @@ class RequestRecord:
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
             "total_tokens": self.total_tokens,
+            "cost": self.cost,
+            "currency": self.currency,
             "attempts": self.attempts,
             "client_disconnected": self.client_disconnected,
         }

@@ -18,10 +18,15 @@ from typing import Any, Literal
 
 from redis.connection import parse_url
 
+from .limit_kinds import LimitKind, Scope, kinds_for, setting_names
+from .prices import Price, Prices
+
 DEFAULT_CONFIG_PATH = "config/gateway.toml"
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
+CURRENCY_RE = re.compile(r"^[A-Z]{3}$")
+DEFAULT_CURRENCY = "USD"
 
 
 class ConfigError(Exception):
@@ -104,12 +109,18 @@ class ProviderSettings:
     models_cache_s: float = 300.0  # a glob-only provider's own model list is fetched again after this
 
 
+# The limits (limit_kinds.py) are fields of their own, so code and tests can name them;
+# the reader below fills them from the table, and `limit(kind)` reads them by row.
 @dataclass(frozen=True, slots=True)
 class GroupSettings:
     name: str
     rpm: int | None = None
     tpm: int | None = None
     burst: int | None = None
+
+    def limit(self, kind: LimitKind) -> int | None:
+        value: int | None = getattr(self, kind.name)
+        return value
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,6 +135,10 @@ class KeySettings:
     models: ModelPatterns | None = None
     enabled: bool = True
 
+    def limit(self, kind: LimitKind) -> int | None:
+        value: int | None = getattr(self, kind.name)
+        return value
+
 
 @dataclass(frozen=True, slots=True)
 class Settings:
@@ -135,6 +150,7 @@ class Settings:
     aliases: Mapping[str, str]
     groups: Mapping[str, GroupSettings]
     keys: Mapping[str, KeySettings]  # by sha256 hex
+    prices: Prices = field(default_factory=Prices)
     source: str = "<memory>"
     warnings: tuple[str, ...] = ()
 
@@ -386,14 +402,19 @@ def _groups(raw: Mapping[str, Any], problems: list[str]) -> dict[str, GroupSetti
             problems.append(f"{where}: expected a table")
             continue
         r = _Reader(table, where, problems)
-        r.unknown({"rpm", "tpm", "burst"})
-        groups[name] = GroupSettings(
-            name=name,
-            rpm=r.count("rpm", None, minimum=1),
-            tpm=r.count("tpm", None, minimum=1),
-            burst=r.count("burst", None, minimum=1),
-        )
+        r.unknown(set(setting_names("group")))
+        groups[name] = GroupSettings(name=name, **_limit_values(r, "group"))
     return groups
+
+
+def _limit_values(r: _Reader, scope: Scope) -> dict[str, Any]:
+    """The limits a key or group sets, by field name, read as the table declares them."""
+    values: dict[str, Any] = {}
+    for kind in kinds_for(scope):
+        values[kind.name] = r.count(kind.name, None, minimum=kind.minimum)
+        if kind.burst_key is not None:
+            values[kind.burst_key] = r.count(kind.burst_key, None, minimum=1)
+    return values
 
 
 def _keys(raw: Mapping[str, Any], groups: Mapping[str, GroupSettings], problems: list[str]) -> dict[str, KeySettings]:
@@ -409,7 +430,7 @@ def _keys(raw: Mapping[str, Any], groups: Mapping[str, GroupSettings], problems:
             problems.append(f"{where}: expected a table")
             continue
         r = _Reader(item, where, problems)
-        r.unknown({"name", "sha256", "group", "rpm", "tpm", "burst", "budget_tokens", "models", "enabled"})
+        r.unknown({"name", "sha256", "group", "models", "enabled", *setting_names("key")})
         name = r.text("name") or ""
         if not NAME_RE.match(name):
             problems.append(f"{where}.name: expected 1-64 of A-Z a-z 0-9 _ . -, got {name!r}")
@@ -429,20 +450,64 @@ def _keys(raw: Mapping[str, Any], groups: Mapping[str, GroupSettings], problems:
             name=name,
             sha256=digest,
             group=group,
-            rpm=r.count("rpm", None, minimum=1),
-            tpm=r.count("tpm", None, minimum=1),
-            burst=r.count("burst", None, minimum=1),
-            budget_tokens=r.count("budget_tokens", None, minimum=0),
+            **_limit_values(r, "key"),
             models=ModelPatterns.parse(models) if models is not None else None,
             enabled=r.boolean("enabled", True),
         )
     return keys
 
 
+def _prices(raw: Mapping[str, Any], problems: list[str]) -> Prices:
+    items = raw.get("prices", [])
+    if not isinstance(items, list):
+        problems.append("prices: expected an array of tables ([[prices]])")
+        return Prices()
+    prices: list[Price] = []
+    seen: dict[str, str] = {}  # model -> where it is priced
+    currency: tuple[str, str] | None = None  # the first one named, and where
+    for i, item in enumerate(items):
+        where = f"prices[{i}]"
+        if not isinstance(item, Mapping):
+            problems.append(f"{where}: expected a table")
+            continue
+        r = _Reader(item, where, problems)
+        r.unknown({"model", "input", "output", "cached_input", "currency"})
+        model = r.text("model") or ""
+        if not model and isinstance(item.get("model", ""), str):
+            problems.append(f"{where}.model: expected a model name or glob")
+        elif model in seen:
+            problems.append(f"{where}.model: {model!r} is priced already by {seen[model]}")
+        else:
+            seen[model] = where
+        for side in ("input", "output"):
+            if side not in item:
+                problems.append(f"{where}.{side}: required (the price per million {side} tokens)")
+        code = r.text("currency")
+        if code is not None and not CURRENCY_RE.match(code):
+            problems.append(f"{where}.currency: expected a three-letter code such as USD, got {code!r}")
+        elif code is not None and currency is None:
+            currency = (code, where)
+        elif code is not None and currency is not None and code != currency[0]:
+            problems.append(
+                f"{where}.currency: {code!r}, but {currency[1]} is in {currency[0]!r}: one currency per deployment"
+            )
+        prices.append(
+            Price(
+                model=model,
+                input=r.number("input", 0.0),
+                output=r.number("output", 0.0),
+                cached_input=r.number("cached_input", 0.0) if "cached_input" in item else None,
+            )
+        )
+    if not prices:
+        return Prices()
+    return Prices(prices, currency[0] if currency is not None else DEFAULT_CURRENCY)
+
+
 def parse_settings(raw: Mapping[str, Any], env: Mapping[str, str], source: str = "<memory>") -> Settings:
     problems: list[str] = []
     warnings: list[str] = []
-    known = {"server", "redis", "events", "limits", "providers", "aliases", "groups", "keys"}
+    known = {"server", "redis", "events", "limits", "providers", "aliases", "groups", "keys", "prices"}
     problems.extend(f"{key}: unknown section" for key in raw if key not in known)
     groups = _groups(raw, problems)
     settings = Settings(
@@ -454,6 +519,7 @@ def parse_settings(raw: Mapping[str, Any], env: Mapping[str, str], source: str =
         aliases=_aliases(raw, problems),
         groups=groups,
         keys=_keys(raw, groups, problems),
+        prices=_prices(raw, problems),
         source=source,
         warnings=tuple(warnings),
     )

@@ -36,6 +36,7 @@ class Usage:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
+    cached_tokens: int = 0  # of the prompt tokens, those the provider served from its cache
 
     @classmethod
     def estimate(cls, request_bytes: int, content_events: int) -> Usage:
@@ -50,7 +51,9 @@ class Usage:
         prompt = _int(usage.get("prompt_tokens"))
         completion = _int(usage.get("completion_tokens"))
         total = _int(usage.get("total_tokens")) or prompt + completion
-        return cls(prompt, completion, total)
+        details = usage.get("prompt_tokens_details")
+        cached = _int(details.get("cached_tokens")) if isinstance(details, dict) else 0
+        return cls(prompt, completion, total, cached)
 
 
 def prompt_estimate(request_bytes: int) -> int:

@@ -26,7 +26,7 @@ CHAT: dict[str, Any] = {"model": "mock-chat", "messages": [{"role": "user", "con
 EVENT_FIELDS = [
     "ts", "request_id", "key", "key_name", "group", "route", "method", "model", "provider", "upstream_model",
     "stream", "status", "error", "latency_ms", "latency_bucket", "ttfb_ms", "prompt_tokens", "completion_tokens",
-    "total_tokens", "attempts", "client_disconnected",
+    "total_tokens", "cost", "currency", "attempts", "client_disconnected",
 ]  # fmt: skip
 
 

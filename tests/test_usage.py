@@ -257,7 +257,7 @@ HANG_CHECK = textwrap.dedent(
 
 
 USAGE_NULL = CONTENT.replace(b"]}\n\n", b'],"usage":null}\n\n')
-PRINTED_USAGE = "Usage(prompt_tokens=9, completion_tokens=12, total_tokens=21)"
+PRINTED_USAGE = "Usage(prompt_tokens=9, completion_tokens=12, total_tokens=21, cached_tokens=0)"
 
 
 @pytest.mark.parametrize(

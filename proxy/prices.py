@@ -1,0 +1,79 @@
+"""[[prices]]: what a model's tokens cost, per million, in the deployment's one currency.
+
+Compiled once per config (settings.py): exact names in a dict, globs in file
+order. A request looks its model up once, and its cost is worked out once from
+its usage, never per chunk. A leaf: it imports nothing of ours.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from fnmatch import translate
+
+PER_MILLION = 1_000_000
+COST_DIGITS = 10  # a cost is rounded to 1e-10 of the currency: far below a cent, above float noise
+CACHE_LIMIT = 4096  # model names remembered; a glob provider lets clients send any name
+CACHED_NAME_LIMIT = 256  # longer names are looked up each time, never kept
+
+
+def is_glob(pattern: str) -> bool:
+    return any(c in pattern for c in "*?[")
+
+
+@dataclass(frozen=True, slots=True)
+class Price:
+    model: str  # as written in the config: an exact name or a glob
+    input: float  # per million prompt tokens
+    output: float  # per million completion tokens
+    cached_input: float | None = None  # per million prompt tokens the provider served from its cache
+
+    def cost(self, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> float:
+        """The cost of one answer's usage. Cached tokens are part of the prompt tokens, as OpenAI counts them."""
+        cached = min(max(cached_tokens, 0), prompt_tokens)
+        cached_rate = self.input if self.cached_input is None else self.cached_input
+        total = (prompt_tokens - cached) * self.input + cached * cached_rate + completion_tokens * self.output
+        return round(total / PER_MILLION, COST_DIGITS)
+
+
+class Prices:
+    """The price table: an exact name wins over any glob; among globs, the first in file order."""
+
+    __slots__ = ("_cache", "currency", "exact", "globs", "prices")
+
+    def __init__(self, prices: Iterable[Price] = (), currency: str | None = None) -> None:
+        self.prices = tuple(prices)
+        self.currency = currency  # None without any [[prices]]
+        self.exact = {p.model: p for p in self.prices if not is_glob(p.model)}
+        self.globs = tuple((re.compile(translate(p.model)), p) for p in self.prices if is_glob(p.model))
+        self._cache: dict[str, Price | None] = {}
+
+    def __bool__(self) -> bool:
+        return bool(self.prices)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Prices) and (self.prices, self.currency) == (other.prices, other.currency)
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"Prices({list(self.prices)!r}, currency={self.currency!r})"
+
+    def lookup(self, model: str) -> Price | None:
+        price = self.exact.get(model)
+        if price is not None or not self.globs:
+            return price
+        if model in self._cache:
+            return self._cache[model]
+        price = next((p for pattern, p in self.globs if pattern.match(model)), None)
+        if len(self._cache) < CACHE_LIMIT and len(model) <= CACHED_NAME_LIMIT:
+            self._cache[model] = price
+        return price
+
+    def for_request(self, upstream_model: str, model: str) -> Price | None:
+        """The price of what the provider bills (the model after aliases), else of the name the client used."""
+        price = self.lookup(upstream_model)
+        if price is None and model != upstream_model:
+            price = self.lookup(model)
+        return price
