@@ -84,6 +84,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+NO_KEYS = "no [[keys]]: every request will be refused with 401 (`sluicegate keys new` makes one)"
+
+
+def plural(count: int, noun: str) -> str:
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
+
+
 def _print_events(lines: list[bytes], code: int) -> int:
     out = sys.stdout.buffer if code == 0 else sys.stderr.buffer
     out.write(b"".join(line + b"\n" for line in lines) or b"no event record with that request id\n")
@@ -125,7 +132,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "check-config":
         for warning in settings.warnings:
             print(f"warning: {warning}", file=sys.stderr)
-        print(f"{path}: ok ({len(settings.providers)} providers, {len(settings.keys)} keys)")
+        if not settings.keys:
+            print(f"warning: {NO_KEYS}", file=sys.stderr)
+        print(f"{path}: ok ({plural(len(settings.providers), 'provider')}, {plural(len(settings.keys), 'key')})")
         return 0
     if args.command == "events":
         if settings.events.sink == "redis":
@@ -138,4 +147,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "demo":
         asyncio.run(run_demo(settings))
         return 0
+    if not settings.keys:
+        logging.getLogger("sluicegate").warning(NO_KEYS)
     return serve(settings, args.bind, args.workers)

@@ -6,11 +6,12 @@ Every problem is collected with the dotted name of the key that is wrong, so
 
 from __future__ import annotations
 
+import difflib
 import math
 import os
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from fnmatch import translate
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import Any, Literal
 
 from redis.connection import parse_url
 
+from .config_lines import with_lines
 from .limit_kinds import LimitKind, Scope, kinds_for, setting_names
 from .prices import Price, Prices
 
@@ -174,9 +176,20 @@ class _Reader:
         if value is default:
             return default
         if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
-            self.problems.append(f"{self._name(key)}: expected {what}, got {value!r}")
+            if isinstance(value, str) and str not in kinds and _looks_numeric(value):
+                self.problems.append(f"{self._name(key)}: expected {what}, got the quoted string {value!r} "
+                                     "(write it without quotes)")  # fmt: skip
+            else:
+                self.problems.append(f"{self._name(key)}: expected {what}, got {value!r}")
             return default
         return value
+
+    def present(self, key: str, hint: str) -> bool:
+        """False (and a problem saying so) when a required key is missing altogether."""
+        if key in self.table:
+            return True
+        self.problems.append(f"{self._name(key)}: missing; {hint}")
+        return False
 
     def text(self, key: str, default: str | None = None) -> str | None:
         value: str | None = self._get(key, default, (str,), "a string")
@@ -222,7 +235,20 @@ class _Reader:
     def unknown(self, known: set[str]) -> None:
         for key in self.table:
             if key not in known:
-                self.problems.append(f"{self._name(key)}: unknown key")
+                self.problems.append(f"{self._name(key)}: unknown key{did_you_mean(key, known)}")
+
+
+def did_you_mean(name: str, known: Iterable[str]) -> str:
+    close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
+def _looks_numeric(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _table(raw: Mapping[str, Any], key: str, problems: list[str]) -> Mapping[str, Any]:
@@ -335,16 +361,22 @@ def _providers(
             }
         )  # fmt: skip
         name = r.text("name") or ""
-        if not NAME_RE.match(name):
+        if not r.present("name", 'every provider needs one, e.g. name = "deepseek"'):
+            pass
+        elif not NAME_RE.match(name):
             problems.append(f"{where}.name: expected 1-64 of A-Z a-z 0-9 _ . -, got {name!r}")
         elif name in seen:
             problems.append(f"{where}.name: {name!r} is used by another provider")
         seen.add(name)
         base_url = (r.text("base_url") or "").rstrip("/")
-        if not base_url.startswith(("http://", "https://")):
+        if not r.present("base_url", 'every provider needs one, e.g. base_url = "https://api.deepseek.com/v1"'):
+            pass
+        elif not base_url.startswith(("http://", "https://")):
             problems.append(f"{where}.base_url: expected an http:// or https:// URL")
         models = r.names("models")
-        if not models:
+        if not r.present("models", 'the models it serves, e.g. models = ["deepseek-*"]'):
+            models = ()
+        elif not models:
             problems.append(f"{where}.models: expected a non-empty list of model names or globs")
             models = ()
         key_env = r.text("api_key_env")
@@ -432,13 +464,17 @@ def _keys(raw: Mapping[str, Any], groups: Mapping[str, GroupSettings], problems:
         r = _Reader(item, where, problems)
         r.unknown({"name", "sha256", "group", "models", "enabled", *setting_names("key")})
         name = r.text("name") or ""
-        if not NAME_RE.match(name):
+        if not r.present("name", 'every key needs one, e.g. name = "alice"'):
+            pass
+        elif not NAME_RE.match(name):
             problems.append(f"{where}.name: expected 1-64 of A-Z a-z 0-9 _ . -, got {name!r}")
         elif name in names:
             problems.append(f"{where}.name: {name!r} is used by another key")
         names.add(name)
         digest = (r.text("sha256") or "").lower()
-        if not SHA256_RE.match(digest):
+        if not r.present("sha256", "`sluicegate keys new` prints the block with it"):
+            pass
+        elif not SHA256_RE.match(digest):
             problems.append(f"{where}.sha256: expected 64 hex characters (sha256 of the full key)")
         elif digest in keys:
             problems.append(f"{where}.sha256: the same key is configured twice")
@@ -508,7 +544,7 @@ def parse_settings(raw: Mapping[str, Any], env: Mapping[str, str], source: str =
     problems: list[str] = []
     warnings: list[str] = []
     known = {"server", "redis", "events", "limits", "providers", "aliases", "groups", "keys", "prices"}
-    problems.extend(f"{key}: unknown section" for key in raw if key not in known)
+    problems.extend(f"{key}: unknown section{did_you_mean(key, known)}" for key in raw if key not in known)
     groups = _groups(raw, problems)
     settings = Settings(
         server=_server(raw, env, problems),
@@ -525,7 +561,23 @@ def parse_settings(raw: Mapping[str, Any], env: Mapping[str, str], source: str =
     )
     if problems:
         raise ConfigError(problems)
-    return settings
+    return replace(settings, warnings=(*settings.warnings, *unserved(settings)))
+
+
+def unserved(settings: Settings) -> list[str]:
+    """Aliases and keys' exact model names that no provider serves: requests for them could only get 404."""
+
+    def served(model: str) -> bool:
+        target = settings.aliases.get(model, model)
+        return any(p.patterns.matches(target) for p in settings.providers)
+
+    found = [f"aliases.{alias}: no provider serves its target {target!r}"
+             for alias, target in settings.aliases.items() if not served(alias)]  # fmt: skip
+    for i, key in enumerate(settings.keys.values()):
+        for model in sorted(key.models.exact) if key.models is not None else ():
+            if not served(model):
+                found.append(f"keys[{i}].models: no provider serves {model!r}")
+    return found
 
 
 def config_path(explicit: str | None, env: Mapping[str, str] = os.environ) -> str:
@@ -543,4 +595,8 @@ def load_settings(path: str, env: Mapping[str, str] = os.environ) -> Settings:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError([f"{path}: not valid TOML ({exc})"]) from exc
-    return parse_settings(raw, env, source=path)
+    try:
+        settings = parse_settings(raw, env, source=path)
+    except ConfigError as exc:
+        raise ConfigError(with_lines(path, text, exc.problems)) from None
+    return replace(settings, warnings=tuple(with_lines(path, text, settings.warnings)))

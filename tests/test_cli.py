@@ -141,7 +141,7 @@ def test_check_config_good_file(tmp_path: Path, capsys: pytest.CaptureFixture[st
     path.write_text(GOOD.format(digest="ab" * 32), encoding="utf-8")
     assert main(["check-config", "--config", str(path)]) == 0
     captured = capsys.readouterr()
-    assert captured.out == f"{path}: ok (1 providers, 1 keys)\n"
+    assert captured.out == f"{path}: ok (1 provider, 1 key)\n"
     assert captured.err == ""
 
 
@@ -152,9 +152,9 @@ def test_check_config_reports_warnings_and_still_passes(tmp_path: Path, capsys: 
     path.write_text(text, encoding="utf-8")
     assert main(["check-config", "--config", str(path)]) == 0
     captured = capsys.readouterr()
-    assert captured.out == f"{path}: ok (1 providers, 1 keys)\n"
+    assert captured.out == f"{path}: ok (1 provider, 1 key)\n"
     assert captured.err == (
-        "warning: providers[0].api_key_env: environment variable SLUICEGATE_TEST_UPSTREAM_KEY is not set\n"
+        f"warning: {path}:5: providers[0].api_key_env: environment variable SLUICEGATE_TEST_UPSTREAM_KEY is not set\n"
     )
 
 
@@ -165,7 +165,7 @@ def test_check_config_uses_sluicegate_config(
     path.write_text(GOOD.format(digest="ab" * 32), encoding="utf-8")
     monkeypatch.setenv("SLUICEGATE_CONFIG", str(path))
     assert main(["check-config"]) == 0
-    assert capsys.readouterr().out == f"{path}: ok (1 providers, 1 keys)\n"
+    assert capsys.readouterr().out == f"{path}: ok (1 provider, 1 key)\n"
 
 
 def test_check_config_bad_file_lists_every_problem(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -175,13 +175,13 @@ def test_check_config_bad_file_lists_every_problem(tmp_path: Path, capsys: pytes
     captured = capsys.readouterr()
     assert captured.out == ""
     assert captured.err.splitlines() == [
-        "server.bind: expected HOST:PORT, got 'localhost'",
-        "redis.on_error: expected one of allow, deny, got 'ignore'",
-        "providers[0].base_url: expected an http:// or https:// URL",
-        "providers[0].models: expected a non-empty list of model names or globs",
-        "providers[0].weight: must be > 0",
-        "keys[0].sha256: expected 64 hex characters (sha256 of the full key)",
-        "keys[0].group: no [groups.silver] table",
+        f"{path}:3: server.bind: expected HOST:PORT, got 'localhost'",
+        f"{path}:6: redis.on_error: expected one of allow, deny, got 'ignore'",
+        f"{path}:10: providers[0].base_url: expected an http:// or https:// URL",
+        f"{path}:11: providers[0].models: expected a non-empty list of model names or globs",
+        f"{path}:12: providers[0].weight: must be > 0",
+        f"{path}:16: keys[0].sha256: expected 64 hex characters (sha256 of the full key)",
+        f"{path}:17: keys[0].group: no [groups.silver] table",
     ]
 
 
@@ -226,3 +226,75 @@ def test_keys_new_refuses_what_the_config_would_reject(
     captured = capsys.readouterr()
     assert captured.out == ""
     assert message in captured.err
+
+
+ROUGH = """
+[server]
+bind = "127.0.0.1:9090"
+
+[[providers]]
+name = "mock"
+base_ur = "http://127.0.0.1:8001/v1"
+models = ["mock-*"]
+weight = "1"
+
+[[providers]]
+name = "other"
+base_url = "http://127.0.0.1:8002/v1"
+models = ["other-chat"]
+
+[aliases]
+"gpt-4o" = "nobody-serves-this"
+
+[groups.gold]
+rmp = 600
+
+[[keys]]
+name = "alice"
+sha256 = "{digest}"
+models = ["mock-chat", "deepseek-chat"]
+"""
+
+
+def test_check_config_names_the_line_and_guesses_the_key(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "gateway.toml"
+    path.write_text(ROUGH.format(digest="ab" * 32), encoding="utf-8")
+    assert main(["check-config", "--config", str(path)]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"{path}:20: groups.gold.rmp: unknown key (did you mean rpm?)",
+        f"{path}:7: providers[0].base_ur: unknown key (did you mean base_url?)",
+        f"{path}:5: providers[0].base_url: missing; every provider needs one, "
+        'e.g. base_url = "https://api.deepseek.com/v1"',
+        f"{path}:9: providers[0].weight: expected a number, got the quoted string '1' (write it without quotes)",
+    ]
+
+
+def test_check_config_warns_of_models_nobody_serves_and_of_no_keys(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "gateway.toml"
+    fixed = ROUGH.replace("base_ur =", "base_url =").replace('weight = "1"', "weight = 1").replace("rmp", "rpm")
+    path.write_text(fixed.format(digest="ab" * 32), encoding="utf-8")
+    assert main(["check-config", "--config", str(path)]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == f"{path}: ok (2 providers, 1 key)\n"
+    assert captured.err.splitlines() == [
+        f"warning: {path}:17: aliases.gpt-4o: no provider serves its target 'nobody-serves-this'",
+        f"warning: {path}:25: keys[0].models: no provider serves 'deepseek-chat'",
+    ]
+    keyless = fixed.split("[[keys]]")[0].replace('"gpt-4o" = "nobody-serves-this"', '"gpt-4o" = "other-chat"')
+    path.write_text(keyless, encoding="utf-8")
+    assert main(["check-config", "--config", str(path)]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == f"{path}: ok (2 providers, 0 keys)\n"
+    assert (
+        captured.err
+        == "warning: no [[keys]]: every request will be refused with 401 (`sluicegate keys new` makes one)\n"
+    )
+
+
+def test_unknown_sections_get_a_guess_too(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "gateway.toml"
+    path.write_text(GOOD.format(digest="ab" * 32) + '\n[serevr]\nbind = "127.0.0.1:1"\n', encoding="utf-8")
+    assert main(["check-config", "--config", str(path)]) == 2
+    assert capsys.readouterr().err == f"{path}:15: serevr: unknown section (did you mean server?)\n"

@@ -211,7 +211,7 @@ def test_unset_provider_api_key_env_is_a_warning_not_an_error() -> None:
 
 def test_an_api_key_written_in_the_file_is_refused() -> None:
     raw = {"providers": [{**PROVIDER, "api_key": "upstream-secret-1"}]}
-    assert problems_of(raw) == ["providers[0].api_key: unknown key"]
+    assert problems_of(raw) == ["providers[0].api_key: unknown key (did you mean api_key_env?)"]
 
 
 def test_every_problem_is_listed_at_once() -> None:
@@ -236,7 +236,7 @@ def test_every_problem_is_listed_at_once() -> None:
     }
     assert problems_of(raw) == [
         "budgets: unknown section",
-        "groups.gold.rpd: unknown key",
+        "groups.gold.rpd: unknown key (did you mean rpm?)",
         "groups.gold.rpm: must be >= 1, got 0",
         "server.port: unknown key",
         "server.bind: expected HOST:PORT, got 'localhost'",
@@ -253,7 +253,7 @@ def test_every_problem_is_listed_at_once() -> None:
         "providers[0].name: expected 1-64 of A-Z a-z 0-9 _ . -, got 'bad name!'",
         "providers[0].base_url: expected an http:// or https:// URL",
         "providers[0].models: expected a non-empty list of model names or globs",
-        "providers[1].timeout: unknown key",
+        "providers[1].timeout: unknown key (did you mean idle_timeout_s?)",
         "providers[1].weight: must be > 0",
         "providers[2].name: 'ok' is used by another provider",
         "providers[2].base_url: expected an http:// or https:// URL",
@@ -302,7 +302,7 @@ def test_limits_values_from_the_file() -> None:
         ({"providers": ["mock"]}, ["providers[0]: expected a table"]),
         (
             {"providers": [{"base_url": "http://x/v1", "models": ["m"]}]},
-            ["providers[0].name: expected 1-64 of A-Z a-z 0-9 _ . -, got ''"],
+            ['providers[0].name: missing; every provider needs one, e.g. name = "deepseek"'],
         ),
         (
             {"providers": [{**PROVIDER, "name": "x" * 65}]},
@@ -314,6 +314,10 @@ def test_limits_values_from_the_file() -> None:
         ),
         (
             {"providers": [{"name": "mock", "base_url": "http://x/v1"}]},
+            ['providers[0].models: missing; the models it serves, e.g. models = ["deepseek-*"]'],
+        ),
+        (
+            {"providers": [{"name": "mock", "base_url": "http://x/v1", "models": []}]},
             ["providers[0].models: expected a non-empty list of model names or globs"],
         ),
         ({"providers": [{**PROVIDER, "weight": 0}]}, ["providers[0].weight: must be > 0"]),
@@ -330,7 +334,10 @@ def test_limits_values_from_the_file() -> None:
             minimal(keys=[{"name": "alice", "sha256": "ab" * 31}]),
             ["keys[0].sha256: expected 64 hex characters (sha256 of the full key)"],
         ),
-        (minimal(keys=[{"name": "alice"}]), ["keys[0].sha256: expected 64 hex characters (sha256 of the full key)"]),
+        (
+            minimal(keys=[{"name": "alice"}]),
+            ["keys[0].sha256: missing; `sluicegate keys new` prints the block with it"],
+        ),
         (
             minimal(keys=[{"name": "alice", "sha256": "g" * 64}]),
             ["keys[0].sha256: expected 64 hex characters (sha256 of the full key)"],
@@ -353,7 +360,7 @@ def test_limits_values_from_the_file() -> None:
         (minimal(limits={"reserve_tokens": "1k"}), ["limits.reserve_tokens: expected a whole number, got '1k'"]),
         (minimal(limits={"hold_ttl_s": 0.5}), ["limits.hold_ttl_s: must be >= 1.0, got 0.5"]),
         (minimal(limits={"hold_ttl_s": "10m"}), ["limits.hold_ttl_s: expected a number, got '10m'"]),
-        (minimal(limits={"hold_ttl": 60}), ["limits.hold_ttl: unknown key"]),
+        (minimal(limits={"hold_ttl": 60}), ["limits.hold_ttl: unknown key (did you mean hold_ttl_s?)"]),
     ],
 )
 def test_single_problems(raw: dict[str, Any], problems: list[str]) -> None:
