@@ -378,7 +378,9 @@ def test_full_queue_drops_and_counts_without_blocking(tmp_path: Path, mocks: Moc
         assert statuses == [200] * 10
         text = httpx.get(url + "/metrics").text
         dropped = [line for line in text.splitlines() if line.startswith("sluicegate_events_dropped_total ")]
-        assert float(dropped[0].split()[1]) >= 7
+        # The writer holds one batch (its first record and what queued while the batch gathered, at most
+        # the queue's 2), and the queue 2 more: everything else was dropped.
+        assert float(dropped[0].split()[1]) >= 10 - 3 - 2
     finally:
         assert proc.proc is not None
         proc.proc.kill()
