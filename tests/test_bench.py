@@ -69,8 +69,8 @@ class Limited:
 @pytest.fixture(scope="module")
 def limited(tmp_path_factory: pytest.TempPathFactory, mocks: Mocks, redis_server: RedisServer) -> Iterator[Limited]:
     """A gateway in front of mock-b with a free key, a key allowed 5 requests, and one refilled each second."""
-    keys = {"free": new_key(), "five": new_key(), "refill": new_key()}
-    limits = {"free": "", "five": "rpm = 5\nburst = 5", "refill": "rpm = 60\nburst = 2"}
+    keys = {"free": new_key(), "five": new_key(), "refill": new_key(), "one": new_key()}
+    limits = {"free": "", "five": "rpm = 5\nburst = 5", "refill": "rpm = 60\nburst = 2", "one": "rpm = 1\nburst = 1"}
     blocks = "".join(f'\n[[keys]]\nname = "{n}"\nsha256 = "{key_digest(k)}"\n{limits[n]}\n' for n, k in keys.items())
     config = beta_config(mocks, blocks, '[redis]\non_error = "deny"\ntimeout_s = 5')
     proc = start_gateway(tmp_path_factory.mktemp("bench-gw"), mocks, config, redis_url=redis_server.url)
@@ -144,6 +144,15 @@ def test_respect_retry_after_waits_and_retries_like_the_sdk(tmp_path: Path, limi
     assert run.a["status"] == {"200": 4}  # two at once, then one a second as the bucket refills
     assert run.a["rate_limited"]["retried"] >= 2
     assert run.a["latency_ms"]["e2e"]["max"] >= 900  # the last one waited for the bucket
+
+
+def test_a_429_whose_retry_would_outlast_the_run_is_counted_not_lost(tmp_path: Path, limited: Limited) -> None:
+    run = bench(tmp_path, limited.v1, "--key", limited.keys["one"], "--duration", "1", "--concurrency", "2",
+                "--respect-retry-after")  # fmt: skip
+    assert run.code == 0, run.err
+    assert run.a["status"]["200"] == 1 and run.a["status"]["429"] >= 1  # retry-after ~60 s: no retry fits
+    assert run.a["requests"] == run.a["ok"] + run.a["failed"] == sum(run.a["status"].values())
+    assert run.a["rate_limited"]["retried"] == 0
 
 
 def test_compare_prints_both_targets_and_the_ratio(tmp_path: Path, mocks: Mocks, limited: Limited) -> None:

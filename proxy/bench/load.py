@@ -72,18 +72,19 @@ class Client:
         """One request (with its 429 retries when asked), its latencies measured from `started`."""
         body = next(self.bodies)
         for attempt in range(MAX_RETRIES + 1):
-            wait = await self.attempt(body, started, final=not self.respect_retry or attempt == MAX_RETRIES)
-            if wait is None or time.perf_counter() + wait >= bounds.deadline:
+            final = not self.respect_retry or attempt == MAX_RETRIES
+            wait = await self.attempt(body, started, None if final else bounds.deadline)
+            if wait is None:
                 return
             await asyncio.sleep(wait)
 
-    async def attempt(self, body: bytes, started: float, final: bool) -> float | None:
+    async def attempt(self, body: bytes, started: float, retry_until: float | None) -> float | None:
         """Returns the seconds to wait before a retry, or None when the request was recorded."""
         rec = self.rec
         try:
             async with self.session.post(self.url, data=body, headers=self.headers) as resp:
                 if resp.status != 200:
-                    return await self.refused(resp, final)
+                    return await self.refused(resp, retry_until)
                 if self.workload.stream:
                     await self.stream(resp, started)
                 else:
@@ -96,16 +97,20 @@ class Client:
             rec.failure(time.perf_counter(), "read_error")
         return None
 
-    async def refused(self, resp: aiohttp.ClientResponse, final: bool) -> float | None:
+    async def refused(self, resp: aiohttp.ClientResponse, retry_until: float | None) -> float | None:
+        """Records a refusal, or for a 429 that may be retried before `retry_until`, returns the wait."""
         text = await resp.content.read(ERROR_BODY_BYTES)
         code = error_code(text)
+        now = time.perf_counter()
         if resp.status == 429:
             retry_after = seconds(resp.headers.get("retry-after"))
+            wait = min(MAX_RETRY_AFTER_S, retry_after if retry_after is not None else 1.0)
+            retry = retry_until is not None and now + wait < retry_until
             limits = {h: resp.headers[h] for h in LIMIT_HEADERS if h in resp.headers}
-            self.rec.rate_limited(retry_after, limits, retried=not final)
-            if not final:
-                return min(MAX_RETRY_AFTER_S, retry_after if retry_after is not None else 1.0)
-        self.rec.failure(time.perf_counter(), str(resp.status), code)
+            self.rec.rate_limited(retry_after, limits, retried=retry)
+            if retry:
+                return wait
+        self.rec.failure(now, str(resp.status), code)
         return None
 
     async def whole(self, resp: aiohttp.ClientResponse, started: float) -> None:
