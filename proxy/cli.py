@@ -11,9 +11,11 @@ from collections.abc import Sequence
 
 from .admin import keys_new, keys_usage, search_file, search_redis
 from .bench import command as bench_command
+from .demo import DemoOptions, run_demo
 from .limit_kinds import kinds_for
+from .listen import BindError
 from .mock_upstream import MockOptions, run_mock
-from .server import run_demo, serve
+from .server import serve
 from .settings import ConfigError, config_path, load_settings
 
 
@@ -81,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="run the mock upstream and the gateway together with a fresh demo key")
     p.add_argument("--config", default="config/demo.toml")
+    p.add_argument("--bind", type=_bind, help="the gateway's HOST:PORT (default: the config's server.bind)")
+    p.add_argument("--mock-bind", type=_bind, help="the mock's HOST:PORT (default: its provider's base_url)")
     return parser
 
 
@@ -101,6 +105,14 @@ def _print_events(lines: list[bytes], code: int) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return _run(args)
+    except BindError as exc:
+        print(f"sluicegate {args.command}: {exc}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
     if args.command == "keys" and args.keys_command == "new":
         try:
             sys.stdout.write(keys_new(args))
@@ -145,7 +157,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("\n".join(lines), file=sys.stdout if code == 0 else sys.stderr)
         return code
     if args.command == "demo":
-        asyncio.run(run_demo(settings))
+        asyncio.run(run_demo(settings, DemoOptions(config=path, bind=args.bind, mock_bind=args.mock_bind)))
         return 0
     if not settings.keys:
         logging.getLogger("sluicegate").warning(NO_KEYS)
