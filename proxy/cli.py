@@ -11,12 +11,12 @@ from collections.abc import Sequence
 
 from .admin import keys_new, keys_usage, search_file, search_redis
 from .bench import command as bench_command
-from .demo import DemoOptions, run_demo
+from .demo import DemoOptions, run_demo, with_demo_key
 from .limit_kinds import kinds_for
 from .listen import BindError
 from .mock_upstream import MockOptions, run_mock
 from .server import serve
-from .settings import ConfigError, config_path, load_settings
+from .settings import ConfigError, Settings, config_path, load_settings
 
 
 def _positive(text: str) -> int:
@@ -102,6 +102,19 @@ def _print_events(lines: list[bytes], code: int) -> int:
     return code
 
 
+def _events_elsewhere(settings: Settings) -> str | None:
+    """Why `events` has nothing to search with this config, if so."""
+    sink = settings.events.sink
+    if sink == "stdout":
+        return (
+            f'{settings.source} writes event records to stdout ([events] sink = "stdout"): they are in the '
+            "gateway's output (its terminal or journal); save that to a file and search it with --file PATH"
+        )
+    if sink == "off":
+        return f'{settings.source} writes no event records ([events] sink = "off")'
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -137,6 +150,8 @@ def _run(args: argparse.Namespace) -> int:
         return _print_events(*search_file(args.file, args.request_id))
     try:
         settings = load_settings(path)
+        if args.command == "keys":
+            settings = with_demo_key(settings)
     except ConfigError as exc:
         for problem in exc.problems:
             print(problem, file=sys.stderr)
@@ -149,6 +164,10 @@ def _run(args: argparse.Namespace) -> int:
         print(f"{path}: ok ({plural(len(settings.providers), 'provider')}, {plural(len(settings.keys), 'key')})")
         return 0
     if args.command == "events":
+        elsewhere = _events_elsewhere(settings)
+        if elsewhere is not None:
+            print(elsewhere, file=sys.stderr)
+            return 2
         if settings.events.sink == "redis":
             return _print_events(*asyncio.run(search_redis(settings, args.request_id)))
         return _print_events(*search_file(settings.events.path, args.request_id))

@@ -1,11 +1,20 @@
-"""`sluicegate demo`: the mock upstream and the gateway in one process, with a key made at start-up."""
+"""`sluicegate demo`: the mock upstream and the gateway in one process, with a key made at start-up.
+
+What a new user tries next works against it. The event records go to the config's
+[events] file, and beside that file `demo-key.toml` holds the demo key's [[keys]]
+block (its sha256, never the key), which `sluicegate keys usage` reads along with
+the config. The banner names every address, the Redis in use and the commands to run.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import shlex
 import shutil
 import sys
+import tomllib
 from dataclasses import dataclass, replace
+from pathlib import Path
 from urllib.parse import urlsplit
 
 from hypercorn.config import Sockets
@@ -17,8 +26,11 @@ from .listen import address, binding
 from .mock_upstream import MockOptions, start_mock
 from .redact import safe_url
 from .server import bind_sockets, hypercorn_config, serve_app
-from .settings import KeySettings, Settings
+from .settings import ConfigError, KeySettings, Settings
 
+DEMO_KEY_FILE = "demo-key.toml"
+# The curl line sets it, so the `events` line below it can name the record before it exists.
+REQUEST_ID = "demo-hello"
 REDIS_START_WAIT_S = 0.3
 
 
@@ -27,6 +39,35 @@ class DemoOptions:
     config: str  # as given on the command line, for the commands the banner prints
     bind: tuple[str, int] | None = None
     mock_bind: tuple[str, int] | None = None
+
+
+def demo_key_path(settings: Settings) -> Path | None:
+    """Beside the event records; a config whose records go elsewhere keeps its demo key only in memory."""
+    return Path(settings.events.path).parent / DEMO_KEY_FILE if settings.events.sink == "file" else None
+
+
+def with_demo_key(settings: Settings) -> Settings:
+    """The config's keys and the one the last demo on it made, if one left its file."""
+    path = demo_key_path(settings)
+    if path is None or not path.exists():
+        return settings
+    try:
+        (table,) = tomllib.loads(path.read_text(encoding="utf-8"))["keys"]
+        key = KeySettings(name=table["name"], sha256=table["sha256"], rpm=table["rpm"], tpm=table["tpm"])
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError, KeyError, TypeError, ValueError) as exc:
+        raise ConfigError(
+            [f"{path}: not the file `sluicegate demo` writes ({exc!r}); delete it, the next demo writes it afresh"]
+        ) from exc
+    return settings.with_keys(key)
+
+
+def _write_demo_key(path: Path, key: KeySettings) -> None:
+    path.write_text(
+        "# Written by `sluicegate demo` at start-up: the [[keys]] block of its key (the sha256, not the key).\n"
+        "# `sluicegate keys usage` reads it beside the event records; the next demo overwrites it.\n"
+        f'[[keys]]\nname = "{key.name}"\nsha256 = "{key.sha256}"\nrpm = {key.rpm}\ntpm = {key.tpm}\n',
+        encoding="utf-8",
+    )
 
 
 def _with_addresses(settings: Settings, options: DemoOptions) -> tuple[Settings, tuple[str, int]]:
@@ -64,6 +105,40 @@ async def _local_redis(settings: Settings) -> asyncio.subprocess.Process | None:
     return proc
 
 
+def banner(
+    *, settings: Settings, mock: tuple[str, int], key: str, key_file: Path | None, config: str, model: str
+) -> str:
+    base = f"http://{address(settings.server.host, settings.server.port)}{settings.server.prefixes[0]}"
+    sink = settings.events.sink
+    records = {
+        "file": str(Path(settings.events.path).resolve()),
+        "stdout": "stdout, between these lines",
+        "redis": "the Redis stream sluicegate:events",
+        "off": "none ([events] sink = off)",
+    }[sink]
+    kept = f"its sha256 is in {key_file}" if key_file is not None else "kept only in memory"
+    body = f'{{"model":"{model}","stream":true,"messages":[{{"role":"user","content":"Hello!"}}]}}'
+    lines = [
+        "sluicegate demo",
+        f"  gateway        {base}",
+        f"  mock upstream  http://{address(*mock)}{urlsplit(settings.providers[0].base_url).path}",
+        f"  event records  {records}",
+        f"  demo key       {key}  (made now; {kept})",
+        "",
+        "Try it:",
+        f"  curl -sN {base}/chat/completions -H 'Authorization: Bearer {key}' "
+        f"-H 'Content-Type: application/json' -H 'X-Request-ID: {REQUEST_ID}' -d '{body}'",
+    ]
+    then = []
+    if sink in ("file", "redis"):
+        then.append(f"  sluicegate events --config {shlex.quote(config)} --request-id {REQUEST_ID}")
+    if key_file is not None:
+        then.append(f"  sluicegate keys usage --config {shlex.quote(config)}")
+    if then:
+        lines += ["", "Then find that request's event record, and what the demo key has spent:", *then]
+    return "\n".join([*lines, "", "Ctrl-C stops the demo.", ""]) + "\n"
+
+
 async def run_demo(settings: Settings, options: DemoOptions) -> None:
     settings, mock = _with_addresses(settings, options)
     config = hypercorn_config(settings)
@@ -79,17 +154,15 @@ async def run_demo(settings: Settings, options: DemoOptions) -> None:
     try:
         redis_proc = await _local_redis(settings)
         key = new_key()
-        demo_key = KeySettings(name="demo", sha256=key_digest(key), rpm=60, tpm=100000)
+        demo_key = KeySettings(name="demo", sha256=key_digest(key), rpm=60, tpm=100_000)
+        key_file = demo_key_path(settings)
+        if key_file is not None:
+            key_file.parent.mkdir(parents=True, exist_ok=True)
+            _write_demo_key(key_file, demo_key)
         app = create_app(settings, (demo_key,))
-        base = f"http://{address(settings.server.host, settings.server.port)}{settings.server.prefixes[0]}"
         model = next(iter(app.runtime.router.known_models), "mock-chat")
-        body = f'{{"model":"{model}","stream":true,"messages":[{{"role":"user","content":"Hello!"}}]}}'
-        sys.stdout.write(
-            f"sluicegate demo: gateway on {base}, mock upstream on port {mock[1]}\n"
-            f"demo key (made now, kept only in memory): {key}\n\n"
-            f"try:\n  curl -sN {base}/chat/completions -H 'Authorization: Bearer {key}' "
-            f"-H 'Content-Type: application/json' -d '{body}'\n\n"
-        )
+        text = banner(settings=settings, mock=mock, key=key, key_file=key_file, config=options.config, model=model)
+        sys.stdout.write(text)
         sys.stdout.flush()
         await serve_app(app, config, sockets)
     finally:

@@ -7,15 +7,19 @@ on free ports, counting in the tests' own Redis.
 from __future__ import annotations
 
 import os
+import shlex
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import orjson
 import pytest
 
+from proxy.auth import key_digest
 from tests.conftest import ROOT, Proc, RedisServer, free_port
 
 DEMO_CONFIG = ROOT / "config" / "demo.toml"
@@ -96,3 +100,94 @@ def test_a_second_demo_says_which_port_is_taken(tmp_path: Path, redis_server: Re
     finally:
         first.proc.stop()
     assert "Traceback" not in first.proc.log.read_text()
+
+
+# The demo's records and key, where the ops commands look
+
+
+def banner_of(demo: Demo) -> str:
+    """What the demo printed before serving: it is flushed before the port opens."""
+    text = demo.proc.log.read_text()
+    assert "Ctrl-C stops the demo." in text, text
+    return text[text.index("sluicegate demo\n") : text.index("Ctrl-C stops the demo.")]
+
+
+def printed(banner: str, start: str) -> str:
+    (line,) = [line.strip() for line in banner.splitlines() if line.strip().startswith(start)]
+    return line
+
+
+def run_printed(line: str, cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """A `sluicegate ...` line the banner printed, run with this checkout's package."""
+    program, *args = shlex.split(line)
+    assert program == "sluicegate"
+    return sluicegate(*args, cwd=cwd, env=env)
+
+
+def until_found(line: str, cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """Records are written a moment after the answer: ask again for a few seconds."""
+    deadline = time.monotonic() + 5
+    while True:
+        result = run_printed(line, cwd, env)
+        if result.returncode != 1 or time.monotonic() > deadline:
+            return result
+        time.sleep(0.1)
+
+
+def test_the_banner_prints_commands_that_work_against_the_demo(tmp_path: Path, redis_server: RedisServer) -> None:
+    env = {"REDIS_URL": redis_server.url.removesuffix("/0") + "/15"}
+    demo = start_demo(tmp_path, env["REDIS_URL"])
+    try:
+        banner = banner_of(demo)
+        key = printed(banner, "demo key").split()[2]
+        assert printed(banner, "event records") == f"event records  {tmp_path / '.sluicegate-demo' / 'events.jsonl'}"
+        curl = subprocess.run(
+            printed(banner, "curl"), shell=True, cwd=tmp_path, capture_output=True, text=True, timeout=30
+        )
+        assert curl.returncode == 0 and curl.stdout.rstrip().endswith("data: [DONE]"), curl
+        events = until_found(printed(banner, "sluicegate events"), tmp_path, env)
+        assert events.returncode == 0, events
+        (record,) = [orjson.loads(line) for line in events.stdout.splitlines()]
+        assert (record["request_id"], record["key_name"], record["status"]) == ("demo-hello", "demo", 200)
+        usage = run_printed(printed(banner, "sluicegate keys usage"), tmp_path, env)
+        assert usage.returncode == 0, usage
+        row = printed(usage.stdout, "demo ")
+        # Its buckets are the demo key's (rpm 60); a second later they have refilled, so no level is asserted.
+        assert row.split()[:2] == ["demo", "default"] and "key rpm " in row and "/60" in row, usage.stdout
+    finally:
+        demo.proc.stop()
+    # The key file holds the digest; the key itself is nowhere on disk.
+    key_file = (tmp_path / ".sluicegate-demo" / "demo-key.toml").read_text()
+    assert key_digest(key) in key_file and key not in key_file
+    assert key not in (tmp_path / ".sluicegate-demo" / "events.jsonl").read_text()
+    # Event lines went to the file: nothing scrolled the banner away.
+    assert '"request_id"' not in demo.proc.log.read_text()
+
+
+@pytest.mark.parametrize(
+    ("sink", "said"),
+    [
+        ("stdout", 'writes event records to stdout ([events] sink = "stdout"): they are in the gateway\'s output'),
+        ("off", 'writes no event records ([events] sink = "off")'),
+    ],
+)
+def test_events_says_plainly_when_there_is_no_file_to_read(tmp_path: Path, sink: str, said: str) -> None:
+    config = tmp_path / "gateway.toml"
+    config.write_text(DEMO_CONFIG.read_text().replace('sink = "file"', f'sink = "{sink}"'))
+    result = sluicegate("events", "--config", str(config), "--request-id", "req_1", cwd=tmp_path)
+    assert (result.returncode, result.stdout) == (2, "")
+    assert result.stderr.startswith(f"{config} {said}"), result.stderr
+    assert "cannot read" not in result.stderr
+
+
+def test_keys_usage_without_a_demo_key_file_says_there_are_no_keys(tmp_path: Path) -> None:
+    result = sluicegate("keys", "usage", "--config", str(DEMO_CONFIG), cwd=tmp_path)
+    assert (result.returncode, result.stderr) == (2, f"no [[keys]] in {DEMO_CONFIG}\n")
+
+
+def test_a_damaged_demo_key_file_is_named(tmp_path: Path) -> None:
+    (tmp_path / ".sluicegate-demo").mkdir()
+    (tmp_path / ".sluicegate-demo" / "demo-key.toml").write_text("[[keys]]\nname = 'demo'\n")
+    result = sluicegate("keys", "usage", "--config", str(DEMO_CONFIG), cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.startswith(".sluicegate-demo/demo-key.toml: not the file `sluicegate demo` writes")
