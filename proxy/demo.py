@@ -18,6 +18,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from hypercorn.config import Sockets
+from redis.connection import parse_url
 
 from .app import create_app
 from .auth import key_digest, new_key
@@ -31,7 +32,8 @@ from .settings import ConfigError, KeySettings, Settings
 DEMO_KEY_FILE = "demo-key.toml"
 # The curl line sets it, so the `events` line below it can name the record before it exists.
 REQUEST_ID = "demo-hello"
-REDIS_START_WAIT_S = 0.3
+REDIS_START_CHECKS = 40  # a started redis-server answers within 0.05 s x 40
+REDIS_START_CHECK_S = 0.05
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -83,30 +85,45 @@ def _with_addresses(settings: Settings, options: DemoOptions) -> tuple[Settings,
     return replace(settings, server=server, providers=providers), mock
 
 
-async def _local_redis(settings: Settings) -> asyncio.subprocess.Process | None:
-    """Start a throwaway redis-server for the demo when none answers and one is installed."""
-    limiter = Limiter(settings.redis)
-    try:
-        if await limiter.ping() is None:
-            return None
-    finally:
-        await limiter.close()
-    url = urlsplit(settings.redis.url)
+async def _redis(settings: Settings) -> tuple[asyncio.subprocess.Process | None, str]:
+    """The Redis the demo counts in, described for the banner; a throwaway one started when none answers."""
+    url = settings.redis.url
+    shown = safe_url(url)
+    parts = parse_url(url)  # type: ignore[no-untyped-call]
+    if await _ping(settings) is None:
+        return None, f"{shown} (already running; the demo counts in database {parts.get('db', 0)})"
+    unchecked = f"{shown} does not answer, so limits are NOT enforced"
+    where = urlsplit(url)
     binary = shutil.which("redis-server")
-    if binary is None or url.hostname not in ("127.0.0.1", "localhost"):
-        sys.stdout.write(f"no Redis at {safe_url(settings.redis.url)} and none to start: limits are NOT enforced\n")
-        return None
-    args = [binary, "--port", str(url.port or 6379), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+    if binary is None or where.hostname not in ("127.0.0.1", "localhost"):
+        return None, f"{unchecked} (no redis-server here to start for the demo)"
+    args = [binary, "--port", str(where.port or 6379), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+    if parts.get("password"):
+        args += ["--requirepass", parts["password"]]  # so the URL's password works on it
     proc = await asyncio.create_subprocess_exec(
         *args, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL
     )
-    sys.stdout.write(f"started redis-server on port {url.port or 6379} (pid {proc.pid}) for the demo\n")
-    await asyncio.sleep(REDIS_START_WAIT_S)
-    return proc
+    for _ in range(REDIS_START_CHECKS):
+        await asyncio.sleep(REDIS_START_CHECK_S)
+        if proc.returncode is not None:
+            return None, f"{unchecked} (the redis-server started for the demo exited at once)"
+        if await _ping(settings) is None:
+            return proc, f"{shown} (started for the demo, pid {proc.pid}; stops with it)"
+    proc.terminate()
+    await proc.wait()
+    return None, f"{unchecked} (not even a redis-server started for the demo)"
+
+
+async def _ping(settings: Settings) -> str | None:
+    limiter = Limiter(settings.redis)
+    try:
+        return await limiter.ping()
+    finally:
+        await limiter.close()
 
 
 def banner(
-    *, settings: Settings, mock: tuple[str, int], key: str, key_file: Path | None, config: str, model: str
+    *, settings: Settings, mock: tuple[str, int], redis: str, key: str, key_file: Path | None, config: str, model: str
 ) -> str:
     base = f"http://{address(settings.server.host, settings.server.port)}{settings.server.prefixes[0]}"
     sink = settings.events.sink
@@ -122,6 +139,7 @@ def banner(
         "sluicegate demo",
         f"  gateway        {base}",
         f"  mock upstream  http://{address(*mock)}{urlsplit(settings.providers[0].base_url).path}",
+        f"  Redis          {redis}",
         f"  event records  {records}",
         f"  demo key       {key}  (made now; {kept})",
         "",
@@ -152,7 +170,7 @@ async def run_demo(settings: Settings, options: DemoOptions) -> None:
         raise
     redis_proc: asyncio.subprocess.Process | None = None
     try:
-        redis_proc = await _local_redis(settings)
+        redis_proc, redis = await _redis(settings)
         key = new_key()
         demo_key = KeySettings(name="demo", sha256=key_digest(key), rpm=60, tpm=100_000)
         key_file = demo_key_path(settings)
@@ -161,7 +179,9 @@ async def run_demo(settings: Settings, options: DemoOptions) -> None:
             _write_demo_key(key_file, demo_key)
         app = create_app(settings, (demo_key,))
         model = next(iter(app.runtime.router.known_models), "mock-chat")
-        text = banner(settings=settings, mock=mock, key=key, key_file=key_file, config=options.config, model=model)
+        text = banner(
+            settings=settings, mock=mock, redis=redis, key=key, key_file=key_file, config=options.config, model=model
+        )
         sys.stdout.write(text)
         sys.stdout.flush()
         await serve_app(app, config, sockets)

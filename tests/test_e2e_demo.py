@@ -7,6 +7,7 @@ on free ports, counting in the tests' own Redis.
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import socket
 import subprocess
@@ -16,6 +17,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import orjson
 import pytest
 
@@ -45,8 +47,8 @@ class Demo:
     mock_port: int
 
 
-def start_demo(tmp: Path, redis_url: str, config: Path = DEMO_CONFIG) -> Demo:
-    """On free ports, in tmp: the records and the key file land there."""
+def start_demo(tmp: Path, redis_url: str = "", config: Path = DEMO_CONFIG) -> Demo:
+    """On free ports, in tmp: the records and the key file land there. No redis_url: the config's."""
     port, mock_port = free_port(), free_port()
     args = ["demo", "--config", str(config), "--bind", f"127.0.0.1:{port}", "--mock-bind", f"127.0.0.1:{mock_port}"]
     env = {"PYTHONPATH": str(ROOT), "REDIS_URL": redis_url}
@@ -191,3 +193,71 @@ def test_a_damaged_demo_key_file_is_named(tmp_path: Path) -> None:
     result = sluicegate("keys", "usage", "--config", str(DEMO_CONFIG), cwd=tmp_path)
     assert result.returncode == 2
     assert result.stderr.startswith(".sluicegate-demo/demo-key.toml: not the file `sluicegate demo` writes")
+
+
+# The demo's Redis: named in the banner, its counters apart from a gateway's
+
+
+def redis_cli(port: int, *args: str, password: str | None = None) -> str:
+    auth = ["-a", password, "--no-auth-warning"] if password else []
+    result = subprocess.run(["redis-cli", "-p", str(port), *auth, *args], capture_output=True, text=True, timeout=10)
+    assert result.returncode == 0, result
+    return result.stdout.strip()
+
+
+def ask(demo: Demo, banner: str) -> None:
+    key = printed(banner, "demo key").split()[2]
+    body = {"model": "mock-chat", "messages": [{"role": "user", "content": "hi"}]}
+    url = f"http://127.0.0.1:{demo.proc.port}/v1/chat/completions"
+    assert httpx.post(url, json=body, headers={"Authorization": f"Bearer {key}"}, timeout=10).status_code == 200
+
+
+def test_the_demo_counts_in_a_database_of_its_own(tmp_path: Path) -> None:
+    """The shipped config, pointed at a Redis that a gateway could be using too."""
+    redis = RedisServer(free_port(), tmp_path / "redis.log").start()
+    try:
+        config = tmp_path / "demo.toml"
+        config.write_text(DEMO_CONFIG.read_text().replace("127.0.0.1:6379/", f"127.0.0.1:{redis.port}/"))
+        demo = start_demo(tmp_path, config=config)
+        try:
+            banner = banner_of(demo)
+            url = f"redis://127.0.0.1:{redis.port}/15"
+            assert printed(banner, "Redis") == f"Redis          {url} (already running; the demo counts in database 15)"
+            ask(demo, banner)
+        finally:
+            demo.proc.stop()
+        assert redis_cli(redis.port, "-n", "0", "DBSIZE") == "0"
+        assert redis_cli(redis.port, "-n", "15", "KEYS", "sg:*").split()
+    finally:
+        redis.stop()
+
+
+def test_the_demo_starts_a_redis_of_its_own_and_never_shows_its_password(tmp_path: Path) -> None:
+    port = free_port()
+    demo = start_demo(tmp_path, f"redis://:s3cret-pw@127.0.0.1:{port}/15")
+    try:
+        banner = banner_of(demo)
+        started = rf"Redis +redis://:\*\*\*@127\.0\.0\.1:{port}/15 \(started for the demo, pid \d+; stops with it\)"
+        assert re.fullmatch(started, printed(banner, "Redis"))
+        ask(demo, banner)
+        assert redis_cli(port, "-n", "0", "DBSIZE", password="s3cret-pw") == "0"
+        assert redis_cli(port, "-n", "15", "KEYS", "sg:*", password="s3cret-pw").split()
+    finally:
+        demo.proc.stop()
+    assert "s3cret-pw" not in demo.proc.log.read_text()
+    # It stopped with the demo.
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+
+
+def test_a_redis_that_does_not_answer_is_named_too(tmp_path: Path) -> None:
+    # TEST-NET-1: nothing answers there, and a demo does not start a Redis for another host.
+    demo = start_demo(tmp_path, "redis://192.0.2.1:6379/15")
+    try:
+        line = printed(banner_of(demo), "Redis")
+    finally:
+        demo.proc.stop()
+    assert line == (
+        "Redis          redis://192.0.2.1:6379/15 does not answer, so limits are NOT enforced "
+        "(no redis-server here to start for the demo)"
+    )
