@@ -21,7 +21,7 @@ import httpx
 import orjson
 import pytest
 
-from proxy.auth import key_digest
+from proxy.auth import key_digest, new_key
 from tests.conftest import ROOT, Proc, RedisServer, free_port
 
 DEMO_CONFIG = ROOT / "config" / "demo.toml"
@@ -76,7 +76,10 @@ def in_use(command: str, port: int, option: str = "--bind") -> str:
 
 @pytest.mark.parametrize("workers", ["1", "2"])
 def test_serve_on_a_taken_port_says_so_in_one_line(tmp_path: Path, taken: int, workers: str) -> None:
-    args = ["serve", "--config", str(DEMO_CONFIG), "--bind", f"127.0.0.1:{taken}", "--workers", workers]
+    config = tmp_path / "gateway.toml"
+    # With a key: a config without one gets a warning line of its own at start-up.
+    config.write_text(DEMO_CONFIG.read_text() + f'\n[[keys]]\nname = "a"\nsha256 = "{key_digest(new_key())}"\n')
+    args = ["serve", "--config", str(config), "--bind", f"127.0.0.1:{taken}", "--workers", workers]
     result = sluicegate(*args, cwd=tmp_path)
     assert (result.returncode, result.stdout, result.stderr) == (2, "", in_use("serve", taken))
 
