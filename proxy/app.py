@@ -276,6 +276,9 @@ class Gateway:
         rest = strip_prefix(path, runtime.settings.server.prefixes)
         if rest is None:
             raise NotFound(_missing_prefix_message(path, runtime.settings.server.prefixes))
+        if strip_prefix(rest, runtime.settings.server.prefixes) is not None:
+            # A base URL of ".../v1" whose client adds "/v1/..." itself; a provider would answer a bare 404.
+            raise NotFound(_doubled_prefix_message(path, rest))
         # An OPEN route found here had its head refused above: what is left are KEY routes.
         ex.record.route = found.row.path if found is not None else rest if rest in MODEL_ROUTES else "passthrough"
         key = self.authenticate(wanted, repeated, ex.record, runtime)
@@ -380,10 +383,16 @@ def _passthrough_path(scope: Scope, rest: str, prefixes: tuple[str, ...]) -> str
     path segment, query or fragment on the provider's side, with our credential.
     """
     # '//' and ';' are read as something else by some servers (a host, path parameters: '..;/x').
-    if "//" in rest or rest.endswith("/"):
+    if "//" in rest:
         raise InvalidRequest(
             "The path has an empty segment ('//' or a trailing '/'); it is not forwarded. "
             "If the base URL ends in '/', drop that '/'."
+        )
+    # Refused, not taken as the route: one rule for every path, and the answer names the path to use.
+    if rest.endswith("/"):
+        raise InvalidRequest(
+            "The path has an empty segment (a trailing '/'); it is not forwarded. "
+            f"Send it to {clip(scope['path'].rstrip('/'))}, without the '/'."
         )
     if any(s in (".", "..") for s in rest.split("/")):
         raise InvalidRequest("The path has a '.' or '..' segment; it is not forwarded.")
@@ -405,6 +414,14 @@ def _missing_prefix_message(path: str, prefixes: tuple[str, ...]) -> str:
     return (
         f"Unknown path {clip(path)!r}. The base URL must end in {prefixes[0]!r} "
         f"(for example http://HOST:PORT{prefixes[0]}), so requests go to {prefixes[0]}/chat/completions."
+    )
+
+
+def _doubled_prefix_message(path: str, rest: str) -> str:
+    prefix = path[: len(path) - len(rest)]
+    return (
+        f"Unknown path {clip(path)!r}: the prefix is there twice. The base URL must end in {prefix!r} once "
+        f"(for example http://HOST:PORT{prefix}), so this request goes to {clip(rest)}."
     )
 
 

@@ -8,13 +8,16 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from .admin import keys_new, keys_usage, search_file, search_redis
 from .bench import command as bench_command
-from .limit_kinds import kinds_for
+from .demo import DemoOptions, run_demo, with_demo_key
+from .limit_kinds import LimitKind, Shape, kinds_for
+from .listen import BindError
 from .mock_upstream import MockOptions, run_mock
-from .server import run_demo, serve
-from .settings import ConfigError, config_path, load_settings
+from .server import serve
+from .settings import ConfigError, Settings, config_path, load_settings
 
 
 def _positive(text: str) -> int:
@@ -38,49 +41,204 @@ def _names(text: str) -> tuple[str, ...]:
     return names
 
 
+CONFIG_HELP = "TOML config file (default: $SLUICEGATE_CONFIG, else config/gateway.toml)"
+
+
+def _command(sub: Any, name: str, summary: str, description: str, example: str) -> argparse.ArgumentParser:
+    parser: argparse.ArgumentParser = sub.add_parser(
+        name,
+        help=summary,
+        description=description,
+        epilog=f"example:\n  {example}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    return parser
+
+
+def _limit_help(kind: LimitKind) -> str:
+    if kind.shape is Shape.BUCKET:
+        return f"{kind.unit} per minute for this key (default: no limit)"
+    return f"lifetime total of {kind.unit}; once spent, 402 insufficient_quota (default: no budget)"
+
+
+def _name_choices(sub: Any) -> None:
+    """A missing subcommand is reported as '{a,b}' rather than as the attribute it is stored in."""
+    sub.metavar = "{" + ",".join(sub.choices) + "}"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sluicegate", description="OpenAI-compatible LLM API gateway")
+    parser = argparse.ArgumentParser(
+        prog="sluicegate",
+        description="OpenAI-compatible LLM API gateway. `sluicegate COMMAND --help` explains a command.",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("serve", help="run the gateway under hypercorn")
-    p.add_argument("--config", help="TOML config (default: $SLUICEGATE_CONFIG or config/gateway.toml)")
-    p.add_argument("--bind", type=_bind, help="HOST:PORT (overrides server.bind and $SLUICEGATE_BIND)")
-    p.add_argument("--workers", type=_positive, default=1, help="worker processes (default 1)")
-
-    p = sub.add_parser("check-config", help="validate a config file; exit 2 listing every problem")
-    p.add_argument("--config")
-
-    keys = sub.add_parser("keys", help="key management").add_subparsers(dest="keys_command", required=True)
-    p = keys.add_parser("new", help="print a fresh key once, and the [[keys]] block that stores its sha256")
-    p.add_argument("--name", required=True)
-    p.add_argument("--group")
-    for kind in kinds_for("key"):
-        p.add_argument("--" + kind.name.replace("_", "-"), type=_positive)
-    p.add_argument("--models", help="comma-separated model names or globs")
-    p = keys.add_parser("usage", help="what each key has spent and holds of its budget, and its bucket levels")
-    p.add_argument("--config")
-    p.add_argument("--name", help="only this key")
-
-    p = sub.add_parser("events", help="find the event record of a request id (from the file or Redis sink)")
-    p.add_argument("--request-id", required=True)
-    p.add_argument("--config")
-    p.add_argument("--file", help="an events JSONL file (default: the config's [events] path or Redis stream)")
-
-    p = sub.add_parser("mock-upstream", help="a built-in OpenAI-compatible fake LLM")
-    p.add_argument("--bind", type=_bind, default=("127.0.0.1", 8001), help="HOST:PORT (default 127.0.0.1:8001)")
-    p.add_argument("--chunks", type=_positive, default=8)
-    p.add_argument("--chunk-delay-ms", type=float, default=20.0)
-    p.add_argument("--ttfb-ms", type=float, default=0.0)
-    p.add_argument("--name", default="mock", help="shows in answers, to tell several mocks apart")
-    p.add_argument("--api-key-env", help="require 'Authorization: Bearer $VAR' on every request")
+    p = _command(
+        sub,
+        "serve",
+        "run the gateway under hypercorn",
+        "Run the gateway. SIGTERM drains and stops, SIGHUP reloads the config file.",
+        "sluicegate serve --config config/gateway.toml --bind 127.0.0.1:9090 --workers 2",
+    )
+    p.add_argument("--config", metavar="PATH", help=CONFIG_HELP)
     p.add_argument(
-        "--models", type=_names, default=MockOptions.models, help="what GET /v1/models lists, comma-separated"
+        "--bind",
+        type=_bind,
+        metavar="HOST:PORT",
+        help="address to listen on, e.g. 0.0.0.0:9090 (default: $SLUICEGATE_BIND, else the config's "
+        "[server] bind, else 127.0.0.1:9090)",
+    )
+    p.add_argument(
+        "--workers",
+        type=_positive,
+        default=1,
+        metavar="N",
+        help="worker processes sharing the port, each with its own connections (default 1)",
+    )
+
+    p = _command(
+        sub,
+        "check-config",
+        "validate a config file; exit 2 listing every problem",
+        "Read a config as `serve` would, environment included. Every problem is printed, one a line,\n"
+        "and the exit code is 2; warnings (an unset provider key variable) do not fail.",
+        "sluicegate check-config --config config/gateway.toml",
+    )
+    p.add_argument("--config", metavar="PATH", help=CONFIG_HELP)
+
+    keys_parser = _command(
+        sub,
+        "keys",
+        "make a key (new), or show what keys have spent (usage)",
+        "Client keys: `keys new` makes one, `keys usage` shows what each has spent and its bucket levels.",
+        "sluicegate keys new --name alice --rpm 60 --models deepseek-chat",
+    )
+    keys = keys_parser.add_subparsers(dest="keys_command", required=True)
+    p = _command(
+        keys,
+        "new",
+        "print a fresh key once, and the [[keys]] block that stores its sha256",
+        "Print a fresh key once, and the [[keys]] block to paste into the config: the block holds\n"
+        "the key's sha256, so the key itself is stored nowhere. Omitted options leave no line in it.",
+        "sluicegate keys new --name alice --group gold --rpm 60 --tpm 100000 --models 'deepseek-chat,gpt-4o*'",
+    )
+    p.add_argument(
+        "--name", required=True, help="the key's name in records, metrics and 429 messages: 1-64 of A-Z a-z 0-9 _ . -"
+    )
+    p.add_argument("--group", help="the [groups.NAME] whose limits the key shares (default: default)")
+    for kind in kinds_for("key"):
+        p.add_argument("--" + kind.name.replace("_", "-"), type=_positive, metavar="N", help=_limit_help(kind))
+    p.add_argument(
+        "--models",
+        metavar="LIST",
+        help="models the key may use, comma-separated names or globs, e.g. 'deepseek-chat,gpt-4o*' "
+        "(default: every model)",
+    )
+    p = _command(
+        keys,
+        "usage",
+        "what each key has spent and holds of its budget, and its bucket levels",
+        "One line per key: tokens spent and held of its budget, and its rpm/tpm bucket levels, read\n"
+        "from the config's Redis. With the demo config it shows the key the last demo made.",
+        "sluicegate keys usage --config config/gateway.toml --name alice",
+    )
+    p.add_argument("--config", metavar="PATH", help=CONFIG_HELP)
+    p.add_argument("--name", help="only this key (default: every key in the config)")
+    _name_choices(keys)
+
+    p = _command(
+        sub,
+        "events",
+        "find the event record of a request id (from the file or Redis sink)",
+        "Print the event record of a request id, as a user pastes it from an error message or the\n"
+        "x-request-id header. Exit 1 when there is none, 2 when the records cannot be read.",
+        "sluicegate events --config config/gateway.toml --request-id req_6f1c2a9e03b4d7a85e21c0f9",
+    )
+    p.add_argument("--request-id", required=True, metavar="ID", help="the request id, e.g. req_6f1c… or your own")
+    p.add_argument(
+        "--config",
+        metavar="PATH",
+        help=f"{CONFIG_HELP}; its [events] sink says where to look: its file or Redis stream",
+    )
+    p.add_argument(
+        "--file",
+        metavar="PATH",
+        help="search this JSONL file instead, e.g. a rotated events.jsonl.1 (default: the config's [events] path)",
+    )
+
+    p = _command(
+        sub,
+        "mock-upstream",
+        "a built-in OpenAI-compatible fake LLM",
+        "A fake OpenAI-compatible LLM for demos, tests and load tests. Request headers such as\n"
+        "x-mock-status: 503 switch on faults (see the README, 'The mock upstream').",
+        "sluicegate mock-upstream --bind 127.0.0.1:8001 --chunks 25 --chunk-delay-ms 50 --ttfb-ms 200",
+    )
+    p.add_argument(
+        "--bind",
+        type=_bind,
+        default=("127.0.0.1", 8001),
+        metavar="HOST:PORT",
+        help="address to listen on (default 127.0.0.1:8001)",
+    )
+    p.add_argument(
+        "--chunks",
+        type=_positive,
+        default=8,
+        metavar="N",
+        help="tokens in each answer, streamed one chunk each (default 8)",
+    )
+    p.add_argument(
+        "--chunk-delay-ms", type=float, default=20.0, metavar="MS", help="pause between streamed chunks (default 20)"
+    )
+    p.add_argument(
+        "--ttfb-ms",
+        type=float,
+        default=0.0,
+        metavar="MS",
+        help="wait before answering a model route, as a model does before its first token (default 0)",
+    )
+    p.add_argument("--name", default="mock", help="shows in answers, to tell several mocks apart (default mock)")
+    p.add_argument(
+        "--api-key-env",
+        metavar="VAR",
+        help="require 'Authorization: Bearer $VAR' on every request, as a provider does (default: no key needed)",
+    )
+    p.add_argument(
+        "--models",
+        type=_names,
+        default=MockOptions.models,
+        metavar="LIST",
+        help="what GET /v1/models lists, comma-separated (default mock-chat,mock-embed)",
     )
 
     bench_command.add_parser(sub, _positive)
 
-    p = sub.add_parser("demo", help="run the mock upstream and the gateway together with a fresh demo key")
-    p.add_argument("--config", default="config/demo.toml")
+    p = _command(
+        sub,
+        "demo",
+        "run the mock upstream and the gateway together with a fresh demo key",
+        "The mock upstream and the gateway in one process, with a key made now. The banner names\n"
+        "the addresses, the Redis and the records file, and prints a curl line and the `events` and\n"
+        "`keys usage` commands that work against it.",
+        "sluicegate demo --bind 127.0.0.1:9191 --mock-bind 127.0.0.1:8101",
+    )
+    p.add_argument(
+        "--config", default="config/demo.toml", metavar="PATH", help="the demo's config (default config/demo.toml)"
+    )
+    p.add_argument(
+        "--bind",
+        type=_bind,
+        metavar="HOST:PORT",
+        help="the gateway's address (default: the config's [server] bind, 127.0.0.1:9090)",
+    )
+    p.add_argument(
+        "--mock-bind",
+        type=_bind,
+        metavar="HOST:PORT",
+        help="the mock upstream's address (default: that of the config's first provider, 127.0.0.1:8001)",
+    )
+    _name_choices(sub)
     return parser
 
 
@@ -98,9 +256,30 @@ def _print_events(lines: list[bytes], code: int) -> int:
     return code
 
 
+def _events_elsewhere(settings: Settings) -> str | None:
+    """Why `events` has nothing to search with this config, if so."""
+    sink = settings.events.sink
+    if sink == "stdout":
+        return (
+            f'{settings.source} writes event records to stdout ([events] sink = "stdout"): they are in the '
+            "gateway's output (its terminal or journal); save that to a file and search it with --file PATH"
+        )
+    if sink == "off":
+        return f'{settings.source} writes no event records ([events] sink = "off")'
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return _run(args)
+    except BindError as exc:
+        print(f"sluicegate {args.command}: {exc}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
     if args.command == "keys" and args.keys_command == "new":
         try:
             sys.stdout.write(keys_new(args))
@@ -125,6 +304,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _print_events(*search_file(args.file, args.request_id))
     try:
         settings = load_settings(path)
+        if args.command == "keys":
+            settings = with_demo_key(settings)
     except ConfigError as exc:
         for problem in exc.problems:
             print(problem, file=sys.stderr)
@@ -137,6 +318,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{path}: ok ({plural(len(settings.providers), 'provider')}, {plural(len(settings.keys), 'key')})")
         return 0
     if args.command == "events":
+        elsewhere = _events_elsewhere(settings)
+        if elsewhere is not None:
+            print(elsewhere, file=sys.stderr)
+            return 2
         if settings.events.sink == "redis":
             return _print_events(*asyncio.run(search_redis(settings, args.request_id)))
         return _print_events(*search_file(settings.events.path, args.request_id))
@@ -145,7 +330,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("\n".join(lines), file=sys.stdout if code == 0 else sys.stderr)
         return code
     if args.command == "demo":
-        asyncio.run(run_demo(settings))
+        asyncio.run(run_demo(settings, DemoOptions(config=path, bind=args.bind, mock_bind=args.mock_bind)))
         return 0
     if not settings.keys:
         logging.getLogger("sluicegate").warning(NO_KEYS)

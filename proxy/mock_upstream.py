@@ -27,6 +27,8 @@ from typing import Any
 import orjson
 from aiohttp import ClientConnectionResetError, web
 
+from .listen import binding
+
 TIMING_KNOBS = ("chunks", "chunk-delay-ms", "ttfb-ms", "slow-chunk")
 FAULT_KNOBS = ("status", "hang", "reset-after", "reset-mid-event", "split-events", "garbage", "gzip", "big-event")
 USAGE_KNOBS = ("cached-tokens",)
@@ -544,7 +546,8 @@ def run_mock(options: MockOptions) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        runner = await start_mock(options)
+        with binding(options.host, options.port, "--bind"):
+            runner = await start_mock(options)
         try:
             url = f"http://{options.host}:{bound_port(runner)}/v1"
             print(f"mock upstream listening on {url}", flush=True)

@@ -14,15 +14,12 @@ import multiprocessing
 import multiprocessing.connection
 import multiprocessing.process
 import os
-import shutil
 import signal
-import sys
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from types import FrameType
-from urllib.parse import urlsplit
 
 from hypercorn.asyncio.lifespan import Lifespan
 from hypercorn.config import Config, Sockets
@@ -30,12 +27,9 @@ from hypercorn.utils import repr_socket_addr, wrap_app
 from prometheus_client.multiprocess import mark_process_dead
 
 from .app import Gateway, create_app
-from .auth import key_digest, new_key
 from .connections import Listener
-from .limits import Limiter
-from .mock_upstream import MockOptions, bound_port, start_mock
-from .redact import safe_url
-from .settings import KeySettings, Settings
+from .listen import binding
+from .settings import ServerSettings, Settings
 
 log = logging.getLogger("sluicegate")
 
@@ -71,7 +65,13 @@ def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
     return uvloop.new_event_loop
 
 
-async def _serve(app: Gateway, config: Config, sockets: Sockets | None) -> None:
+def bind_sockets(config: Config, server: ServerSettings, option: str = "--bind") -> Sockets:
+    """Bound before anything else starts, so a taken port stops the start at once with one line."""
+    with binding(server.host, server.port, option):
+        return config.create_sockets()
+
+
+async def serve_app(app: Gateway, config: Config, sockets: Sockets) -> None:
     """Serve until SIGTERM or SIGINT, then drain.
 
     SIGTERM: /readyz answers 503 at once while requests are still served for
@@ -106,7 +106,7 @@ async def _serve(app: Gateway, config: Config, sockets: Sockets | None) -> None:
     failure = lifespan_task.exception() if lifespan_task.done() else None
     if failure is not None:
         raise failure
-    listening = (sockets or config.create_sockets()).insecure_sockets
+    listening = sockets.insecure_sockets
     listener.start(listening)
     for sock in listening:
         log.info("serving on http://%s", repr_socket_addr(sock.family, sock.getsockname()))
@@ -123,21 +123,21 @@ async def _serve(app: Gateway, config: Config, sockets: Sockets | None) -> None:
     await lifespan_task
 
 
-def run_worker(settings: Settings, config: Config, sockets: Sockets | None) -> None:
+def run_worker(settings: Settings, config: Config, sockets: Sockets) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     with asyncio.Runner(loop_factory=_loop_factory()) as runner:
-        runner.run(_serve(create_app(settings), config, sockets))
+        runner.run(serve_app(create_app(settings), config, sockets))
 
 
 def serve(settings: Settings, bind: tuple[str, int] | None, workers: int) -> int:
     if bind:
         settings = replace(settings, server=replace(settings.server, host=bind[0], port=bind[1]))
     config = hypercorn_config(settings)
+    sockets = bind_sockets(config, settings.server)
     if workers == 1:
-        run_worker(settings, config, None)
+        run_worker(settings, config, sockets)
         return 0
     _metrics_dir()
-    sockets = config.create_sockets()
     ctx = multiprocessing.get_context("spawn")
     children = [ctx.Process(target=run_worker, args=(settings, config, sockets), daemon=False) for _ in range(workers)]
     stopping = False
@@ -197,53 +197,3 @@ def _metrics_dir() -> None:
     for old in path.glob("*.db"):
         old.unlink()
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(path)
-
-
-async def _local_redis(settings: Settings) -> asyncio.subprocess.Process | None:
-    """Start a throwaway redis-server for the demo when none answers and one is installed."""
-    limiter = Limiter(settings.redis)
-    try:
-        if await limiter.ping() is None:
-            return None
-    finally:
-        await limiter.close()
-    url = urlsplit(settings.redis.url)
-    binary = shutil.which("redis-server")
-    if binary is None or url.hostname not in ("127.0.0.1", "localhost"):
-        sys.stdout.write(f"no Redis at {safe_url(settings.redis.url)} and none to start: limits are NOT enforced\n")
-        return None
-    args = [binary, "--port", str(url.port or 6379), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
-    proc = await asyncio.create_subprocess_exec(
-        *args, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL
-    )
-    sys.stdout.write(f"started redis-server on port {url.port or 6379} (pid {proc.pid}) for the demo\n")
-    await asyncio.sleep(0.3)
-    return proc
-
-
-async def run_demo(settings: Settings) -> None:
-    """The mock upstream and the gateway in one process, with a key made now."""
-    redis_proc = await _local_redis(settings)
-    upstream = urlsplit(settings.providers[0].base_url)
-    runner = await start_mock(MockOptions(host=upstream.hostname or "127.0.0.1", port=upstream.port or 8001))
-    key = new_key()
-    demo_key = KeySettings(name="demo", sha256=key_digest(key), rpm=60, tpm=100000)
-    app = create_app(settings, (demo_key,))
-    config = hypercorn_config(settings)
-    base = f"http://{settings.server.host}:{settings.server.port}{settings.server.prefixes[0]}"
-    model = next(iter(app.runtime.router.known_models), "mock-chat")
-    body = f'{{"model":"{model}","stream":true,"messages":[{{"role":"user","content":"Hello!"}}]}}'
-    sys.stdout.write(
-        f"sluicegate demo: gateway on {base}, mock upstream on port {bound_port(runner)}\n"
-        f"demo key (made now, kept only in memory): {key}\n\n"
-        f"try:\n  curl -sN {base}/chat/completions -H 'Authorization: Bearer {key}' "
-        f"-H 'Content-Type: application/json' -d '{body}'\n\n"
-    )
-    sys.stdout.flush()
-    try:
-        await _serve(app, config, None)
-    finally:
-        await runner.cleanup()
-        if redis_proc is not None:
-            redis_proc.terminate()
-            await redis_proc.wait()

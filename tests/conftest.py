@@ -23,6 +23,7 @@ import pytest
 from proxy.auth import key_digest, new_key
 
 START_TIMEOUT_S = 15.0
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def free_port() -> int:
@@ -54,6 +55,7 @@ class Proc:
     log: Path
     env: dict[str, str] = field(default_factory=dict)
     proc: subprocess.Popen[bytes] | None = None
+    cwd: Path = ROOT  # elsewhere, PYTHONPATH=ROOT in env finds this checkout's proxy/
 
     def start(self) -> Proc:
         with self.log.open("ab") as out:
@@ -62,7 +64,7 @@ class Proc:
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 env={**os.environ, **self.env},
-                cwd=Path(__file__).resolve().parent.parent,
+                cwd=self.cwd,
             )
         wait_for_port(self.port, self.proc, self.log)
         return self

@@ -360,6 +360,42 @@ async def test_404_without_the_prefix_says_what_the_base_url_must_end_in(path: s
     )  # fmt: skip
 
 
+@pytest.mark.parametrize(
+    ("path", "prefix", "rest"),
+    [
+        ("/v1/v1/chat/completions", "/v1", "/v1/chat/completions"),
+        ("/api/v1/v1/models", "/api/v1", "/v1/models"),
+        ("/v1/api/v1/embeddings", "/v1", "/api/v1/embeddings"),
+    ],
+)
+@pytest.mark.parametrize("headers", [AUTH, []], ids=["key", "no-key"])
+async def test_404_for_a_doubled_prefix_says_the_base_url_ends_in_it_once(
+    path: str, prefix: str, rest: str, headers: list[tuple[bytes, bytes]]
+) -> None:
+    app = gateway()
+    async with serving(app) as records:
+        sent = await ask(app, path, "POST", headers, b'{"model":"mock-chat"}')
+    assert sent == refused(
+        404, "invalid_request_error", "not_found",
+        f"Unknown path '{path}': the prefix is there twice. The base URL must end in '{prefix}' once "
+        f"(for example http://HOST:PORT{prefix}), so this request goes to {rest}.",
+    )  # fmt: skip
+    assert [(r.status, r.error) for r in records] == [(404, "not_found")]
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions/", "/api/v1/embeddings/", "/v1/models/", "/v1/files/"])
+async def test_400_for_a_trailing_slash_names_the_path_without_it(path: str) -> None:
+    app = gateway()
+    async with serving(app) as records:
+        sent = await ask(app, path, "POST", body=b'{"model":"mock-chat"}')
+    assert sent == refused(
+        400, "invalid_request_error", "invalid_request",
+        "The path has an empty segment (a trailing '/'); it is not forwarded. "
+        f"Send it to {path.rstrip('/')}, without the '/'.",
+    )  # fmt: skip
+    assert [(r.status, r.error) for r in records] == [(400, "invalid_request")]
+
+
 async def test_404_for_a_path_under_the_prefix_that_cannot_be_routed() -> None:
     app = gateway()
     async with serving(app) as records:

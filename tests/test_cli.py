@@ -1,8 +1,12 @@
 from __future__ import annotations
 
+import argparse
 import hashlib
 import re
+import subprocess
+import sys
 import tomllib
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -10,6 +14,7 @@ import pytest
 from proxy.auth import authenticate
 from proxy.cli import build_parser, keys_new, main
 from proxy.settings import load_settings
+from tests.conftest import ROOT
 
 NOTE = "# Give the key above to its user; it is not stored anywhere.\n# Add this block to the config:"
 
@@ -298,3 +303,54 @@ def test_unknown_sections_get_a_guess_too(tmp_path: Path, capsys: pytest.Capture
     path.write_text(GOOD.format(digest="ab" * 32) + '\n[serevr]\nbind = "127.0.0.1:1"\n', encoding="utf-8")
     assert main(["check-config", "--config", str(path)]) == 2
     assert capsys.readouterr().err == f"{path}:15: serevr: unknown section (did you mean server?)\n"
+
+
+# --help: every option explained
+
+
+def commands(
+    parser: argparse.ArgumentParser, path: tuple[str, ...] = ()
+) -> Iterator[tuple[str, argparse.ArgumentParser]]:
+    """Every command's parser, by its words: 'serve', 'keys new', ..."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield " ".join((*path, name)), sub
+                yield from commands(sub, (*path, name))
+
+
+def test_every_option_of_every_command_says_what_it_does_and_its_default() -> None:
+    found = dict(commands(build_parser()))
+    assert set(found) >= {"serve", "check-config", "keys", "keys new", "keys usage", "events", "mock-upstream", "demo"}
+    for name, parser in found.items():
+        assert parser.description, name
+        if name != "bench":  # bench keeps its example in its description
+            assert parser.epilog and parser.epilog.startswith(f"example:\n  sluicegate {name.split()[0]}"), name
+        for action in parser._actions:
+            if isinstance(action, argparse._HelpAction | argparse._SubParsersAction) or not action.option_strings:
+                continue
+            where = f"{name} {action.option_strings[0]}"
+            assert action.help, where
+            if action.default not in (None, False, []) and not action.required:
+                assert "default" in action.help, where
+
+
+@pytest.mark.parametrize(("argv", "choices"), [(["keys"], "{new,usage}"), ([], "{serve,check-config,keys,")])
+def test_a_missing_subcommand_names_the_choices(argv: list[str], choices: str) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "proxy", *argv], cwd=ROOT, capture_output=True, text=True, timeout=30
+    )
+    assert result.returncode == 2
+    assert result.stderr.splitlines()[-1].startswith(f"sluicegate{' ' if argv else ''}{' '.join(argv)}: error: ")
+    assert "the following arguments are required: " + choices in result.stderr
+    assert "required: keys_command" not in result.stderr and "required: command" not in result.stderr
+
+
+def test_help_shows_the_defaults_and_an_example() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "proxy", "mock-upstream", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=30
+    )
+    assert result.returncode == 0
+    text = " ".join(result.stdout.split())
+    assert "--chunks N tokens in each answer, streamed one chunk each (default 8)" in text
+    assert "example: sluicegate mock-upstream --bind 127.0.0.1:8001" in text

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import openai
 import orjson
 import pytest
 
@@ -345,6 +346,29 @@ def test_passthrough_refuses_empty_segments_nul_and_semicolons(
     assert "it is not forwarded" in error["message"]
     assert sg.mocks.alpha.requests() == [] and sg.mocks.beta.requests() == []
     assert sg.event(request_id)["status"] == 400
+
+
+def test_a_doubled_prefix_gets_a_404_that_says_so_and_reaches_no_provider(sg: Setup) -> None:
+    # The SDK with a base URL that already ends in /v1, plus another /v1 a user added.
+    client = openai.OpenAI(base_url=sg.base + "/v1/v1", api_key=sg.keys["main"], max_retries=0)
+    with pytest.raises(openai.NotFoundError) as info:
+        client.chat.completions.create(model="mock-chat", messages=[{"role": "user", "content": "hi"}])
+    error = info.value.body
+    assert isinstance(error, dict) and error["code"] == "not_found"
+    assert error["message"].startswith(
+        "Unknown path '/v1/v1/chat/completions': the prefix is there twice. The base URL must end in '/v1' once"
+    )
+    assert sg.mocks.alpha.requests() == [] and sg.mocks.beta.requests() == []
+
+
+def test_a_trailing_slash_on_a_model_route_is_refused_with_the_path_to_use(sg: Setup) -> None:
+    resp = httpx.post(sg.base + "/v1/chat/completions/", json=CHAT, headers={"Authorization": sg.bearer()}, timeout=10)
+    message = assert_envelope(resp, 400, "invalid_request")
+    assert message.startswith(
+        "The path has an empty segment (a trailing '/'); it is not forwarded. "
+        "Send it to /v1/chat/completions, without the '/'."
+    )
+    assert sg.mocks.alpha.requests() == [] and sg.mocks.beta.requests() == []
 
 
 def test_a_normal_passthrough_path_still_goes_through(sg: Setup) -> None:
