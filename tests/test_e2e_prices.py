@@ -75,7 +75,7 @@ name = "main"
 sha256 = "{key_digest(keys["main"])}"
 
 [[keys]]
-name = "tight"
+name = "tight-priced"  # bucket names are per key name; other modules have a "tight" in the same Redis
 sha256 = "{key_digest(keys["tight"])}"
 rpm = 1
 """
