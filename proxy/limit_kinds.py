@@ -23,6 +23,7 @@ class Shape(Enum):
 class Counts(Enum):
     REQUESTS = auto()  # one per request, taken at admission
     TOKENS = auto()  # the answer's real usage, charged when it settles
+    MONEY = auto()  # the answer's cost at the model's price, charged when it settles
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,6 +36,7 @@ class LimitKind:
     minimum: int = 1  # the smallest value the config takes
     header: bytes = b""  # a bucket's x-ratelimit-{limit,remaining,reset}-HEADER
     burst_key: str | None = None  # the setting that sets a bucket's capacity (default: the per-minute amount)
+    period_key: str | None = None  # the setting that makes a budget renew ("month"; default: lifetime)
     label: str = ""  # the `limit` of a 429 (RateLimited.limit, sluicegate_ratelimited_total); default: name
     noun: str = ""  # a budget in messages: "token budget"
 
@@ -64,6 +66,7 @@ TOKEN_BUDGET = LimitKind(
 
 LIMIT_KINDS: tuple[LimitKind, ...] = (RPM, TPM, TOKEN_BUDGET)
 BUCKET_KINDS = tuple(k for k in LIMIT_KINDS if k.shape is Shape.BUCKET)
+BUDGET_KINDS = tuple(k for k in LIMIT_KINDS if k.shape is Shape.BUDGET)
 
 
 def kinds_for(scope: Scope) -> tuple[LimitKind, ...]:
@@ -75,6 +78,5 @@ def setting_names(scope: Scope) -> tuple[str, ...]:
     names: list[str] = []
     for kind in kinds_for(scope):
         names.append(kind.name)
-        if kind.burst_key is not None:
-            names.append(kind.burst_key)
+        names += [k for k in (kind.burst_key, kind.period_key) if k is not None]
     return tuple(names)

@@ -27,6 +27,9 @@ NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
 CURRENCY_RE = re.compile(r"^[A-Z]{3}$")
 DEFAULT_CURRENCY = "USD"
+# Shifts the clock that budget periods (the month) are read from, so a test can cross a month's end.
+# Nothing else follows it (buckets, holds). For tests: a gateway that has it set says so at start-up.
+CLOCK_OFFSET_ENV = "SLUICEGATE_TEST_CLOCK_OFFSET_S"
 
 
 class ConfigError(Exception):
@@ -70,6 +73,7 @@ class EventSettings:
 class LimitSettings:
     reserve_tokens: int = 1024  # held of a budget per request that names no max_tokens
     hold_ttl_s: float = 600.0  # a hold left by a worker that died is dropped after this
+    clock_offset_s: int = 0  # added to Redis time for budget periods: tests only, from CLOCK_OFFSET_ENV
 
 
 @dataclass(frozen=True, slots=True)
@@ -303,12 +307,22 @@ def _events(raw: Mapping[str, Any], problems: list[str]) -> EventSettings:
     )
 
 
-def _limits(raw: Mapping[str, Any], problems: list[str]) -> LimitSettings:
+def _limits(raw: Mapping[str, Any], env: Mapping[str, str], problems: list[str], warnings: list[str]) -> LimitSettings:
     r = _Reader(_table(raw, "limits", problems), "limits", problems)
     r.unknown({"reserve_tokens", "hold_ttl_s"})
+    offset = 0
+    shifted = env.get(CLOCK_OFFSET_ENV)
+    if shifted:
+        try:
+            offset = int(shifted)
+        except ValueError:
+            problems.append(f"{CLOCK_OFFSET_ENV}: expected a whole number of seconds, got {shifted!r}")
+        else:
+            warnings.append(f"{CLOCK_OFFSET_ENV} is set: budget periods follow a clock {offset:+d} s off (for tests)")
     return LimitSettings(
         reserve_tokens=r.count("reserve_tokens", 1024) or 0,
         hold_ttl_s=r.number("hold_ttl_s", 600.0, minimum=1.0),
+        clock_offset_s=offset,
     )
 
 
@@ -514,7 +528,7 @@ def parse_settings(raw: Mapping[str, Any], env: Mapping[str, str], source: str =
         server=_server(raw, env, problems),
         redis=_redis(raw, env, problems),
         events=_events(raw, problems),
-        limits=_limits(raw, problems),
+        limits=_limits(raw, env, problems, warnings),
         providers=_providers(raw, env, problems, warnings),
         aliases=_aliases(raw, problems),
         groups=groups,

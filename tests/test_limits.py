@@ -66,12 +66,14 @@ def test_plans_precompute_the_budget_keys_in_the_groups_slot() -> None:
         "sg:{g:default}:k:k:holds",
         "sg:{g:default}:k:k:held",
     )
-    assert budgeted.model.args == (1, 100, 600_000, 5, 5 / 60, 1)
-    assert budgeted.charge_keys == ("sg:{g:default}:k:k:spent", "sg:{g:default}:k:k:holds", "sg:{g:default}:k:k:held")
+    assert budgeted.model.args == (1, 1, 600_000, 0, 5, 5 / 60, 1, 100, "")
+    spent = ("sg:{g:default}:k:k:spent", "sg:{g:default}:k:k:money", "sg:{g:default}:g:money")
+    assert budgeted.charge_keys == (*spent, "sg:{g:default}:k:k:holds", "sg:{g:default}:k:k:held")
     plain = limits_for(None, rpm=5)
     assert plain.model is not None and not plain.model.budgeted
     assert plain.model.keys == ("sg:{g:default}:k:k:rpm",)
-    assert not plain.charges_tokens
+    # Every key's spending is counted, with or without a budget.
+    assert plain.charge_keys == spent
     assert limits_for(None).model is None
 
 
@@ -85,39 +87,39 @@ def test_hold_ids_differ_across_processes_and_requests() -> None:
 async def test_admission_holds_at_most_what_is_available(limiter: Limiter, view: redis.Redis) -> None:
     limits = limits_for(100)
     assert limits.model is not None
-    first = await limiter.admit(limits.model, 60)
-    second = await limiter.admit(limits.model, 60)
-    assert first.hold is not None and first.hold.endswith(":60")
-    assert second.hold is not None and second.hold.endswith(":40")
+    first = await limiter.admit(limits.model, (60,), "h1")
+    second = await limiter.admit(limits.model, (60,), "h2")
+    assert first.held == ("60",)
+    assert second.held == ("40",)
     assert held(view) == 100
     with pytest.raises(RateLimited) as info:
-        await limiter.admit(limits.model, 60)
+        await limiter.admit(limits.model, (60,), "h3")
     assert "held by requests in flight" in info.value.message
     assert dict(info.value.headers) == {b"retry-after": b"1", b"retry-after-ms": b"1000"}
     assert (info.value.scope, info.value.limit) == ("key", "budget")
     # Settles: 70 used of 60 held (10 over), 5 used of 40 held (35 released).
-    await limiter.settle(limits, first.hold, 70)
-    await limiter.settle(limits, second.hold, 5)
+    await limiter.settle(limits, "h1", first.held, 70)
+    await limiter.settle(limits, "h2", second.held, 5)
     assert int(view.get("sg:{g:default}:k:k:spent") or 0) == 75
     assert held(view) == 0
     assert not view.exists("sg:{g:default}:k:k:holds", "sg:{g:default}:k:k:held")
-    third = await limiter.admit(limits.model, 60)
-    assert third.hold is not None and third.hold.endswith(":25")
-    await limiter.settle(limits, third.hold, 30)
+    third = await limiter.admit(limits.model, (60,), "h4")
+    assert third.held == ("25",)
+    await limiter.settle(limits, "h4", third.held, 30)
     with pytest.raises(InsufficientQuota):
-        await limiter.admit(limits.model, 60)
+        await limiter.admit(limits.model, (60,), "h5")
 
 
 async def test_a_request_refused_by_a_bucket_holds_nothing(limiter: Limiter, view: redis.Redis) -> None:
     limits = limits_for(1000, rpm=1)
     assert limits.model is not None
-    admitted = await limiter.admit(limits.model, 10)
+    admitted = await limiter.admit(limits.model, (10,), "h6")
     with pytest.raises(RateLimited) as info:
-        await limiter.admit(limits.model, 10)
+        await limiter.admit(limits.model, (10,), "h7")
     assert info.value.limit == "rpm"
     assert held(view) == 10
     assert view.zcard("sg:{g:default}:k:k:holds") == 1
-    await limiter.settle(limits, admitted.hold, 0)
+    await limiter.settle(limits, "h6", admitted.held, 0)
     assert held(view) == 0
 
 
@@ -126,24 +128,24 @@ async def test_expired_holds_are_dropped_once_and_their_late_settle_only_charges
 ) -> None:
     limits = limits_for(100, hold_ttl_s=0.2)
     assert limits.model is not None
-    late = await limiter.admit(limits.model, 100)
+    late = await limiter.admit(limits.model, (100,), "h8")
     assert 0 < view.pttl("sg:{g:default}:k:k:holds") <= 1200
     with pytest.raises(RateLimited):
-        await limiter.admit(limits.model, 100)
+        await limiter.admit(limits.model, (100,), "h9")
     await asyncio.sleep(0.3)
-    fresh = await limiter.admit(limits.model, 30)
-    assert fresh.hold is not None and fresh.hold.endswith(":30")
+    fresh = await limiter.admit(limits.model, (30,), "h10")
+    assert fresh.held == ("30",)
     assert held(view) == 30
-    await limiter.settle(limits, late.hold, 50)
+    await limiter.settle(limits, "h8", late.held, 50)
     assert held(view) == 30
-    await limiter.settle(limits, fresh.hold, 20)
+    await limiter.settle(limits, "h10", fresh.held, 20)
     assert held(view) == 0
     assert int(view.get("sg:{g:default}:k:k:spent") or 0) == 70
 
 
 async def test_a_settle_without_a_hold_or_usage_writes_nothing(limiter: Limiter, view: redis.Redis) -> None:
     limits = limits_for(100)
-    await limiter.settle(limits, None, 0)
+    await limiter.settle(limits, "", limits.nothing_held, 0)
     assert view.keys("*") == []
 
 
