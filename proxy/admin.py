@@ -14,7 +14,7 @@ import orjson
 
 from .auth import key_digest, new_key
 from .events import REDIS_STREAM
-from .limit_kinds import TOKEN_BUDGET, kinds_for
+from .limit_kinds import MONEY_BUDGET, TOKEN_BUDGET, kinds_for
 from .limits import (
     MICROS,
     Bucket,
@@ -126,6 +126,9 @@ async def key_usage(limiter: Limiter, settings: Settings, key: KeySettings) -> d
     now_ms = seconds * 1000 + micros // 1000
     month = current_month(now, settings.limits.clock_offset_s)
     group = settings.groups[key.group]
+    key_budget = key.limit(MONEY_BUDGET)
+    # A key without a budget of its own shows its spend over its group's budget period.
+    key_period = key.budget_period if key_budget is not None else group.budget_period
     spent_key, holds_key, _ = budget_keys(key)
     raw = await limiter.call(limiter.client.get(spent_key))
     tokens_held = _held(await limiter.call(limiter.client.zrangebyscore(holds_key, f"({now_ms}", "+inf")))
@@ -140,10 +143,16 @@ async def key_usage(limiter: Limiter, settings: Settings, key: KeySettings) -> d
         "group": key.group,
         "tokens": {"spent": int(raw or 0), "held": tokens_held, "budget": key.limit(TOKEN_BUDGET)},
         "currency": settings.prices.currency,
-        "money": _money_part(None, None, key_spend, month),
-        "group_money": _money_part(None, None, group_spend, month),
+        "money": _money_part(key_budget, key_period, key_spend, month),
+        "group_money": _money_part(group.limit(MONEY_BUDGET), group.budget_period, group_spend, month),
         "buckets": buckets,
     }
+
+
+def tightest(usage: dict[str, Any]) -> dict[str, Any] | None:
+    """The key's or its group's money budget, whichever has less left; None when neither has one."""
+    parts = [p for p in (usage["money"], usage["group_money"]) if p["budget"] is not None]
+    return min(parts, key=lambda p: p["remaining"]) if parts else None
 
 
 def _amount(value: float | None) -> str:
@@ -156,7 +165,9 @@ def usage_line(usage: dict[str, Any]) -> str:
     money_budget = "unlimited" if money["budget"] is None else _amount(money["budget"])
     row = f"{usage['key']:<20} {usage['group']:<12} {tokens['spent']:>12} {tokens['held']:>12} {budget:>12}"
     cost = _amount(money["spent"]) if usage["currency"] else "-"
-    row += f" {cost:>14} {money_budget:>14} {_amount(money['remaining']):>14} {money['period']:>9}"
+    left = tightest(usage)
+    row += f" {cost:>14} {money_budget:>14} {_amount(None if left is None else left['remaining']):>14}"
+    row += f" {money['period']:>9}"
     levels = [f"{b['scope']} {b['limit']} {_level(b)}" for b in usage["buckets"]]
     return f"{row}  {'; '.join(levels) or '-'}"
 

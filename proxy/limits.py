@@ -156,8 +156,9 @@ def buckets_for(key: KeySettings, group: GroupSettings) -> tuple[Bucket, ...]:
     )
     for scope, owner, source, prefix in sources:
         for kind in BUCKET_KINDS:
-            per_minute = source.limit(kind) if scope in kind.scopes else None
-            if per_minute is not None:
+            value = source.limit(kind) if scope in kind.scopes else None
+            if value is not None:
+                per_minute = int(value)  # the config reads bucket kinds as whole numbers
                 burst = getattr(source, kind.burst_key) if kind.burst_key is not None else None
                 capacity = burst if burst is not None else per_minute
                 found.append(Bucket(f"{prefix}:{kind.name}", scope, owner, kind, per_minute, capacity))

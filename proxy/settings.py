@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 from redis.connection import parse_url
 
-from .limit_kinds import LimitKind, Scope, kinds_for, setting_names
+from .limit_kinds import MONEY_BUDGET, Counts, LimitKind, Scope, kinds_for, setting_names
 from .prices import Price, Prices
 
 DEFAULT_CONFIG_PATH = "config/gateway.toml"
@@ -121,9 +121,11 @@ class GroupSettings:
     rpm: int | None = None
     tpm: int | None = None
     burst: int | None = None
+    budget: float | None = None  # money, in the prices' currency
+    budget_period: str | None = None  # "month"; None: lifetime
 
-    def limit(self, kind: LimitKind) -> int | None:
-        value: int | None = getattr(self, kind.name)
+    def limit(self, kind: LimitKind) -> float | None:
+        value: float | None = getattr(self, kind.name)
         return value
 
 
@@ -136,11 +138,13 @@ class KeySettings:
     tpm: int | None = None
     burst: int | None = None
     budget_tokens: int | None = None
+    budget: float | None = None  # money, in the prices' currency
+    budget_period: str | None = None  # "month"; None: lifetime
     models: ModelPatterns | None = None
     enabled: bool = True
 
-    def limit(self, kind: LimitKind) -> int | None:
-        value: int | None = getattr(self, kind.name)
+    def limit(self, kind: LimitKind) -> float | None:
+        value: float | None = getattr(self, kind.name)
         return value
 
 
@@ -198,6 +202,16 @@ class _Reader:
         if value < minimum:
             self.problems.append(f"{self._name(key)}: must be >= {minimum}, got {value!r}")
             return default
+        return float(value)
+
+    def amount(self, key: str, minimum: float = 0.0) -> float | None:
+        """A number that may be absent (None)."""
+        value = self._get(key, None, (int, float), "a number")
+        if value is None:
+            return None
+        if not math.isfinite(value) or value < minimum:
+            self.problems.append(f"{self._name(key)}: must be >= {minimum}, got {value!r}")
+            return None
         return float(value)
 
     def count(self, key: str, default: int | None, minimum: int = 0) -> int | None:
@@ -425,9 +439,21 @@ def _limit_values(r: _Reader, scope: Scope) -> dict[str, Any]:
     """The limits a key or group sets, by field name, read as the table declares them."""
     values: dict[str, Any] = {}
     for kind in kinds_for(scope):
-        values[kind.name] = r.count(kind.name, None, minimum=kind.minimum)
+        if kind.counts is Counts.MONEY:
+            values[kind.name] = r.amount(kind.name, minimum=kind.minimum)
+        else:
+            values[kind.name] = r.count(kind.name, None, minimum=kind.minimum)
         if kind.burst_key is not None:
             values[kind.burst_key] = r.count(kind.burst_key, None, minimum=1)
+        if kind.period_key is not None:
+            period = r.text(kind.period_key)
+            if period is not None and period not in kind.periods:
+                expected = " or ".join(repr(p) for p in kind.periods)
+                r.problems.append(
+                    f"{r.where}.{kind.period_key}: expected {expected} (omitted: lifetime), got {period!r}"
+                )
+                period = None
+            values[kind.period_key] = period
     return values
 
 
@@ -539,7 +565,31 @@ def parse_settings(raw: Mapping[str, Any], env: Mapping[str, str], source: str =
     )
     if problems:
         raise ConfigError(problems)
-    return settings
+    unpriced = _unpriced_models(settings)
+    return replace(settings, warnings=(*settings.warnings, *unpriced)) if unpriced else settings
+
+
+def _unpriced_models(settings: Settings) -> list[str]:
+    """Models a key with a money budget (its own or its group's) may use but that have no price: their
+    requests would spend nothing of it. Provider globs are checked as written ("deepseek-*" is priced by
+    a price for "deepseek-*" or a glob that matches that text)."""
+    served = sorted({m for p in settings.providers for m in p.models} | set(settings.aliases))
+    warnings: list[str] = []
+    for key in settings.keys.values():
+        group = settings.groups.get(key.group)
+        if key.limit(MONEY_BUDGET) is None and (group is None or group.limit(MONEY_BUDGET) is None):
+            continue
+        names = (
+            served if key.models is None else sorted({m for m in served if key.models.matches(m)} | key.models.exact)
+        )
+        missing = [m for m in names if settings.prices.for_request(settings.aliases.get(m, m), m) is None]
+        if missing:
+            shown = ", ".join(repr(m) for m in missing)
+            warnings.append(
+                f"key {key.name!r} has a budget in money, but these models it may use have no [[prices]]: {shown}; "
+                "their requests spend nothing of it"
+            )
+    return warnings
 
 
 def config_path(explicit: str | None, env: Mapping[str, str] = os.environ) -> str:

@@ -7,6 +7,8 @@ PRICE_IN and PRICE_OUT per million tokens, so one token is PRICE_* micro-units.
 
 from __future__ import annotations
 
+import asyncio
+import calendar
 import os
 import subprocess
 import sys
@@ -16,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import httpx
 import orjson
 import pytest
@@ -72,6 +75,10 @@ class Budgets:
         content = orjson.dumps(body or SHORT)
         return httpx.post(self.url(i), content=content, headers={**self.auth(name), **headers}, timeout=15)
 
+    def period(self) -> str:
+        seconds, _ = self.redis.time()
+        return time.strftime("%Y-%m", time.gmtime(seconds))
+
     def money(self, prefix: str) -> dict[str, str]:
         raw: dict[bytes, bytes] = self.redis.hgetall(f"{prefix}:money")
         return {k.decode(): v.decode() for k, v in raw.items()}
@@ -105,18 +112,16 @@ def own_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]
 
 @pytest.fixture
 def budgets_factory(tmp_path: Path, mocks: Mocks, own_redis: RedisServer) -> Iterator[Callable[..., Budgets]]:
-    """make(keys' extra TOML by name, [groups] TOML, processes, env) on a flushed Redis."""
+    """make(keys' extra TOML by name, [groups] TOML, one environment per process) on a flushed Redis."""
     started: list[Budgets] = []
 
-    def make(
-        extras: dict[str, str], groups_toml: str = "", processes: int = 1, env: dict[str, str] | None = None
-    ) -> Budgets:
+    def make(extras: dict[str, str], groups_toml: str = "", envs: tuple[dict[str, str], ...] = ({},)) -> Budgets:
         own_redis.flush()
         keys = {name: new_key() for name in extras}
         config = budgets_config(mocks, {name: (keys[name], extra) for name, extra in extras.items()}, groups_toml)
         procs = [
             start_gateway(tmp_path, mocks, config, redis_url=own_redis.url, name=f"gw{i}", env=env)
-            for i in range(processes)
+            for i, env in enumerate(envs)
         ]
         budgets = Budgets(procs, keys, redis.Redis.from_url(own_redis.url))
         started.append(budgets)
@@ -153,3 +158,141 @@ def test_every_key_spends_tokens_and_money_and_keys_usage_shows_it(budgets_facto
     assert budgets.usage("rpm")[2:9] == ["24", "0", "unlimited", spent, "unlimited", "-", "lifetime"]
     # No price for free-chat: its tokens are counted, its cost is unknown and not counted.
     assert budgets.usage("unpriced")[2:9] == ["8", "0", "unlimited", "0.000000", "unlimited", "-", "lifetime"]
+
+
+def micros(row: list[str], column: int) -> int:
+    """A money column of `keys usage` in micro-units."""
+    return round(float(row[column]) * 1_000_000)
+
+
+def assert_spent_402(resp: httpx.Response, whose: str) -> dict[str, Any]:
+    assert resp.status_code == 402
+    assert resp.headers["x-should-retry"] == "false"
+    error: dict[str, Any] = resp.json()["error"]
+    assert error["code"] == error["type"] == "insufficient_quota"
+    assert error["message"].startswith(f"This {whose} budget is spent. Ask the gateway's operators to raise it.")
+    return error
+
+
+def test_a_money_budget_blocks_at_the_request_that_finds_it_spent(budgets_factory: Callable[..., Budgets]) -> None:
+    """200 micro-units, 64 a request: the fourth starts with 192 spent and ends at 256; the fifth is refused."""
+    budgets = budgets_factory({"money": "budget = 0.0002", "tokens": "budget_tokens = 1"})
+    statuses = []
+    for _ in range(5):
+        statuses.append(budgets.post("money").status_code)
+        wait_for(lambda: budgets.redis.exists("sg:{g:default}:k:money:money_held") == 0)
+    assert statuses == [200, 200, 200, 200, 402]
+    assert budgets.money("sg:{g:default}:k:money") == {"total": "256", "month": "256", "period": budgets.period()}
+    error = assert_spent_402(budgets.post("money"), "API key's")
+    # The same shape as a spent token budget's 402, but for the message.
+    assert budgets.post("tokens").status_code == 200
+    wait_for(lambda: budgets.redis.get("sg:{g:default}:k:tokens:spent") is not None)
+    tokens_error = budgets.post("tokens").json()["error"]
+    assert tokens_error["message"].startswith("This API key's token budget is spent.")
+    assert {k: v for k, v in error.items() if k not in ("message", "request_id")} == {
+        k: v for k, v in tokens_error.items() if k not in ("message", "request_id")
+    }
+    row = budgets.usage("money")
+    assert row[5:9] == ["0.000256", "0.000200", "0.000000", "lifetime"]
+
+
+async def burst(budgets: Budgets, name: str, n: int, body: bytes) -> list[int]:
+    """n concurrent requests, alternating over the gateway processes."""
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+
+        async def one(i: int) -> int:
+            async with session.post(budgets.url(i), data=body, headers=budgets.auth(name)) as resp:
+                await resp.read()
+                return resp.status
+
+        return await asyncio.gather(*(one(i) for i in range(n)))
+
+
+async def test_thirty_concurrent_requests_over_two_processes_stay_within_the_money_budget(
+    budgets_factory: Callable[..., Budgets],
+) -> None:
+    """Each request holds the cost of its prompt estimate and max_tokens (at least what it uses) of what is left:
+    only one that found less than that left can go over, by at most its own cost."""
+    budgets = budgets_factory({"m": "budget = 0.001"}, envs=({}, {}))
+    body = orjson.dumps({**SHORT, "max_tokens": 6})
+    statuses: list[int] = []
+    for _ in range(10):
+        results = await burst(budgets, "m", 30, body)
+        assert set(results) <= {200, 402, 429}, results
+        statuses += results
+        if all(status == 402 for status in results):
+            break
+        await asyncio.sleep(0.1)  # let the last settles land
+    wait_for(lambda: budgets.redis.exists("sg:{g:default}:k:m:money_held") == 0)
+    admitted = statuses.count(200)
+    spent = int(budgets.money("sg:{g:default}:k:m")["total"])
+    print(f"{admitted} admitted of {len(statuses)}; spent {spent} of 1000")
+    assert statuses[-30:] == [402] * 30
+    assert spent == admitted * SHORT_COST
+    assert 1000 <= spent <= 1000 + SHORT_COST - 1
+
+
+def offset_env(budgets_redis: redis.Redis, moment: str) -> dict[str, str]:
+    """SLUICEGATE_TEST_CLOCK_OFFSET_S that puts the budget clock at this UTC moment."""
+    seconds, _ = budgets_redis.time()
+    target = calendar.timegm(time.strptime(moment, "%Y-%m-%dT%H:%M:%S"))
+    return {"SLUICEGATE_TEST_CLOCK_OFFSET_S": str(target - int(seconds))}
+
+
+def test_a_monthly_budget_renews_on_the_first_at_midnight_utc(
+    budgets_factory: Callable[..., Budgets], own_redis: RedisServer
+) -> None:
+    """Two processes on one Redis, one clock on 31 January, the other ten minutes into February."""
+    view = redis.Redis.from_url(own_redis.url)
+    january, february = offset_env(view, "2030-01-31T23:50:00"), offset_env(view, "2030-02-01T00:10:00")
+    view.close()
+    extras = {"monthly": 'budget = 0.0002\nbudget_period = "month"', "lifetime": "budget = 0.0002"}
+    budgets = budgets_factory(extras, envs=(january, february))
+    for name in extras:
+        for _ in range(4):
+            assert budgets.post(name, i=0).status_code == 200
+        wait_for(lambda: budgets.money(f"sg:{{g:default}}:k:{name}").get("total") == "256")  # noqa: B023
+        assert_spent_402(budgets.post(name, i=0), "API key's")
+    row = budgets.usage("monthly")  # the CLI with January's clock
+    assert row[5:9] == ["0.000256", "0.000200", "0.000000", "2030-01"]
+    # February: the month's spend starts again; a lifetime budget stays spent.
+    assert budgets.post("monthly", i=1).status_code == 200
+    assert_spent_402(budgets.post("lifetime", i=1), "API key's")
+    wait_for(lambda: budgets.money("sg:{g:default}:k:monthly").get("period") == "2030-02")
+    assert budgets.money("sg:{g:default}:k:monthly") == {"total": "320", "month": "64", "period": "2030-02"}
+    february_row = keys_usage(budgets.procs[1], "--name", "monthly").splitlines()[1].split()
+    assert february_row[5:9] == ["0.000064", "0.000200", "0.000136", "2030-02"]
+    # The process still in January spends in the later month stored with the spend: it never undoes a renewal.
+    assert budgets.post("monthly", i=0).status_code == 200
+    wait_for(lambda: budgets.money("sg:{g:default}:k:monthly").get("month") == "128")
+    assert budgets.money("sg:{g:default}:k:monthly")["period"] == "2030-02"
+
+
+def test_a_group_budget_holds_across_the_keys_of_the_group(budgets_factory: Callable[..., Budgets]) -> None:
+    group = "\n[groups.team]\nbudget = 0.0002\n"
+    budgets = budgets_factory({"a": 'group = "team"', "b": 'group = "team"', "outside": ""}, group, envs=({}, {}))
+    statuses = []
+    for i in range(5):
+        statuses.append(budgets.post("ab"[i % 2], i=i).status_code)
+        wait_for(lambda: budgets.redis.exists("sg:{g:team}:g:money_held") == 0)
+    assert statuses == [200, 200, 200, 200, 402]
+    assert_spent_402(budgets.post("a"), "key group's")
+    assert_spent_402(budgets.post("b", i=1), "key group's")
+    assert budgets.post("outside").status_code == 200
+    assert budgets.money("sg:{g:team}:g")["total"] == "256"
+    assert budgets.money("sg:{g:team}:k:a")["total"] == budgets.money("sg:{g:team}:k:b")["total"] == "128"
+    # keys usage: each key's own spend, no budget of its own, and what is left of the group's.
+    assert budgets.usage("a")[5:9] == ["0.000128", "unlimited", "0.000000", "lifetime"]
+
+
+def test_check_config_flags_a_model_a_money_budget_may_use_without_a_price(tmp_path: Path, mocks: Mocks) -> None:
+    config = tmp_path / "gateway.toml"
+    config.write_text(budgets_config(mocks, {"m": (new_key(), "budget = 1"), "free": (new_key(), "")}))
+    out = subprocess.run(
+        [sys.executable, "-m", "proxy", "check-config", "--config", str(config)], capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stderr == (
+        "warning: key 'm' has a budget in money, but these models it may use have no [[prices]]: 'free-chat'; "
+        "their requests spend nothing of it\n"
+    )

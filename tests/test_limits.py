@@ -4,6 +4,7 @@ circuit breaker in front of a paused Redis."""
 from __future__ import annotations
 
 import asyncio
+import calendar
 import signal
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -270,3 +271,91 @@ async def test_call_while_open_raises_without_sending(own_redis: RedisServer) ->
         assert await limiter.call(limiter.client.get("sg:test:written")) is None
     finally:
         await limiter.close()
+
+
+def money_limits(
+    budget: float | None, period: str | None = None, offset_s: int = 0, group_budget: float | None = None
+) -> KeyLimits:
+    key = KeySettings(name="k", sha256="0" * 64, group="g", budget=budget, budget_period=period)
+    group = GroupSettings("g", budget=group_budget, budget_period=period)
+    return KeyLimits.build(key, group, LimitSettings(reserve_tokens=1024, clock_offset_s=offset_s))
+
+
+def offset_to(view: redis.Redis, moment: str) -> int:
+    """The clock offset that puts Redis' clock at this UTC moment (give or take the second this takes)."""
+    target = calendar.timegm(time.strptime(moment, "%Y-%m-%dT%H:%M:%S"))
+    seconds, _ = view.time()
+    return target - int(seconds)
+
+
+@pytest.mark.parametrize(
+    ("moment", "month"),
+    [
+        ("2028-02-29T23:59:50", "2028-02"),  # a leap day
+        ("2028-03-01T00:00:10", "2028-03"),
+        ("2029-12-31T23:59:50", "2029-12"),
+        ("2030-01-01T00:00:10", "2030-01"),
+        ("2100-02-28T23:59:50", "2100-02"),  # no leap day in 2100
+        ("2100-03-01T00:00:10", "2100-03"),
+        ("1999-12-31T23:59:50", "1999-12"),
+    ],
+)
+async def test_spending_goes_to_the_month_of_the_redis_clock(
+    limiter: Limiter, view: redis.Redis, moment: str, month: str
+) -> None:
+    limits = money_limits(1.0, "month", offset_to(view, moment))
+    await limiter.settle(limits, "", limits.nothing_held, 10, 123)
+    assert view.hgetall("sg:{g:g}:k:k:money") == {b"total": b"123", b"month": b"123", b"period": month.encode()}
+    assert view.hgetall("sg:{g:g}:g:money") == {b"total": b"123", b"month": b"123", b"period": month.encode()}
+
+
+async def test_a_monthly_money_budget_renews_on_the_first_and_a_lifetime_one_does_not(
+    limiter: Limiter, view: redis.Redis
+) -> None:
+    january = money_limits(1.0, "month", offset_to(view, "2030-01-31T23:50:00"))
+    february = money_limits(1.0, "month", offset_to(view, "2030-02-01T00:10:00"))
+    lifetime = money_limits(1.0, None, offset_to(view, "2030-02-01T00:10:00"))
+    assert january.model is not None and february.model is not None and lifetime.model is not None
+    first = await limiter.admit(january.model, (600_000,), "a")
+    second = await limiter.admit(january.model, (600_000,), "b")
+    assert (first.held, second.held) == (("600000",), ("400000",))  # all that is left
+    await limiter.settle(january, "a", first.held, 10, 700_000)  # over its hold: charged all the same
+    await limiter.settle(january, "b", second.held, 10, 300_000)
+    with pytest.raises(InsufficientQuota) as info:
+        await limiter.admit(january.model, (1,), "c")
+    assert info.value.message == "This API key's budget is spent. Ask the gateway's operators to raise it."
+    with pytest.raises(InsufficientQuota):
+        await limiter.admit(lifetime.model, (1,), "d")
+    # February: the month's spend starts from nothing; the reset is written by the first settle in it.
+    renewed = await limiter.admit(february.model, (600_000,), "e")
+    assert renewed.held == ("600000",)
+    await limiter.settle(february, "e", renewed.held, 10, 50_000)
+    assert view.hgetall("sg:{g:g}:k:k:money") == {b"total": b"1050000", b"month": b"50000", b"period": b"2030-02"}
+    # A process whose clock is still in January spends in the stored, later month: it never resets it back.
+    late = await limiter.admit(january.model, (1_000_000,), "f")
+    assert late.held == ("950000",)
+    await limiter.settle(january, "f", late.held, 10, 1)
+    assert view.hget("sg:{g:g}:k:k:money", "month") == b"50001"
+    assert view.hget("sg:{g:g}:k:k:money", "period") == b"2030-02"
+
+
+async def test_a_group_money_budget_holds_across_its_keys(limiter: Limiter, view: redis.Redis) -> None:
+    one = money_limits(None, group_budget=0.001)
+    other = KeyLimits.build(
+        KeySettings(name="other", sha256="1" * 64, group="g"), GroupSettings("g", budget=0.001), LimitSettings()
+    )
+    assert one.model is not None and other.model is not None
+    first = await limiter.admit(one.model, (800,), "a")
+    with pytest.raises(RateLimited) as info:
+        second = await limiter.admit(other.model, (800,), "b")
+        await limiter.admit(other.model, (800,), "c")
+    assert info.value.message.startswith("The rest of this key group's budget is held by requests in flight.")
+    assert (info.value.scope, info.value.limit) == ("group", "money_budget")
+    assert second.held == ("200",)
+    await limiter.settle(one, "a", first.held, 10, 900)
+    await limiter.settle(other, "b", second.held, 10, 150)
+    assert view.hget("sg:{g:g}:g:money", "total") == b"1050"
+    with pytest.raises(InsufficientQuota) as spent:
+        await limiter.admit(one.model, (1,), "d")
+    assert "key group's budget is spent" in spent.value.message
+    assert not view.exists("sg:{g:g}:g:money_holds", "sg:{g:g}:g:money_held")
