@@ -3,31 +3,18 @@
 from __future__ import annotations
 
 import argparse
-import calendar
 import contextlib
 import math
-import time
 from collections.abc import Iterable, Iterator
 from typing import Any
 
 import orjson
 
 from .auth import key_digest, new_key
+from .billing import held_in, key_money, money
 from .events import REDIS_STREAM
-from .limit_kinds import MONEY_BUDGET, TOKEN_BUDGET, kinds_for
-from .limits import (
-    MICROS,
-    Bucket,
-    Limiter,
-    LimiterFailure,
-    buckets_for,
-    budget_keys,
-    format_duration,
-    group_prefix,
-    key_prefix,
-    money_keys,
-    to_micros,
-)
+from .limit_kinds import TOKEN_BUDGET, kinds_for
+from .limits import Bucket, Limiter, LimiterFailure, buckets_for, budget_keys, format_duration
 from .redact import safe_url
 from .settings import NAME_RE, KeySettings, Settings
 
@@ -72,87 +59,31 @@ def _level(bucket: dict[str, Any]) -> str:
     return shown if full_in <= 0 else f"{shown} (full in {format_duration(full_in)})"
 
 
-def _held(members: list[bytes]) -> int:
-    """What requests in flight hold: each hold's member is "id:amount"."""
-    return sum(int(member.rpartition(b":")[2]) for member in members)
-
-
-def current_month(now: float, offset_s: int) -> str:
-    """The month budget periods are in, as the scripts read it: Redis time plus the tests' offset."""
-    return time.strftime("%Y-%m", time.gmtime(now + offset_s))
-
-
-def period_end(period: str) -> int:
-    """Unix seconds of the next month's 1st, 00:00 UTC: when a monthly budget renews."""
-    year, month = map(int, period.split("-"))
-    year, month = (year + 1, 1) if month == 12 else (year, month + 1)
-    return calendar.timegm((year, month, 1, 0, 0, 0))
-
-
-def _money(micros: int) -> float:
-    return round(micros / MICROS, 6)
-
-
-async def _spend(limiter: Limiter, prefix: str, month: str, now_ms: int) -> tuple[int, int, int]:
-    """Micro-units spent in all, this month, and held by requests in flight, for a key or a group."""
-    spent_key, holds_key, _ = money_keys(prefix)
-    total, this_month, period = await limiter.call(limiter.client.hmget(spent_key, ["total", "month", "period"]))
-    current = int(this_month or 0) if period is not None and period.decode() >= month else 0
-    # Holds not yet expired: an expired one is only dropped at the key's next admission.
-    held = _held(await limiter.call(limiter.client.zrangebyscore(holds_key, f"({now_ms}", "+inf")))
-    return int(total or 0), current, held
-
-
-def _money_part(budget: float | None, period: str | None, spent: tuple[int, int, int], month: str) -> dict[str, Any]:
-    total, this_month, held = spent
-    monthly = period == "month"
-    used = this_month if monthly else total
-    limit = None if budget is None else to_micros(budget)
-    return {
-        "spent": _money(used),
-        "held": _money(held),
-        "budget": budget,
-        "remaining": None if limit is None else _money(max(0, limit - used)),
-        "period": month if monthly else "lifetime",
-        "renews_at": period_end(month) if monthly else None,
-        "spent_lifetime": _money(total),
-    }
-
-
 async def key_usage(limiter: Limiter, settings: Settings, key: KeySettings) -> dict[str, Any]:
     """What one key has spent and holds, of tokens and of money, and its bucket levels: what `keys usage` prints."""
     seconds, micros = await limiter.call(limiter.client.time())
     now = seconds + micros / 1_000_000
     now_ms = seconds * 1000 + micros // 1000
-    month = current_month(now, settings.limits.clock_offset_s)
-    group = settings.groups[key.group]
-    key_budget = key.limit(MONEY_BUDGET)
-    # A key without a budget of its own shows its spend over its group's budget period.
-    key_period = key.budget_period if key_budget is not None else group.budget_period
     spent_key, holds_key, _ = budget_keys(key)
     raw = await limiter.call(limiter.client.get(spent_key))
-    tokens_held = _held(await limiter.call(limiter.client.zrangebyscore(holds_key, f"({now_ms}", "+inf")))
-    key_spend = await _spend(limiter, key_prefix(key), month, now_ms)
-    group_spend = await _spend(limiter, group_prefix(group.name), month, now_ms)
+    tokens_held = held_in(await limiter.call(limiter.client.zrangebyscore(holds_key, f"({now_ms}", "+inf")))
+    found = await key_money(limiter, settings, key, (seconds, micros))
+    tight = found.tightest()
     buckets = []
-    for bucket in buckets_for(key, group):
+    for bucket in buckets_for(key, settings.groups[key.group]):
         state = await limiter.call(limiter.client.hmget(bucket.redis_key, ["t", "ts"]))
         buckets.append(_bucket(bucket, state, now))
+    left = None if tight is None or tight.remaining is None else money(tight.remaining)
     return {
         "key": key.name,
         "group": key.group,
         "tokens": {"spent": int(raw or 0), "held": tokens_held, "budget": key.limit(TOKEN_BUDGET)},
         "currency": settings.prices.currency,
-        "money": _money_part(key_budget, key_period, key_spend, month),
-        "group_money": _money_part(group.limit(MONEY_BUDGET), group.budget_period, group_spend, month),
+        "money": found.key.as_dict(),
+        "group_money": found.group.as_dict(),
+        "money_left": left,  # of the tighter of the key's and the group's budget; None without either
         "buckets": buckets,
     }
-
-
-def tightest(usage: dict[str, Any]) -> dict[str, Any] | None:
-    """The key's or its group's money budget, whichever has less left; None when neither has one."""
-    parts = [p for p in (usage["money"], usage["group_money"]) if p["budget"] is not None]
-    return min(parts, key=lambda p: p["remaining"]) if parts else None
 
 
 def _amount(value: float | None) -> str:
@@ -165,8 +96,7 @@ def usage_line(usage: dict[str, Any]) -> str:
     money_budget = "unlimited" if money["budget"] is None else _amount(money["budget"])
     row = f"{usage['key']:<20} {usage['group']:<12} {tokens['spent']:>12} {tokens['held']:>12} {budget:>12}"
     cost = _amount(money["spent"]) if usage["currency"] else "-"
-    left = tightest(usage)
-    row += f" {cost:>14} {money_budget:>14} {_amount(None if left is None else left['remaining']):>14}"
+    row += f" {cost:>14} {money_budget:>14} {_amount(usage['money_left']):>14}"
     row += f" {money['period']:>9}"
     levels = [f"{b['scope']} {b['limit']} {_level(b)}" for b in usage["buckets"]]
     return f"{row}  {'; '.join(levels) or '-'}"

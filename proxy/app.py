@@ -14,6 +14,7 @@ import orjson
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.types import Receive, Scope, Send
 
+from . import billing
 from .auth import CREDENTIAL_HEADERS, authenticate, extract_key, mask_key, two_credentials
 from .endpoints import MODEL_ROUTES, model_request, passthrough
 from .errors import (
@@ -88,6 +89,8 @@ class Gateway:
             Row("/readyz", self.readyz, access=Access.OPEN),
             Row("/metrics", self.scrape, access=Access.OPEN),
             Row("/models", self.list_models),
+            Row("/dashboard/billing/subscription", self.billing_subscription),
+            Row("/dashboard/billing/usage", self.billing_usage),
         )
 
     def reload(self) -> bool:
@@ -354,6 +357,22 @@ class Gateway:
             for model, owner in asked.runtime.router.models_for(asked.key, fetched)
         ]
         return Answer(200, orjson.dumps({"object": "list", "data": data}))
+
+    async def billing_subscription(self, asked: Asked) -> Answer:
+        key, limiter = self._billing(asked)
+        return Answer(200, orjson.dumps(await billing.subscription(limiter, asked.runtime.settings, key)))
+
+    async def billing_usage(self, asked: Asked) -> Answer:
+        key, limiter = self._billing(asked)
+        query = asked.scope.get("query_string", b"")
+        return Answer(200, orjson.dumps(await billing.usage(limiter, asked.runtime.settings, key, query)))
+
+    def _billing(self, asked: Asked) -> tuple[KeySettings, Limiter]:
+        if asked.key is None:
+            raise TypeError("billing routes are KEY routes: their handlers run with the caller's key")
+        if self.limiter is None:
+            raise LimiterUnavailable("The gateway did not start properly; see its log.")
+        return asked.key, self.limiter
 
 
 def _refusal(count: int, head_bytes: int, too_long: bytes | None, wanted: dict[bytes, bytes]) -> GatewayError | None:

@@ -296,3 +296,73 @@ def test_check_config_flags_a_model_a_money_budget_may_use_without_a_price(tmp_p
         "warning: key 'm' has a budget in money, but these models it may use have no [[prices]]: 'free-chat'; "
         "their requests spend nothing of it\n"
     )
+
+
+def test_billing_endpoints_show_what_a_chat_client_displays(
+    budgets_factory: Callable[..., Budgets], own_redis: RedisServer
+) -> None:
+    """Chat clients show hard_limit_usd - total_usage / 100 as the balance, and access_until as its end."""
+    extras = {
+        "monthly": 'budget = 0.0002\nbudget_period = "month"',
+        "member": 'group = "team"\nbudget = 1',  # the group's budget is the tighter one
+        "lifetime": "budget = 0.01",
+        "free": "",
+    }
+    groups = '\n[groups.team]\nbudget = 0.0005\nbudget_period = "month"\n'
+    view = redis.Redis.from_url(own_redis.url)
+    january = offset_env(view, "2030-01-15T12:00:00")
+    view.close()
+    budgets = budgets_factory(extras, groups, envs=(january,))
+    for name, times in (("monthly", 2), ("member", 1), ("lifetime", 1), ("free", 1)):
+        for _ in range(times):
+            assert budgets.post(name).status_code == 200
+    wait_for(lambda: budgets.money("sg:{g:default}:k:free").get("total") == str(SHORT_COST))
+    february = calendar.timegm((2030, 2, 1, 0, 0, 0))
+    far = calendar.timegm((2100, 1, 1, 0, 0, 0))
+    expected = {  # limit, access_until, total_usage in cents
+        "monthly": (0.0002, february, 2 * SHORT_COST / 10_000),
+        "member": (0.0005, february, SHORT_COST / 10_000),
+        "lifetime": (0.01, far, SHORT_COST / 10_000),
+        "free": (100_000_000, far, SHORT_COST / 10_000),
+    }
+    base = f"http://127.0.0.1:{budgets.procs[0].port}/v1/dashboard/billing"
+    dates = {"start_date": "2030-01-01", "end_date": "2030-01-31"}
+    for name, (limit, until, cents) in expected.items():
+        auth = budgets.auth(name)
+        sub = httpx.get(f"{base}/subscription", headers=auth)
+        assert sub.status_code == 200
+        assert sub.json() == {
+            "object": "billing_subscription", "hard_limit_usd": limit, "soft_limit_usd": limit,
+            "system_hard_limit_usd": limit, "has_payment_method": True, "access_until": until,
+        }  # fmt: skip
+        used = httpx.get(f"{base}/usage", params=dates, headers=auth)
+        assert used.status_code == 200
+        assert used.json() == {"object": "list", "total_usage": pytest.approx(cents)}
+    # What the client shows for the monthly key: 0.0002 - 0.000128 left.
+    balance = (
+        0.0002 - httpx.get(f"{base}/usage", params=dates, headers=budgets.auth("monthly")).json()["total_usage"] / 100
+    )
+    assert balance == pytest.approx(0.000072)
+
+
+def test_billing_endpoints_refuse_bad_dates_other_methods_and_missing_keys(
+    budgets_factory: Callable[..., Budgets],
+) -> None:
+    budgets = budgets_factory({"k": "budget = 1"})
+    base = f"http://127.0.0.1:{budgets.procs[0].port}"
+    auth = budgets.auth("k")
+    for query, param in (
+        ({"start_date": "2030-13-01", "end_date": "2030-12-31"}, "start_date"),
+        ({"start_date": "2030-01-01", "end_date": "tomorrow"}, "end_date"),
+        ({"start_date": "2030-02-01", "end_date": "2030-01-01"}, "start_date"),
+    ):
+        resp = httpx.get(f"{base}/v1/dashboard/billing/usage", params=query, headers=auth)
+        assert resp.status_code == 400
+        error = resp.json()["error"]
+        assert (error["type"], error["code"], error["param"]) == ("invalid_request_error", "invalid_date", param)
+    assert httpx.get(f"{base}/v1/dashboard/billing/usage", headers=auth).status_code == 200  # dates are optional
+    assert httpx.post(f"{base}/v1/dashboard/billing/subscription", headers=auth).status_code == 405
+    assert httpx.get(f"{base}/v1/dashboard/billing/subscription").status_code == 401
+    # Like /models: under a prefix only.
+    assert httpx.get(f"{base}/dashboard/billing/subscription", headers=auth).status_code == 404
+    assert httpx.get(f"{base}/api/v1/dashboard/billing/subscription", headers=auth).status_code == 200
