@@ -30,6 +30,8 @@ DEFAULT_CURRENCY = "USD"
 # Shifts the clock that budget periods (the month) are read from, so a test can cross a month's end.
 # Nothing else follows it (buckets, holds). For tests: a gateway that has it set says so at start-up.
 CLOCK_OFFSET_ENV = "SLUICEGATE_TEST_CLOCK_OFFSET_S"
+ADMIN_TOKEN_ENV = "SLUICEGATE_ADMIN_TOKEN"  # the operator's token for /admin/...; unset: no admin routes
+ADMIN_TOKEN_MIN_CHARS = 24
 
 
 class ConfigError(Exception):
@@ -161,6 +163,7 @@ class Settings:
     prices: Prices = field(default_factory=Prices)
     source: str = "<memory>"
     warnings: tuple[str, ...] = ()
+    admin_token: str | None = field(default=None, repr=False)  # from ADMIN_TOKEN_ENV
 
     def with_keys(self, *keys: KeySettings) -> Settings:
         return replace(self, keys={**self.keys, **{k.sha256: k for k in keys}})
@@ -550,6 +553,9 @@ def parse_settings(raw: Mapping[str, Any], env: Mapping[str, str], source: str =
     known = {"server", "redis", "events", "limits", "providers", "aliases", "groups", "keys", "prices"}
     problems.extend(f"{key}: unknown section" for key in raw if key not in known)
     groups = _groups(raw, problems)
+    admin_token = env.get(ADMIN_TOKEN_ENV) or None
+    if admin_token is not None and len(admin_token) < ADMIN_TOKEN_MIN_CHARS:
+        warnings.append(f"{ADMIN_TOKEN_ENV} is shorter than {ADMIN_TOKEN_MIN_CHARS} characters: easy to guess")
     settings = Settings(
         server=_server(raw, env, problems),
         redis=_redis(raw, env, problems),
@@ -562,6 +568,7 @@ def parse_settings(raw: Mapping[str, Any], env: Mapping[str, str], source: str =
         prices=_prices(raw, problems),
         source=source,
         warnings=tuple(warnings),
+        admin_token=admin_token,
     )
     if problems:
         raise ConfigError(problems)

@@ -366,3 +366,53 @@ def test_billing_endpoints_refuse_bad_dates_other_methods_and_missing_keys(
     # Like /models: under a prefix only.
     assert httpx.get(f"{base}/dashboard/billing/subscription", headers=auth).status_code == 404
     assert httpx.get(f"{base}/api/v1/dashboard/billing/subscription", headers=auth).status_code == 200
+
+
+def test_admin_usage_route_answers_the_admin_token_only(
+    budgets_factory: Callable[..., Budgets], own_redis: RedisServer
+) -> None:
+    token = "adm-" + new_key()[3:]
+    view = redis.Redis.from_url(own_redis.url)
+    january = offset_env(view, "2030-01-15T12:00:00")
+    view.close()
+    extras = {"m": 'budget = 0.001\nbudget_period = "month"\nrpm = 100', "other": ""}
+    budgets = budgets_factory(extras, envs=({"SLUICEGATE_ADMIN_TOKEN": token, **january}, january))
+    for _ in range(2):
+        assert budgets.post("m").status_code == 200
+    wait_for(lambda: budgets.money("sg:{g:default}:k:m").get("total") == str(2 * SHORT_COST))
+    admin = f"http://127.0.0.1:{budgets.procs[0].port}/admin/keys"
+    bearer = {"Authorization": f"Bearer {token}"}
+    resp = httpx.get(f"{admin}/m/usage", headers=bearer)
+    assert resp.status_code == 200
+    usage = resp.json()
+    assert usage["key"] == "m" and usage["group"] == "default" and usage["currency"] == "EUR"
+    assert usage["tokens"] == {"spent": 16, "held": 0, "budget": None}
+    assert usage["money"] == {
+        "spent": 0.000128, "held": 0.0, "budget": 0.001, "remaining": 0.000872, "period": "2030-01",
+        "renews_at": calendar.timegm((2030, 2, 1, 0, 0, 0)), "spent_lifetime": 0.000128,
+    }  # fmt: skip
+    assert usage["money_left"] == 0.000872
+    assert [(b["scope"], b["limit"], b["capacity"]) for b in usage["buckets"]] == [("key", "rpm", 100)]
+    # The same as `keys usage` prints.
+    row = keys_usage(budgets.procs[0], "--name", "m").splitlines()[1].split()
+    assert row[2:9] == ["16", "0", "unlimited", "0.000128", "0.001000", "0.000872", "2030-01"]
+    # Refused: a client key (403), a wrong or missing token (401); an unknown key 404; only GET.
+    client = httpx.get(f"{admin}/m/usage", headers=budgets.auth("other"))
+    assert client.status_code == 403
+    assert client.json()["error"]["type"] == "permission_error"
+    for headers in ({"Authorization": f"Bearer {token}x"}, {"Authorization": token}, {}):
+        wrong = httpx.get(f"{admin}/m/usage", headers=headers)
+        assert wrong.status_code == 401
+        assert wrong.json()["error"]["code"] == "invalid_api_key"
+    assert httpx.get(f"{admin}/nobody/usage", headers=bearer).status_code == 404
+    assert httpx.post(f"{admin}/m/usage", headers=bearer).status_code == 405
+    # Admin routes live at the root: under a prefix the token is not a client key.
+    assert (
+        httpx.get(f"http://127.0.0.1:{budgets.procs[0].port}/v1/admin/keys/m/usage", headers=bearer).status_code == 401
+    )
+    # Without the variable (the second process), there are no admin routes at all.
+    unset = httpx.get(f"http://127.0.0.1:{budgets.procs[1].port}/admin/keys/m/usage", headers=bearer)
+    assert unset.status_code == 404
+    assert unset.json()["error"]["code"] == "not_found"
+    for proc in budgets.procs:
+        assert token not in proc.log.read_text()
