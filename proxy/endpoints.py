@@ -88,7 +88,8 @@ async def passthrough(call: Call) -> None:
     else:
         path = clip(call.scope["path"])
         raise NotFound(f"Cannot route {path}: the body has no 'model' field and there is no X-AI-Provider header.")
-    # A body here may be audio or an image: no prompt estimate, the reserve alone is held.
+    # A body here may be audio or an image: no prompt estimate, the reserve alone is held
+    # (of a money budget, at the output price).
     wanted = (0, call.limits.reserve_tokens)
     await _relay(call, call.limits.passthrough, wanted, providers, lambda _c: (body, False), "raw", price)
 
@@ -131,8 +132,9 @@ async def _relay(
     watcher = DisconnectWatcher(call.receive)
     try:
         if plan is not None:
-            micros = price.micros(*wanted) if price is not None and plan.budgeted else 0
-            ex.extra_headers += await settlement.admit(plan, sum(wanted), micros)
+            # Without a price a money budget holds nothing (check-config warns of such models).
+            hold_micros = price.micros(*wanted) if price is not None and plan.budgeted else 0
+            ex.extra_headers += await settlement.admit(plan, sum(wanted), hold_micros)
         await relay(
             ex, call.sessions, attempts, call.scope["method"], call.path_and_query, call.scope["headers"],
             body_for, kind, watcher, on_usage, len(call.body),
