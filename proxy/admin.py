@@ -6,15 +6,17 @@ import argparse
 import contextlib
 import math
 from collections.abc import Iterable, Iterator
+from typing import Any
 
 import orjson
 
 from .auth import key_digest, new_key
+from .billing import held_in, key_money, money
 from .events import REDIS_STREAM
 from .limit_kinds import TOKEN_BUDGET, kinds_for
 from .limits import Bucket, Limiter, LimiterFailure, buckets_for, budget_keys, format_duration
 from .redact import safe_url
-from .settings import NAME_RE, Settings
+from .settings import NAME_RE, KeySettings, Settings
 
 
 def keys_new(args: argparse.Namespace) -> str:
@@ -40,46 +42,82 @@ def keys_new(args: argparse.Namespace) -> str:
     return f"{key}\n\n{note}\n{block}\n"
 
 
-def _level(bucket: Bucket, state: list[bytes | None], now: float) -> str:
-    if state[0] is None or state[1] is None:
-        return f"{bucket.capacity}/{bucket.capacity}"
-    elapsed = max(0.0, now - float(state[1]))
-    level = min(bucket.capacity, float(state[0]) + elapsed * bucket.rate_per_s)
-    full_in = math.ceil((bucket.capacity - level) / bucket.rate_per_s * 1000)
-    shown = f"{math.floor(level)}/{bucket.capacity}"
+def _bucket(bucket: Bucket, state: list[bytes | None], now: float) -> dict[str, Any]:
+    level = float(bucket.capacity)
+    if state[0] is not None and state[1] is not None:
+        level = min(bucket.capacity, float(state[0]) + max(0.0, now - float(state[1])) * bucket.rate_per_s)
+    full_in = max(0, math.ceil((bucket.capacity - level) / bucket.rate_per_s * 1000))
+    return {
+        "scope": bucket.scope, "limit": bucket.kind.name, "level": math.floor(level),
+        "capacity": bucket.capacity, "full_in_ms": full_in,
+    }  # fmt: skip
+
+
+def _level(bucket: dict[str, Any]) -> str:
+    shown = f"{bucket['level']}/{bucket['capacity']}"
+    full_in = bucket["full_in_ms"]
     return shown if full_in <= 0 else f"{shown} (full in {format_duration(full_in)})"
 
 
-def _held(members: list[bytes]) -> int:
-    """Tokens held by requests in flight: each hold's member is "id:tokens"."""
-    return sum(int(member.rpartition(b":")[2]) for member in members)
+async def key_usage(limiter: Limiter, settings: Settings, key: KeySettings) -> dict[str, Any]:
+    """What one key has spent and holds, of tokens and of money, and its bucket levels: what `keys usage` prints."""
+    seconds, micros = await limiter.call(limiter.client.time())
+    now = seconds + micros / 1_000_000
+    now_ms = seconds * 1000 + micros // 1000
+    spent_key, holds_key, _ = budget_keys(key)
+    raw = await limiter.call(limiter.client.get(spent_key))
+    tokens_held = held_in(await limiter.call(limiter.client.zrangebyscore(holds_key, f"({now_ms}", "+inf")))
+    found = await key_money(limiter, settings, key, (seconds, micros))
+    tight = found.tightest()
+    buckets = []
+    for bucket in buckets_for(key, settings.groups[key.group]):
+        state = await limiter.call(limiter.client.hmget(bucket.redis_key, ["t", "ts"]))
+        buckets.append(_bucket(bucket, state, now))
+    left = None if tight is None or tight.remaining is None else money(tight.remaining)
+    return {
+        "key": key.name,
+        "group": key.group,
+        "tokens": {"spent": int(raw or 0), "held": tokens_held, "budget": key.limit(TOKEN_BUDGET)},
+        "currency": settings.prices.currency,
+        "money": found.key.as_dict(),
+        "group_money": found.group.as_dict(),
+        "money_left": left,  # of the tighter of the key's and the group's budget; None without either
+        "buckets": buckets,
+    }
+
+
+def _amount(value: float | None) -> str:
+    return "-" if value is None else f"{value:.6f}"
+
+
+def usage_line(usage: dict[str, Any]) -> str:
+    tokens, money = usage["tokens"], usage["money"]
+    budget = "unlimited" if tokens["budget"] is None else str(tokens["budget"])
+    money_budget = "unlimited" if money["budget"] is None else _amount(money["budget"])
+    row = f"{usage['key']:<20} {usage['group']:<12} {tokens['spent']:>12} {tokens['held']:>12} {budget:>12}"
+    cost = _amount(money["spent"]) if usage["currency"] else "-"
+    row += f" {cost:>14} {money_budget:>14} {_amount(usage['money_left']):>14}"
+    row += f" {money['period']:>9}"
+    levels = [f"{b['scope']} {b['limit']} {_level(b)}" for b in usage["buckets"]]
+    return f"{row}  {'; '.join(levels) or '-'}"
+
+
+def usage_header(currency: str | None) -> str:
+    unit = currency or "money"
+    money = f"{'spent_' + unit:>14} {'budget_' + unit:>14} {'left_' + unit:>14} {'period':>9}"
+    return f"{'key':<20} {'group':<12} {'spent':>12} {'held':>12} {'budget':>12} {money}  buckets"
 
 
 async def keys_usage(settings: Settings, name: str | None) -> tuple[list[str], int]:
-    """One line per key: budget spent and held, current bucket levels. Exit code 2 when Redis fails."""
+    """One line per key: tokens and money spent and held, budgets, bucket levels. Exit code 2 when Redis fails."""
     keys = [k for k in settings.keys.values() if name is None or k.name == name]
     if not keys:
         return [f"no key named {name!r} in {settings.source}" if name else f"no [[keys]] in {settings.source}"], 2
     limiter = Limiter(settings.redis)
-    lines = [f"{'key':<20} {'group':<12} {'spent':>12} {'held':>12} {'budget':>12}  buckets"]
+    lines = [usage_header(settings.prices.currency)]
     try:
-        seconds, micros = await limiter.call(limiter.client.time())
-        now = seconds + micros / 1_000_000
-        now_ms = seconds * 1000 + micros // 1000
         for key in sorted(keys, key=lambda k: k.name):
-            spent_key, holds_key, _ = budget_keys(key)
-            raw = await limiter.call(limiter.client.get(spent_key))
-            spent = int(raw) if raw is not None else 0
-            # Holds not yet expired: an expired one is only dropped at the key's next admission.
-            held = _held(await limiter.call(limiter.client.zrangebyscore(holds_key, f"({now_ms}", "+inf")))
-            limit = key.limit(TOKEN_BUDGET)
-            budget = "unlimited" if limit is None else str(limit)
-            levels = []
-            for bucket in buckets_for(key, settings.groups[key.group]):
-                state = await limiter.call(limiter.client.hmget(bucket.redis_key, ["t", "ts"]))
-                levels.append(f"{bucket.scope} {bucket.kind.name} {_level(bucket, state, now)}")
-            row = f"{key.name:<20} {key.group:<12} {spent:>12} {held:>12} {budget:>12}"
-            lines.append(f"{row}  {'; '.join(levels) or '-'}")
+            lines.append(usage_line(await key_usage(limiter, settings, key)))
     except LimiterFailure as exc:
         return [f"Redis at {safe_url(settings.redis.url)} does not answer ({exc})"], 2
     finally:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import hmac
 import logging
 import re
 import secrets
@@ -14,21 +15,25 @@ import orjson
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.types import Receive, Scope, Send
 
-from .auth import CREDENTIAL_HEADERS, authenticate, extract_key, mask_key, two_credentials
+from . import billing
+from .admin import key_usage
+from .auth import CREDENTIAL_HEADERS, authenticate, extract_key, key_digest, mask_key, two_credentials
 from .endpoints import MODEL_ROUTES, model_request, passthrough
 from .errors import (
     GatewayError,
     Header,
     HeadersTooLarge,
+    InvalidApiKey,
     InvalidRequest,
     LimiterUnavailable,
     MethodNotAllowed,
     NotFound,
+    PermissionDenied,
     RateLimited,
 )
 from .events import EventSink
 from .exchange import AnswerState, Exchange
-from .limits import KeyLimits, Limiter
+from .limits import KeyLimits, Limiter, LimiterFailure
 from .metrics import Metrics, latency_bucket
 from .model_list import ModelLists
 from .record import RequestRecord
@@ -36,7 +41,7 @@ from .redact import KEY_LIKE, clip
 from .relay import CLOSE, ClientGone, read_body
 from .routes import Access, Answer, Asked, Found, RouteTable, Row, strip_prefix
 from .routing import Router
-from .settings import ConfigError, KeySettings, Settings, load_settings
+from .settings import ADMIN_TOKEN_ENV, ConfigError, KeySettings, Settings, load_settings
 from .types import Call, Runtime
 from .upstream import ProviderClient, Sessions
 
@@ -88,6 +93,9 @@ class Gateway:
             Row("/readyz", self.readyz, access=Access.OPEN),
             Row("/metrics", self.scrape, access=Access.OPEN),
             Row("/models", self.list_models),
+            Row("/dashboard/billing/subscription", self.billing_subscription),
+            Row("/dashboard/billing/usage", self.billing_usage),
+            Row("/admin/keys/{name}/usage", self.admin_key_usage, access=Access.ADMIN),
         )
 
     def reload(self) -> bool:
@@ -273,8 +281,16 @@ class Gateway:
         ex.record.body_read_at = time.perf_counter()
         if refused is not None:
             raise refused
+        if found is not None and found.row.access is Access.ADMIN and runtime.settings.admin_token is not None:
+            ex.record.route = found.row.path
+            self.authenticate_admin(wanted, runtime)
+            if method != found.row.method:
+                raise MethodNotAllowed(f"Expected {found.row.method} for {clip(path)}, but got {clip(method)}.")
+            answer = await found.row.handler(Asked(scope=scope, runtime=runtime, key=None, params=found.params))
+            return await ex.respond(answer.status, answer.headers, answer.body)
         rest = strip_prefix(path, runtime.settings.server.prefixes)
         if rest is None:
+            # Also an ADMIN route while no admin token is set: as if the gateway had none.
             raise NotFound(_missing_prefix_message(path, runtime.settings.server.prefixes))
         if strip_prefix(rest, runtime.settings.server.prefixes) is not None:
             # A base URL of ".../v1" whose client adds "/v1/..." itself; a provider would answer a bare 404.
@@ -329,6 +345,31 @@ class Gateway:
         record.group = key.group
         return key
 
+    def authenticate_admin(self, wanted: dict[bytes, bytes], runtime: Runtime) -> None:
+        """The admin token, compared in constant time; never a client key. Neither is logged or recorded."""
+        token = runtime.settings.admin_token
+        auth = wanted.get(b"authorization", b"")
+        presented = auth[7:] if auth[:7].lower() == b"bearer " else b""
+        if token is not None and presented and hmac.compare_digest(presented, token.encode()):
+            return
+        if presented.startswith(b"sk-") and key_digest(presented.decode("latin-1")) in runtime.settings.keys:
+            raise PermissionDenied("This is a client API key: admin routes take the admin token.")
+        raise InvalidApiKey(f"Admin routes take 'Authorization: Bearer <the admin token>' ({ADMIN_TOKEN_ENV}).")
+
+    async def admin_key_usage(self, asked: Asked) -> Answer:
+        settings = asked.runtime.settings
+        name = asked.params["name"]
+        key = next((k for k in settings.keys.values() if k.name == name), None)
+        if key is None:
+            raise NotFound(f"No key named {clip(name)!r} in the config.")
+        if self.limiter is None:
+            raise LimiterUnavailable("The gateway did not start properly; see its log.")
+        try:
+            usage = await key_usage(self.limiter, settings, key)
+        except LimiterFailure as exc:
+            raise LimiterUnavailable("The usage store is unavailable; retry shortly.") from exc
+        return Answer(200, orjson.dumps(usage))
+
     async def healthz(self, asked: Asked) -> Answer:
         return Answer(200, b'{"status":"ok"}')
 
@@ -357,6 +398,22 @@ class Gateway:
             for model, owner in asked.runtime.router.models_for(asked.key, fetched)
         ]
         return Answer(200, orjson.dumps({"object": "list", "data": data}))
+
+    async def billing_subscription(self, asked: Asked) -> Answer:
+        key, limiter = self._billing(asked)
+        return Answer(200, orjson.dumps(await billing.subscription(limiter, asked.runtime.settings, key)))
+
+    async def billing_usage(self, asked: Asked) -> Answer:
+        key, limiter = self._billing(asked)
+        query = asked.scope.get("query_string", b"")
+        return Answer(200, orjson.dumps(await billing.usage(limiter, asked.runtime.settings, key, query)))
+
+    def _billing(self, asked: Asked) -> tuple[KeySettings, Limiter]:
+        if asked.key is None:
+            raise TypeError("billing routes are KEY routes: their handlers run with the caller's key")
+        if self.limiter is None:
+            raise LimiterUnavailable("The gateway did not start properly; see its log.")
+        return asked.key, self.limiter
 
 
 def _refusal(count: int, head_bytes: int, too_long: bytes | None, wanted: dict[bytes, bytes]) -> GatewayError | None:

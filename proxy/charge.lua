@@ -1,24 +1,47 @@
--- Settle one answer, on Redis server time: charge its real usage and release its hold.
+-- Settle one answer, on Redis server time: charge its real usage and release its holds.
 --
--- KEYS[1..n]     token bucket hashes {t = level, ts = seconds}
--- KEYS[n+1..n+3] with a budget: the spent counter, the holds ZSET and their running total
--- ARGV[1]        n
--- ARGV[2]        1 when the key has a budget
--- ARGV[3..2n+2]  per bucket: capacity, refill per second
--- ARGV[2n+3]     tokens used (0 when nothing was billed)
--- ARGV[2n+4]     the hold's member "id:tokens", "id:?" when admission's answer was lost, or ""
+-- KEYS[1..n]          token bucket hashes {t = level, ts = seconds}
+-- KEYS[n+1]           the key's spent tokens, a counter
+-- KEYS[n+2], KEYS[n+3] the key's and its group's spent money in micro-units: hashes
+--                     {total = lifetime, month = this month's, period = "YYYY-MM" that month}
+-- KEYS[n+2+2b..n+3+2b] per budget b: its holds ZSET and their running total
+-- ARGV[1], ARGV[2]    n, and m the number of budgets
+-- ARGV[3]             seconds added to the clock for budget periods (tests only; else 0)
+-- ARGV[4..2n+3]       per bucket: capacity, refill per second
+-- ARGV[2n+4]          tokens used (0 when nothing was billed)
+-- ARGV[2n+5]          their cost in micro-units (0 when nothing was billed or no price is known)
+-- ARGV[2n+6]          the holds' id, or ""
+-- ARGV[2n+7..2n+6+m]  per budget: the amount held, "0" for none, "?" when admission's answer was lost
 --
--- A bucket may go into debt here; it refuses until it has refilled. The real
--- usage goes to the spent counter whatever was held: the part of it over the
--- hold is charged, the unused part of the hold is released. A hold dropped at its
--- expiry was taken off the running total then, so it is not taken off twice.
-local n = tonumber(ARGV[1])
-local tokens = tonumber(ARGV[2 * n + 3])
+-- Spending is counted for every key, with or without a budget. A bucket may go
+-- into debt here; it refuses until it has refilled. The real usage is spent
+-- whatever was held: the part of it over a hold is charged, the unused part of
+-- the hold is released. A hold dropped at its expiry was taken off the running
+-- total then, so it is not taken off twice. A month's spend starts again from
+-- nothing once the clock is in a later month than the one stored with it: the
+-- renewal is this atomic reset, whichever process gets there first.
+local n, m = tonumber(ARGV[1]), tonumber(ARGV[2])
+local tokens = tonumber(ARGV[2 * n + 4])
+local micros = tonumber(ARGV[2 * n + 5])
+local clock = redis.call('TIME')
+
+-- "YYYY-MM" of a unix time, as in token_bucket.lua.
+local function month_of(seconds)
+  local z = math.floor(seconds / 86400) + 719468
+  local era = math.floor(z / 146097)
+  local doe = z - era * 146097
+  local yoe = math.floor((doe - math.floor(doe / 1460) + math.floor(doe / 36524) - math.floor(doe / 146096)) / 365)
+  local doy = doe - (365 * yoe + math.floor(yoe / 4) - math.floor(yoe / 100))
+  local mp = math.floor((5 * doy + 2) / 153)
+  local month = mp < 10 and mp + 3 or mp - 9
+  local year = yoe + era * 400 + (month <= 2 and 1 or 0)
+  return string.format('%04d-%02d', year, month)
+end
+
 if tokens > 0 then
-  local clock = redis.call('TIME')
   local now = tonumber(clock[1]) + tonumber(clock[2]) / 1000000
   for i = 1, n do
-    local cap, rate = tonumber(ARGV[2 * i + 1]), tonumber(ARGV[2 * i + 2])
+    local cap, rate = tonumber(ARGV[2 * i + 2]), tonumber(ARGV[2 * i + 3])
     local state = redis.call('HMGET', KEYS[i], 't', 'ts')
     local level = cap
     if state[1] then
@@ -28,33 +51,51 @@ if tokens > 0 then
     redis.call('HSET', KEYS[i], 't', tostring(level), 'ts', tostring(now))
     redis.call('PEXPIRE', KEYS[i], math.ceil((cap - level) / rate * 1000) + 1000)
   end
+  redis.call('INCRBY', KEYS[n + 1], tokens)
 end
-if tonumber(ARGV[2]) ~= 1 then
-  return 0
-end
-local member = ARGV[2 * n + 4]
-if string.sub(member, -2) == ':?' then
-  -- Admission's answer never came back (a timeout, a client gone): its hold, if the
-  -- script ran at all, is found by id. Rare, so a scan of the holds is fine.
-  local pattern = string.sub(member, 1, -2) .. '*'
-  member = ''
-  local cursor = '0'
-  repeat
-    local page = redis.call('ZSCAN', KEYS[n + 2], cursor, 'MATCH', pattern, 'COUNT', 1000)
-    cursor = page[1]
-    if #page[2] > 0 then
-      member = page[2][1]
+if micros > 0 then
+  local period = month_of(tonumber(clock[1]) + tonumber(ARGV[3]))
+  for _, money in ipairs({KEYS[n + 2], KEYS[n + 3]}) do
+    local stored = redis.call('HGET', money, 'period')
+    if stored and stored >= period then
+      -- A clock behind the one that stored the period still spends in that period.
+      redis.call('HINCRBY', money, 'month', micros)
+    else
+      redis.call('HSET', money, 'month', micros, 'period', period)
     end
-  until cursor == '0' or member ~= ''
-end
-if member ~= '' and redis.call('ZREM', KEYS[n + 2], member) == 1 then
-  if redis.call('ZCARD', KEYS[n + 2]) == 0 then
-    redis.call('DEL', KEYS[n + 3])
-  else
-    redis.call('DECRBY', KEYS[n + 3], tonumber(string.match(member, ':(%d+)$')))
+    redis.call('HINCRBY', money, 'total', micros)
   end
 end
-if tokens > 0 then
-  return redis.call('INCRBY', KEYS[n + 1], tokens)
+
+local id = ARGV[2 * n + 6]
+if id == '' then
+  return 0
+end
+for b = 1, m do
+  local holds, held_key = KEYS[n + 2 + 2 * b], KEYS[n + 3 + 2 * b]
+  local amount = ARGV[2 * n + 6 + b]
+  local member = ''
+  if amount == '?' then
+    -- Admission's answer never came back (a timeout, a client gone): its hold, if the
+    -- script ran at all, is found by id. Rare, so a scan of the holds is fine.
+    local pattern = id .. ':*'
+    local cursor = '0'
+    repeat
+      local page = redis.call('ZSCAN', holds, cursor, 'MATCH', pattern, 'COUNT', 1000)
+      cursor = page[1]
+      if #page[2] > 0 then
+        member = page[2][1]
+      end
+    until cursor == '0' or member ~= ''
+  elseif amount ~= '0' then
+    member = id .. ':' .. amount
+  end
+  if member ~= '' and redis.call('ZREM', holds, member) == 1 then
+    if redis.call('ZCARD', holds) == 0 then
+      redis.call('DEL', held_key)
+    else
+      redis.call('DECRBY', held_key, tonumber(string.match(member, ':(%d+)$')))
+    end
+  end
 end
 return 0

@@ -47,25 +47,27 @@ async def model_request(call: Call) -> None:
     record.upstream_model = chosen.upstream_model
     price = call.runtime.settings.prices.for_request(chosen.upstream_model, model)
     plan = call.limits.model
-    hold = hold_wanted(call.route, payload, len(call.body), call.limits.reserve_tokens) if plan and plan.budgeted else 0
+    wanted = (0, 0)
+    if plan is not None and plan.budgeted:
+        wanted = hold_wanted(call.route, payload, len(call.body), call.limits.reserve_tokens)
     kind: Kind = "stream" if stream and call.route in STREAMING_ROUTES else "json"
     bodies = _BodyVariants(payload, call.body, chosen.upstream_model, kind)
-    await _relay(call, plan, hold, chosen.providers, bodies.body_for, kind, price)
+    await _relay(call, plan, wanted, chosen.providers, bodies.body_for, kind, price)
 
 
-def hold_wanted(route: str, payload: dict[str, object], request_bytes: int, reserve_tokens: int) -> int:
-    """What a model request may use of a budget: its prompt, plus its completion cap or the reserve.
+def hold_wanted(route: str, payload: dict[str, object], request_bytes: int, reserve_tokens: int) -> tuple[int, int]:
+    """What a model request may use of a budget: its prompt, and its completion cap or the reserve.
 
     Embeddings have no completion.
     """
     caps = COMPLETION_CAPS[route]
     if not caps:
-        return prompt_estimate(request_bytes)
+        return prompt_estimate(request_bytes), 0
     for field in caps:
         cap = payload.get(field)
         if isinstance(cap, int) and not isinstance(cap, bool) and cap > 0:
-            return prompt_estimate(request_bytes) + cap
-    return prompt_estimate(request_bytes) + reserve_tokens
+            return prompt_estimate(request_bytes), cap
+    return prompt_estimate(request_bytes), reserve_tokens
 
 
 async def passthrough(call: Call) -> None:
@@ -86,16 +88,16 @@ async def passthrough(call: Call) -> None:
     else:
         path = clip(call.scope["path"])
         raise NotFound(f"Cannot route {path}: the body has no 'model' field and there is no X-AI-Provider header.")
-    # A body here may be audio or an image: no prompt estimate, the reserve alone is held.
-    await _relay(
-        call, call.limits.passthrough, call.limits.reserve_tokens, providers, lambda _c: (body, False), "raw", price
-    )
+    # A body here may be audio or an image: no prompt estimate, the reserve alone is held
+    # (of a money budget, at the output price).
+    wanted = (0, call.limits.reserve_tokens)
+    await _relay(call, call.limits.passthrough, wanted, providers, lambda _c: (body, False), "raw", price)
 
 
 async def _relay(
     call: Call,
     plan: Plan | None,
-    hold_tokens: int,
+    wanted: tuple[int, int],
     providers: tuple[ProviderSettings, ...],
     body_for: BodyFor,
     kind: Kind,
@@ -106,7 +108,8 @@ async def _relay(
     The record's cost stays 0 unless usage comes: only the attempt that answered reports it
     (a failed one never does), a stream cut short reports what was delivered, and an upstream
     error, a 429 or 402 of ours or a client gone before the answer bill nothing. Usage of a
-    model with no price leaves the cost unknown (None).
+    model with no price leaves the cost unknown (None). `wanted` is what the request may use,
+    (prompt, completion) tokens: a token budget holds their sum, a money budget their cost.
     """
     ex = call.ex
     record = ex.record
@@ -117,16 +120,21 @@ async def _relay(
         record.prompt_tokens = usage.prompt_tokens
         record.completion_tokens = usage.completion_tokens
         record.total_tokens = usage.total_tokens
-        record.cost = (
-            None if price is None else price.cost(usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens)
-        )
-        settlement.settle(usage.total_tokens)
+        micros = 0
+        if price is not None:
+            record.cost = price.cost(usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens)
+            micros = price.micros(usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens)
+        else:
+            record.cost = None
+        settlement.settle(usage.total_tokens, micros)
 
     # Watching from before admission: a client that leaves while Redis is slow is not sent upstream.
     watcher = DisconnectWatcher(call.receive)
     try:
         if plan is not None:
-            ex.extra_headers += await settlement.admit(plan, hold_tokens)
+            # Without a price a money budget holds nothing (check-config warns of such models).
+            hold_micros = price.micros(*wanted) if price is not None and plan.budgeted else 0
+            ex.extra_headers += await settlement.admit(plan, sum(wanted), hold_micros)
         await relay(
             ex, call.sessions, attempts, call.scope["method"], call.path_and_query, call.scope["headers"],
             body_for, kind, watcher, on_usage, len(call.body),

@@ -68,6 +68,12 @@ class InsufficientQuota(GatewayError):
     type = "insufficient_quota"
 
 
+class PermissionDenied(GatewayError):
+    status = 403
+    code = "permission_denied"
+    type = "permission_error"
+
+
 class ModelNotAllowed(GatewayError):
     status = 403
     code = "model_not_allowed"

@@ -23,6 +23,7 @@ class Shape(Enum):
 class Counts(Enum):
     REQUESTS = auto()  # one per request, taken at admission
     TOKENS = auto()  # the answer's real usage, charged when it settles
+    MONEY = auto()  # the answer's cost at the model's price, charged when it settles
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,13 +31,15 @@ class LimitKind:
     name: str  # the config key and `keys new --NAME`; a bucket's name in 429 messages
     shape: Shape
     counts: Counts
-    unit: str  # what the number counts, for people: "requests", "tokens"
+    unit: str  # what the number counts, for people: "requests", "tokens", "money" (in the prices' currency)
     scopes: tuple[Scope, ...]  # who may carry it
     minimum: int = 1  # the smallest value the config takes
     header: bytes = b""  # a bucket's x-ratelimit-{limit,remaining,reset}-HEADER
     burst_key: str | None = None  # the setting that sets a bucket's capacity (default: the per-minute amount)
+    period_key: str | None = None  # the setting that makes a budget renew ("month"; default: lifetime)
     label: str = ""  # the `limit` of a 429 (RateLimited.limit, sluicegate_ratelimited_total); default: name
     noun: str = ""  # a budget in messages: "token budget"
+    periods: tuple[str, ...] = ("month",)  # what period_key takes
 
     @property
     def limit_label(self) -> str:
@@ -62,8 +65,15 @@ TOKEN_BUDGET = LimitKind(
     "budget_tokens", Shape.BUDGET, Counts.TOKENS, "tokens", ("key",), minimum=0, label="budget", noun="token budget"
 )
 
-LIMIT_KINDS: tuple[LimitKind, ...] = (RPM, TPM, TOKEN_BUDGET)
+# Money, in the prices' currency, for a key and for its whole group: lifetime, or renewed each month.
+MONEY_BUDGET = LimitKind(
+    "budget", Shape.BUDGET, Counts.MONEY, "money", ("key", "group"), minimum=0, period_key="budget_period",
+    label="money_budget", noun="budget",
+)  # fmt: skip
+
+LIMIT_KINDS: tuple[LimitKind, ...] = (RPM, TPM, TOKEN_BUDGET, MONEY_BUDGET)
 BUCKET_KINDS = tuple(k for k in LIMIT_KINDS if k.shape is Shape.BUCKET)
+BUDGET_KINDS = tuple(k for k in LIMIT_KINDS if k.shape is Shape.BUDGET)
 
 
 def kinds_for(scope: Scope) -> tuple[LimitKind, ...]:
@@ -75,6 +85,5 @@ def setting_names(scope: Scope) -> tuple[str, ...]:
     names: list[str] = []
     for kind in kinds_for(scope):
         names.append(kind.name)
-        if kind.burst_key is not None:
-            names.append(kind.burst_key)
+        names += [k for k in (kind.burst_key, kind.period_key) if k is not None]
     return tuple(names)

@@ -2,7 +2,8 @@
 
 Everything that does not change between requests (Redis key names, script
 arguments, header names) is built once per config in `KeyLimits`; a request
-costs one EVALSHA before the upstream call and one after the answer.
+costs one EVALSHA before the upstream call (when its key has limits) and one
+after the answer, which counts what every key spends.
 
 A budget is held, not just checked: admission holds what the request may use,
 and the answer's settle charges the real usage and releases the hold, so
@@ -30,14 +31,15 @@ from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from .errors import Header, InsufficientQuota, LimiterUnavailable, RateLimited
-from .limit_kinds import BUCKET_KINDS, TOKEN_BUDGET, Counts, LimitKind, Scope
+from .limit_kinds import BUCKET_KINDS, BUDGET_KINDS, Counts, LimitKind, Scope
 from .redis_pipe import Pipe, Prepared, Script, pack_command
 from .settings import GroupSettings, KeySettings, LimitSettings, RedisSettings
 
 ADMIT = Script(files("proxy").joinpath("token_bucket.lua").read_text())
 SETTLE = Script(files("proxy").joinpath("charge.lua").read_text())
 REDIS_ERRORS = (RedisError, OSError, TimeoutError)
-UNKNOWN_HOLD = ":?"  # a hold whose amount admission never heard back (charge.lua finds it by id)
+UNKNOWN_HOLD = "?"  # a hold whose amount admission never heard back (charge.lua finds it by id)
+MICROS = 1_000_000  # money is counted in micro-units of the currency, as integers, to stay exact
 HELD_WAIT_MS = 1000  # a settle frees held tokens within about an answer's time: ask again soon
 HELD_HEADERS: tuple[Header, ...] = (
     (b"retry-after", str(math.ceil(HELD_WAIT_MS / 1000)).encode()),
@@ -131,22 +133,32 @@ def key_prefix(key: KeySettings) -> str:
     return f"sg:{{g:{key.group}}}:k:{key.name}"
 
 
+def group_prefix(group: str) -> str:
+    return f"sg:{{g:{group}}}:g"
+
+
 def budget_keys(key: KeySettings) -> tuple[str, str, str]:
-    """The spent counter, the holds (a ZSET of "id:tokens" scored by expiry in ms) and the total they hold."""
+    """The spent tokens, the holds (a ZSET of "id:tokens" scored by expiry in ms) and the total they hold."""
     prefix = key_prefix(key)
     return prefix + ":spent", prefix + ":holds", prefix + ":held"
+
+
+def money_keys(prefix: str) -> tuple[str, str, str]:
+    """The spent money (a hash of micro-units: total, month, period), its holds and the total they hold."""
+    return prefix + ":money", prefix + ":money_holds", prefix + ":money_held"
 
 
 def buckets_for(key: KeySettings, group: GroupSettings) -> tuple[Bucket, ...]:
     found: list[Bucket] = []
     sources: tuple[tuple[Scope, str, KeySettings | GroupSettings, str], ...] = (
         ("key", key.name, key, key_prefix(key)),
-        ("group", group.name, group, f"sg:{{g:{group.name}}}:g"),
+        ("group", group.name, group, group_prefix(group.name)),
     )
     for scope, owner, source, prefix in sources:
         for kind in BUCKET_KINDS:
-            per_minute = source.limit(kind) if scope in kind.scopes else None
-            if per_minute is not None:
+            value = source.limit(kind) if scope in kind.scopes else None
+            if value is not None:
+                per_minute = int(value)  # the config reads bucket kinds as whole numbers
                 burst = getattr(source, kind.burst_key) if kind.burst_key is not None else None
                 capacity = burst if burst is not None else per_minute
                 found.append(Bucket(f"{prefix}:{kind.name}", scope, owner, kind, per_minute, capacity))
@@ -154,70 +166,122 @@ def buckets_for(key: KeySettings, group: GroupSettings) -> tuple[Bucket, ...]:
 
 
 @dataclass(frozen=True, slots=True)
+class Budget:
+    """A total a request holds from at admission and its answer spends: a key's tokens, a key's or group's money."""
+
+    kind: LimitKind
+    scope: Scope
+    owner: str
+    amount: int  # tokens, or micro-units of the currency
+    keys: tuple[str, str, str]  # what is spent, the holds, the total they hold
+    counted: str  # what of keys[0] counts: "" the counter; "total" or "month" of a money hash
+
+    @property
+    def in_money(self) -> bool:
+        return self.kind.counts is Counts.MONEY
+
+
+def budgets_for(key: KeySettings, group: GroupSettings) -> tuple[Budget, ...]:
+    found: list[Budget] = []
+    sources: tuple[tuple[Scope, str, KeySettings | GroupSettings, str], ...] = (
+        ("key", key.name, key, key_prefix(key)),
+        ("group", group.name, group, group_prefix(group.name)),
+    )
+    for scope, owner, source, prefix in sources:
+        for kind in BUDGET_KINDS:
+            amount = source.limit(kind) if scope in kind.scopes else None
+            if amount is None:
+                continue
+            if kind.counts is Counts.MONEY:
+                counted = "month" if kind.period_key and getattr(source, kind.period_key) == "month" else "total"
+                found.append(Budget(kind, scope, owner, to_micros(amount), money_keys(prefix), counted))
+            else:
+                found.append(Budget(kind, scope, owner, int(amount), budget_keys(key), ""))
+    return tuple(found)
+
+
+def to_micros(amount: float) -> int:
+    return round(amount * MICROS)
+
+
+@dataclass(frozen=True, slots=True)
 class Plan:
     """The admit script call for one kind of request, precomputed.
 
-    With a budget, a request adds what it would hold and its hold id to `args`.
+    With budgets, a request adds what it would hold of each and its hold id to `args`.
     """
 
     buckets: tuple[Bucket, ...]
+    budgets: tuple[Budget, ...]
     keys: tuple[str, ...]
     args: tuple[Any, ...]
-    budgeted: bool
     call: Prepared  # the EVALSHA, packed once
 
+    @property
+    def budgeted(self) -> bool:
+        return bool(self.budgets)
+
     @classmethod
-    def build(cls, buckets: tuple[Bucket, ...], key: KeySettings, limits: LimitSettings) -> Plan:
-        budget = key.limit(TOKEN_BUDGET)
-        args: list[Any] = [len(buckets), -1 if budget is None else budget, math.ceil(limits.hold_ttl_s * 1000)]
+    def build(cls, buckets: tuple[Bucket, ...], budgets: tuple[Budget, ...], limits: LimitSettings) -> Plan:
+        args: list[Any] = [len(buckets), len(budgets), math.ceil(limits.hold_ttl_s * 1000), limits.clock_offset_s]
         for b in buckets:
             args += [b.capacity, b.rate_per_s, 1 if b.at_admission else 0]
-        keys = [b.redis_key for b in buckets] + (list(budget_keys(key)) if budget is not None else [])
-        call = Prepared(ADMIT, keys, args, more=2 if budget is not None else 0)
-        return cls(buckets, tuple(keys), tuple(args), budget is not None, call)
+        for budget in budgets:
+            args += [budget.amount, budget.counted]
+        keys = [b.redis_key for b in buckets] + [k for budget in budgets for k in budget.keys]
+        call = Prepared(ADMIT, keys, args, more=len(budgets) + 1 if budgets else 0)
+        return cls(buckets, budgets, tuple(keys), tuple(args), call)
 
 
 @dataclass(frozen=True, slots=True)
 class KeyLimits:
     key: KeySettings
-    model: Plan | None  # chat, completions, embeddings: every bucket, the budget
-    passthrough: Plan | None  # other routes: the buckets taken at admission (rpm) and the budget
-    reserve_tokens: int  # held of the budget for a completion of unknown length
+    model: Plan | None  # chat, completions, embeddings: every bucket, the budgets
+    passthrough: Plan | None  # other routes: the buckets taken at admission (rpm) and the budgets
+    reserve_tokens: int  # held of a budget for a completion of unknown length
+    budgets: tuple[Budget, ...]
     token_buckets: tuple[Bucket, ...]  # charged from the answer's usage
     charge_keys: tuple[str, ...]
-    charge_args: tuple[Any, ...]  # a settle adds the tokens used and the hold
+    charge_args: tuple[Any, ...]  # a settle adds the usage, the hold id and what each budget held
     settle_call: Prepared  # the EVALSHA, packed once
 
     @classmethod
     def build(cls, key: KeySettings, group: GroupSettings, limits: LimitSettings) -> KeyLimits:
         buckets = buckets_for(key, group)
+        budgets = budgets_for(key, group)
         admitted = tuple(b for b in buckets if b.at_admission)
         charged = tuple(b for b in buckets if not b.at_admission)
-        budgeted = key.limit(TOKEN_BUDGET) is not None
-        args: list[Any] = [len(charged), 1 if budgeted else 0]
+        args: list[Any] = [len(charged), len(budgets), limits.clock_offset_s]
         for b in charged:
             args += [b.capacity, b.rate_per_s]
-        charge_keys = tuple(b.redis_key for b in charged) + (budget_keys(key) if budgeted else ())
+        # Spending is counted for every key, so `keys usage` and the billing routes show it without a budget too.
+        spent = (budget_keys(key)[0], money_keys(key_prefix(key))[0], money_keys(group_prefix(group.name))[0])
+        charge_keys = (
+            *(b.redis_key for b in charged),
+            *spent,
+            *(k for budget in budgets for k in budget.keys[1:]),
+        )
         return cls(
             key=key,
-            model=Plan.build(buckets, key, limits) if buckets or budgeted else None,
-            passthrough=Plan.build(admitted, key, limits) if admitted or budgeted else None,
+            model=Plan.build(buckets, budgets, limits) if buckets or budgets else None,
+            passthrough=Plan.build(admitted, budgets, limits) if admitted or budgets else None,
             reserve_tokens=limits.reserve_tokens,
+            budgets=budgets,
             token_buckets=charged,
             charge_keys=charge_keys,
             charge_args=tuple(args),
-            settle_call=Prepared(SETTLE, charge_keys, args, more=2),
+            settle_call=Prepared(SETTLE, charge_keys, args, more=3 + len(budgets)),
         )
 
     @property
-    def charges_tokens(self) -> bool:
-        return bool(self.charge_keys)
+    def nothing_held(self) -> tuple[str, ...]:
+        return ("0",) * len(self.budgets)
 
 
 @dataclass(frozen=True, slots=True)
 class Admission:
     headers: list[Header]  # x-ratelimit-*
-    hold: str | None  # the hold's member in Redis, which its settle removes
+    held: tuple[str, ...]  # per budget: the amount held, "0", or "?" when the answer was lost
 
 
 class HoldIds:
@@ -251,13 +315,14 @@ def format_duration(ms: int) -> str:
 def ratelimit_headers(plan: Plan, result: list[int]) -> list[Header]:
     """The tightest bucket of each kind speaks for it."""
     headers: list[Header] = []
+    first = 3 + len(plan.budgets)  # the levels follow the verdict, the refusal, the wait and the holds
     for kind in BUCKET_KINDS:
         label = kind.header
         tightest: tuple[int, int, int] | None = None
         for i, bucket in enumerate(plan.buckets):
             if bucket.kind is not kind:
                 continue
-            level, reset_ms = result[4 + 2 * i], result[5 + 2 * i]
+            level, reset_ms = result[first + 2 * i], result[first + 1 + 2 * i]
             if tightest is None or level < tightest[1]:
                 tightest = (bucket.per_minute, level, reset_ms)
         if tightest is not None:
@@ -365,31 +430,34 @@ class Limiter:
         circuit.success()
         return result
 
-    async def admit(self, plan: Plan, hold_tokens: int = 0, hold_id: str = "") -> Admission:
-        """Take from every bucket, and hold up to hold_tokens of the budget, or take nothing.
+    async def admit(self, plan: Plan, wanted: tuple[int, ...] = (), hold_id: str = "") -> Admission:
+        """Take from every bucket, and hold up to `wanted` of each budget, or take nothing.
 
-        When the script was sent but its answer did not come back, the hold is
-        "id:?": it may have been taken, and its settle finds it by id.
+        When the script was sent but its answer did not come back, each hold is
+        "?": it may have been taken, and its settle finds it by id.
         """
+        budgets = plan.budgets
         try:
-            more = (hold_tokens, hold_id) if plan.budgeted else ()
+            more = (*wanted, hold_id) if budgets else ()
             result: list[int] = await self.run(plan.call, *more)
         except LimiterFailure as exc:
             if self.settings.on_error == "deny":
                 raise LimiterUnavailable("The rate limiter is unavailable; retry shortly.") from exc
-            sent = plan.budgeted and not isinstance(exc, CircuitOpen)
-            return Admission([], hold_id + UNKNOWN_HOLD if sent else None)
-        verdict, worst, wait_ms, held = result[0], result[1], result[2], result[3]
+            sent = not isinstance(exc, CircuitOpen)
+            return Admission([], (UNKNOWN_HOLD if sent else "0",) * len(budgets))
+        verdict, worst, wait_ms = result[0], result[1], result[2]
         if verdict == 1:
-            return Admission(ratelimit_headers(plan, result), f"{hold_id}:{held}" if held > 0 else None)
+            return Admission(ratelimit_headers(plan, result), tuple(str(h) for h in result[3 : 3 + len(budgets)]))
         if verdict == -1:
-            raise InsufficientQuota(TOKEN_BUDGET.spent_message("key"), headers=((b"x-should-retry", b"false"),))
+            budget = budgets[worst - 1]
+            raise InsufficientQuota(budget.kind.spent_message(budget.scope), headers=((b"x-should-retry", b"false"),))
         if verdict == -2:
+            budget = budgets[worst - 1]
             raise RateLimited(
-                TOKEN_BUDGET.held_message("key", format_duration(HELD_WAIT_MS)),
+                budget.kind.held_message(budget.scope, format_duration(HELD_WAIT_MS)),
                 headers=HELD_HEADERS,
-                scope="key",
-                limit=TOKEN_BUDGET.limit_label,
+                scope=budget.scope,
+                limit=budget.kind.limit_label,
             )
         bucket = plan.buckets[worst - 1]
         headers = [
@@ -404,14 +472,18 @@ class Limiter:
             limit=bucket.kind.limit_label,
         )
 
-    async def settle(self, limits: KeyLimits, hold: str | None, tokens: int) -> None:
-        """Charge real usage after the answer and release the hold; buckets may go into debt."""
+    async def settle(
+        self, limits: KeyLimits, hold_id: str, held: tuple[str, ...], tokens: int, micros: int = 0
+    ) -> None:
+        """Count real usage after the answer and release the holds; buckets may go into debt."""
         # A failure is counted by on_error; the answer has already gone out, and a hold
         # that was not released expires.
         with contextlib.suppress(LimiterFailure):
-            await self.run(limits.settle_call, max(tokens, 0), hold or "")
+            await self.run(limits.settle_call, max(tokens, 0), max(micros, 0), hold_id, *held)
 
-    def settle_soon(self, limits: KeyLimits, hold: str | None, tokens: int) -> asyncio.Future[Any] | None:
+    def settle_soon(
+        self, limits: KeyLimits, hold_id: str, held: tuple[str, ...], tokens: int, micros: int
+    ) -> asyncio.Future[Any] | None:
         """The same settle, queued now without a task of its own: it goes out with this tick's calls.
 
         Its outcome feeds the circuit and on_error as any call's does. None when the circuit is
@@ -421,7 +493,7 @@ class Limiter:
             if self.on_error is not None:
                 self.on_error()
             return None
-        more = (max(tokens, 0), hold or "")
+        more = (max(tokens, 0), max(micros, 0), hold_id, *held)
         # Lazy: it goes out with the next admission's write, or within 10 ms. Calls keep their order
         # on the pipe, so this worker's next admission for the key still comes after it.
         future = self._the_pipe().call(limits.settle_call.pack(*more), lazy=True)
@@ -459,10 +531,10 @@ class Limiter:
 
 
 class Settlement:
-    """One request's hold on its key's budget, from admission to its one settle.
+    """One request's holds on its key's budgets, from admission to its one settle.
 
-    `admit` takes the hold with the admission. The first `settle` charges the
-    real usage and releases the hold, queued while the answer's last bytes go
+    `admit` takes the holds with the admission. The first `settle` counts the
+    real usage and releases the holds, queued while the answer's last bytes go
     out: this worker sends it before any later admission of the key. `close`,
     in the request's one `finally`, settles with nothing billed when no usage
     came (an upstream failure, a client gone). A hold whose admission never
@@ -470,37 +542,43 @@ class Settlement:
     been taken: its settle finds it by id.
     """
 
-    __slots__ = ("_hold", "_limiter", "_limits", "_sent")
+    __slots__ = ("_held", "_hold_id", "_limiter", "_limits", "_sent")
 
     def __init__(self, limiter: Limiter, limits: KeyLimits) -> None:
         self._limiter = limiter
         self._limits = limits
-        self._hold: str | None = None  # the hold's member in Redis, which the settle removes
+        self._hold_id = ""
+        self._held = limits.nothing_held  # per budget, what the settle releases
         self._sent = False
 
-    async def admit(self, plan: Plan, hold_tokens: int) -> list[Header]:
-        """Admission, with the hold if the key has a budget; returns the x-ratelimit-* headers."""
-        hold_id = ""
-        if plan.budgeted:
-            hold_id = self._limiter.hold_ids.next()
-            self._hold = hold_id + UNKNOWN_HOLD  # until Redis answers, it may hold something under this id
+    async def admit(self, plan: Plan, hold_tokens: int, hold_micros: int) -> list[Header]:
+        """Admission, with holds if the key has budgets; returns the x-ratelimit-* headers."""
+        wanted: tuple[int, ...] = ()
+        if plan.budgets:
+            self._hold_id = self._limiter.hold_ids.next()
+            # Until Redis answers, it may hold something under this id.
+            self._held = (UNKNOWN_HOLD,) * len(plan.budgets)
+            wanted = tuple(hold_micros if b.in_money else hold_tokens for b in plan.budgets)
         try:
-            admission = await self._limiter.admit(plan, hold_tokens, hold_id)
+            admission = await self._limiter.admit(plan, wanted, self._hold_id)
         except (RateLimited, InsufficientQuota):
-            self._hold = None  # refused: the script took nothing
+            self._held = self._limits.nothing_held  # refused: the script took nothing
             raise
         except LimiterUnavailable as exc:
             if isinstance(exc.__cause__, CircuitOpen):
-                self._hold = None  # never sent
+                self._held = self._limits.nothing_held  # never sent
             raise
-        self._hold = admission.hold
+        self._held = admission.held
         return admission.headers
 
-    def settle(self, tokens: int) -> None:
+    def settle(self, tokens: int, micros: int = 0) -> None:
         """Queue the one settle; nobody waits for it (the answer is out), and the pipe sends it in order."""
-        if not self._sent and (self._hold is not None or (tokens > 0 and self._limits.charges_tokens)):
+        if self._sent:
+            return
+        held = self._held != self._limits.nothing_held
+        if held or tokens > 0 or micros > 0:
             self._sent = True
-            self._limiter.settle_soon(self._limits, self._hold, tokens)
+            self._limiter.settle_soon(self._limits, self._hold_id if held else "", self._held, tokens, micros)
 
     def close(self) -> None:
         """In the request's one `finally`: settle with nothing billed if no usage came."""

@@ -7,6 +7,7 @@ its usage, never per chunk. A leaf: it imports nothing of ours.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -14,6 +15,7 @@ from fnmatch import translate
 
 PER_MILLION = 1_000_000
 COST_DIGITS = 10  # a cost is rounded to 1e-10 of the currency: far below a cent, above float noise
+MICRO_DIGITS = 6  # float noise below 1e-12 of the currency is dropped before rounding up to a micro-unit
 CACHE_LIMIT = 4096  # model names remembered; a glob provider lets clients send any name
 CACHED_NAME_LIMIT = 256  # longer names are looked up each time, never kept
 
@@ -31,10 +33,17 @@ class Price:
 
     def cost(self, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> float:
         """The cost of one answer's usage. Cached tokens are part of the prompt tokens, as OpenAI counts them."""
+        return round(self._per_million(prompt_tokens, completion_tokens, cached_tokens) / PER_MILLION, COST_DIGITS)
+
+    def micros(self, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> int:
+        """The same cost in micro-units of the currency, as Redis counts spend: rounded up, so a budget
+        is never undercounted (a price per million tokens times tokens is micro-units already)."""
+        return math.ceil(round(self._per_million(prompt_tokens, completion_tokens, cached_tokens), MICRO_DIGITS))
+
+    def _per_million(self, prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> float:
         cached = min(max(cached_tokens, 0), prompt_tokens)
         cached_rate = self.input if self.cached_input is None else self.cached_input
-        total = (prompt_tokens - cached) * self.input + cached * cached_rate + completion_tokens * self.output
-        return round(total / PER_MILLION, COST_DIGITS)
+        return (prompt_tokens - cached) * self.input + cached * cached_rate + completion_tokens * self.output
 
 
 class Prices:

@@ -30,6 +30,13 @@ class Access(Enum):
     OPEN = auto()
     # A client key: the body is read, the key checked, the method checked, the request recorded.
     KEY = auto()
+    # The operator's token from SLUICEGATE_ADMIN_TOKEN, never a client key: at the root only
+    # (/admin/...), body read, method checked, recorded without a key. Without the variable
+    # every ADMIN row answers 404, as a path the gateway does not have.
+    ADMIN = auto()
+
+
+AT_ROOT = frozenset({Access.OPEN, Access.ADMIN})
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -38,7 +45,7 @@ class Asked:
 
     scope: Scope
     runtime: Runtime
-    key: KeySettings | None  # the caller's, on KEY routes
+    key: KeySettings | None  # the caller's, on KEY routes; None on OPEN and ADMIN routes
     params: Mapping[str, str]  # the row's {name} segments, as found in the path
 
 
@@ -73,12 +80,15 @@ class RouteTable:
         self._templates = [(row, row.path.split("/")) for row in rows if "{" in row.path]
 
     def find(self, path: str, prefixes: tuple[str, ...]) -> Found | None:
-        """The row for a request path, under a prefix or, for OPEN rows, at the root."""
+        """The row for a request path: OPEN rows at the root and under each prefix, KEY rows under a
+        prefix, ADMIN rows at the root."""
         rest = strip_prefix(path, prefixes)
         found = self._match(rest) if rest is not None else None
+        if found is not None and found.row.access is Access.ADMIN:
+            found = None
         if found is None:
             at_root = self._match(path)
-            if at_root is not None and at_root.row.access is Access.OPEN:
+            if at_root is not None and at_root.row.access in AT_ROOT:
                 return at_root
         return found
 

@@ -20,7 +20,7 @@ from typing import Any, Literal
 from redis.connection import parse_url
 
 from .config_lines import with_lines
-from .limit_kinds import LimitKind, Scope, kinds_for, setting_names
+from .limit_kinds import MONEY_BUDGET, Counts, LimitKind, Scope, kinds_for, setting_names
 from .prices import Price, Prices
 
 DEFAULT_CONFIG_PATH = "config/gateway.toml"
@@ -29,6 +29,11 @@ NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
 CURRENCY_RE = re.compile(r"^[A-Z]{3}$")
 DEFAULT_CURRENCY = "USD"
+# Shifts the clock that budget periods (the month) are read from, so a test can cross a month's end.
+# Nothing else follows it (buckets, holds). For tests: a gateway that has it set says so at start-up.
+CLOCK_OFFSET_ENV = "SLUICEGATE_TEST_CLOCK_OFFSET_S"
+ADMIN_TOKEN_ENV = "SLUICEGATE_ADMIN_TOKEN"  # the operator's token for /admin/...; unset: no admin routes
+ADMIN_TOKEN_MIN_CHARS = 24
 
 
 class ConfigError(Exception):
@@ -72,6 +77,7 @@ class EventSettings:
 class LimitSettings:
     reserve_tokens: int = 1024  # held of a budget per request that names no max_tokens
     hold_ttl_s: float = 600.0  # a hold left by a worker that died is dropped after this
+    clock_offset_s: int = 0  # added to Redis time for budget periods: tests only, from CLOCK_OFFSET_ENV
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,9 +125,11 @@ class GroupSettings:
     rpm: int | None = None
     tpm: int | None = None
     burst: int | None = None
+    budget: float | None = None  # money, in the prices' currency
+    budget_period: str | None = None  # "month"; None: lifetime
 
-    def limit(self, kind: LimitKind) -> int | None:
-        value: int | None = getattr(self, kind.name)
+    def limit(self, kind: LimitKind) -> float | None:
+        value: float | None = getattr(self, kind.name)
         return value
 
 
@@ -134,11 +142,13 @@ class KeySettings:
     tpm: int | None = None
     burst: int | None = None
     budget_tokens: int | None = None
+    budget: float | None = None  # money, in the prices' currency
+    budget_period: str | None = None  # "month"; None: lifetime
     models: ModelPatterns | None = None
     enabled: bool = True
 
-    def limit(self, kind: LimitKind) -> int | None:
-        value: int | None = getattr(self, kind.name)
+    def limit(self, kind: LimitKind) -> float | None:
+        value: float | None = getattr(self, kind.name)
         return value
 
 
@@ -155,6 +165,7 @@ class Settings:
     prices: Prices = field(default_factory=Prices)
     source: str = "<memory>"
     warnings: tuple[str, ...] = ()
+    admin_token: str | None = field(default=None, repr=False)  # from ADMIN_TOKEN_ENV
 
     def with_keys(self, *keys: KeySettings) -> Settings:
         return replace(self, keys={**self.keys, **{k.sha256: k for k in keys}})
@@ -207,6 +218,16 @@ class _Reader:
         if value < minimum:
             self.problems.append(f"{self._name(key)}: must be >= {minimum}, got {value!r}")
             return default
+        return float(value)
+
+    def amount(self, key: str, minimum: float = 0.0) -> float | None:
+        """A number that may be absent (None)."""
+        value = self._get(key, None, (int, float), "a number")
+        if value is None:
+            return None
+        if not math.isfinite(value) or value < minimum:
+            self.problems.append(f"{self._name(key)}: must be >= {minimum}, got {value!r}")
+            return None
         return float(value)
 
     def count(self, key: str, default: int | None, minimum: int = 0) -> int | None:
@@ -329,12 +350,22 @@ def _events(raw: Mapping[str, Any], problems: list[str]) -> EventSettings:
     )
 
 
-def _limits(raw: Mapping[str, Any], problems: list[str]) -> LimitSettings:
+def _limits(raw: Mapping[str, Any], env: Mapping[str, str], problems: list[str], warnings: list[str]) -> LimitSettings:
     r = _Reader(_table(raw, "limits", problems), "limits", problems)
     r.unknown({"reserve_tokens", "hold_ttl_s"})
+    offset = 0
+    shifted = env.get(CLOCK_OFFSET_ENV)
+    if shifted:
+        try:
+            offset = int(shifted)
+        except ValueError:
+            problems.append(f"{CLOCK_OFFSET_ENV}: expected a whole number of seconds, got {shifted!r}")
+        else:
+            warnings.append(f"{CLOCK_OFFSET_ENV} is set: budget periods follow a clock {offset:+d} s off (for tests)")
     return LimitSettings(
         reserve_tokens=r.count("reserve_tokens", 1024) or 0,
         hold_ttl_s=r.number("hold_ttl_s", 600.0, minimum=1.0),
+        clock_offset_s=offset,
     )
 
 
@@ -443,9 +474,21 @@ def _limit_values(r: _Reader, scope: Scope) -> dict[str, Any]:
     """The limits a key or group sets, by field name, read as the table declares them."""
     values: dict[str, Any] = {}
     for kind in kinds_for(scope):
-        values[kind.name] = r.count(kind.name, None, minimum=kind.minimum)
+        if kind.counts is Counts.MONEY:
+            values[kind.name] = r.amount(kind.name, minimum=kind.minimum)
+        else:
+            values[kind.name] = r.count(kind.name, None, minimum=kind.minimum)
         if kind.burst_key is not None:
             values[kind.burst_key] = r.count(kind.burst_key, None, minimum=1)
+        if kind.period_key is not None:
+            period = r.text(kind.period_key)
+            if period is not None and period not in kind.periods:
+                expected = " or ".join(repr(p) for p in kind.periods)
+                r.problems.append(
+                    f"{r.where}.{kind.period_key}: expected {expected} (omitted: lifetime), got {period!r}"
+                )
+                period = None
+            values[kind.period_key] = period
     return values
 
 
@@ -546,11 +589,14 @@ def parse_settings(raw: Mapping[str, Any], env: Mapping[str, str], source: str =
     known = {"server", "redis", "events", "limits", "providers", "aliases", "groups", "keys", "prices"}
     problems.extend(f"{key}: unknown section{did_you_mean(key, known)}" for key in raw if key not in known)
     groups = _groups(raw, problems)
+    admin_token = env.get(ADMIN_TOKEN_ENV) or None
+    if admin_token is not None and len(admin_token) < ADMIN_TOKEN_MIN_CHARS:
+        warnings.append(f"{ADMIN_TOKEN_ENV} is shorter than {ADMIN_TOKEN_MIN_CHARS} characters: easy to guess")
     settings = Settings(
         server=_server(raw, env, problems),
         redis=_redis(raw, env, problems),
         events=_events(raw, problems),
-        limits=_limits(raw, problems),
+        limits=_limits(raw, env, problems, warnings),
         providers=_providers(raw, env, problems, warnings),
         aliases=_aliases(raw, problems),
         groups=groups,
@@ -558,10 +604,11 @@ def parse_settings(raw: Mapping[str, Any], env: Mapping[str, str], source: str =
         prices=_prices(raw, problems),
         source=source,
         warnings=tuple(warnings),
+        admin_token=admin_token,
     )
     if problems:
         raise ConfigError(problems)
-    return replace(settings, warnings=(*settings.warnings, *unserved(settings)))
+    return replace(settings, warnings=(*settings.warnings, *unserved(settings), *_unpriced_models(settings)))
 
 
 def unserved(settings: Settings) -> list[str]:
@@ -578,6 +625,29 @@ def unserved(settings: Settings) -> list[str]:
             if not served(model):
                 found.append(f"keys[{i}].models: no provider serves {model!r}")
     return found
+
+
+def _unpriced_models(settings: Settings) -> list[str]:
+    """Models a key with a money budget (its own or its group's) may use but that have no price: their
+    requests would spend nothing of it. Provider globs are checked as written ("deepseek-*" is priced by
+    a price for "deepseek-*" or a glob that matches that text)."""
+    served = sorted({m for p in settings.providers for m in p.models} | set(settings.aliases))
+    warnings: list[str] = []
+    for key in settings.keys.values():
+        group = settings.groups.get(key.group)
+        if key.limit(MONEY_BUDGET) is None and (group is None or group.limit(MONEY_BUDGET) is None):
+            continue
+        names = (
+            served if key.models is None else sorted({m for m in served if key.models.matches(m)} | key.models.exact)
+        )
+        missing = [m for m in names if settings.prices.for_request(settings.aliases.get(m, m), m) is None]
+        if missing:
+            shown = ", ".join(repr(m) for m in missing)
+            warnings.append(
+                f"key {key.name!r} has a budget in money, but these models it may use have no [[prices]]: {shown}; "
+                "their requests spend nothing of it"
+            )
+    return warnings
 
 
 def config_path(explicit: str | None, env: Mapping[str, str] = os.environ) -> str:

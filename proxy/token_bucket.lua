@@ -1,65 +1,98 @@
 -- One admission decision, atomically, on Redis server time.
 --
--- KEYS[1..n]     bucket hashes {t = level, ts = seconds}
--- KEYS[n+1..n+3] with a budget: the spent counter, the holds (a ZSET of "id:tokens"
---                scored by expiry in ms) and the running total they hold
--- ARGV[1]        n, the number of buckets
--- ARGV[2]        lifetime token budget, or -1 for none
--- ARGV[3]        how long a hold lives, ms
--- ARGV[4..3n+3]  per bucket: capacity, refill per second, cost of this request
--- ARGV[3n+4]     with a budget: the tokens this request would hold
--- ARGV[3n+5]     with a budget: an id for its hold, unique across processes
+-- KEYS[1..n]          bucket hashes {t = level, ts = seconds}
+-- KEYS[n+3b-2..n+3b]  per budget b: what is spent (a counter, or a money hash {total, month, period}),
+--                     its holds (a ZSET of "id:amount" scored by expiry in ms) and the running total they hold
+-- ARGV[1], ARGV[2]    n, the number of buckets; m, the number of budgets
+-- ARGV[3]             how long a hold lives, ms
+-- ARGV[4]             seconds added to the clock for budget periods (tests only; else 0)
+-- ARGV[5..3n+4]       per bucket: capacity, refill per second, cost of this request
+-- ARGV[3n+5..3n+4+2m] per budget: its amount, and what of its spent key counts: "" the counter,
+--                     "total" (lifetime) or "month" (this calendar month, UTC) of a money hash
+-- then m amounts      per budget: what this request would hold
+-- then                with budgets: an id for its holds, unique across processes
 --
 -- A bucket refuses when its level is below max(cost, 1), so one in debt
 -- refuses even a request that costs it nothing now (tokens are charged after
--- the answer). Either every bucket takes its cost and the budget its hold, or
+-- the answer). Either every bucket takes its cost and every budget its hold, or
 -- nothing is taken.
 --
--- The budget refuses once spent (402), and while all that is left is held by
+-- A budget refuses once spent (402), and while all that is left is held by
 -- requests in flight (429: a settle may free some). An admitted request holds
--- min(wanted, budget - spent - held). Holds past their expiry were left by a
--- worker that died: they are dropped here, each once, so the cost stays O(1)
--- amortised in the number of holds.
+-- min(wanted, amount - spent - held) of each. Holds past their expiry were left
+-- by a worker that died: they are dropped here, each once, so the cost stays
+-- O(1) amortised in the number of holds. A month's spend counts only while its
+-- period is the current one: a new month starts from nothing (charge.lua resets it).
 --
--- Returns {verdict, refusing bucket (0 = none), wait ms, tokens held, then per bucket: floor(level), ms until full}
+-- Returns {verdict, refusing bucket or budget (0 = none), wait ms, per budget: the amount held,
+--          then per bucket: floor(level), ms until full}
 -- verdict: 1 admitted, 0 refused by a bucket (429), -1 budget spent (402), -2 budget held (429).
-local n = tonumber(ARGV[1])
-local budget = tonumber(ARGV[2])
+local n, m = tonumber(ARGV[1]), tonumber(ARGV[2])
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) + tonumber(clock[2]) / 1000000
 local now_ms = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
-local hold = 0
-local holds, held_key
-if budget >= 0 then
-  local spent = tonumber(redis.call('GET', KEYS[n + 1]) or '0')
-  if spent >= budget then
-    return {-1, 0, 0, 0}
-  end
-  holds, held_key = KEYS[n + 2], KEYS[n + 3]
-  local expired = redis.call('ZRANGEBYSCORE', holds, '-inf', now_ms)
-  if #expired > 0 then
-    local freed = 0
-    for _, member in ipairs(expired) do
-      freed = freed + tonumber(string.match(member, ':(%d+)$'))
-    end
-    redis.call('ZREMRANGEBYSCORE', holds, '-inf', now_ms)
-    if redis.call('ZCARD', holds) == 0 then
-      redis.call('DEL', held_key)
+
+-- "YYYY-MM" of a unix time (days to civil date, H. Hinnant's algorithm; Redis' Lua has no os.date).
+local function month_of(seconds)
+  local z = math.floor(seconds / 86400) + 719468
+  local era = math.floor(z / 146097)
+  local doe = z - era * 146097
+  local yoe = math.floor((doe - math.floor(doe / 1460) + math.floor(doe / 36524) - math.floor(doe / 146096)) / 365)
+  local doy = doe - (365 * yoe + math.floor(yoe / 4) - math.floor(yoe / 100))
+  local mp = math.floor((5 * doy + 2) / 153)
+  local month = mp < 10 and mp + 3 or mp - 9
+  local year = yoe + era * 400 + (month <= 2 and 1 or 0)
+  return string.format('%04d-%02d', year, month)
+end
+
+local held = {}
+if m > 0 then
+  local base_k, base_a = n, 3 * n + 4
+  local period = nil
+  local spent = {}
+  for b = 1, m do
+    local key, field = KEYS[base_k + 3 * b - 2], ARGV[base_a + 2 * b]
+    if field == '' then
+      spent[b] = tonumber(redis.call('GET', key) or '0')
+    elseif field == 'total' then
+      spent[b] = tonumber(redis.call('HGET', key, 'total') or '0')
     else
-      redis.call('DECRBY', held_key, freed)
+      period = period or month_of(tonumber(clock[1]) + tonumber(ARGV[4]))
+      local got = redis.call('HMGET', key, 'month', 'period')
+      spent[b] = (got[2] and got[2] >= period) and tonumber(got[1] or '0') or 0
+    end
+    if spent[b] >= tonumber(ARGV[base_a + 2 * b - 1]) then
+      return {-1, b, 0}
     end
   end
-  local available = budget - spent - math.max(0, tonumber(redis.call('GET', held_key) or '0'))
-  if available <= 0 then
-    return {-2, 0, 0, 0}
+  for b = 1, m do
+    local holds, held_key = KEYS[base_k + 3 * b - 1], KEYS[base_k + 3 * b]
+    local expired = redis.call('ZRANGEBYSCORE', holds, '-inf', now_ms)
+    if #expired > 0 then
+      local freed = 0
+      for _, member in ipairs(expired) do
+        freed = freed + tonumber(string.match(member, ':(%d+)$'))
+      end
+      redis.call('ZREMRANGEBYSCORE', holds, '-inf', now_ms)
+      if redis.call('ZCARD', holds) == 0 then
+        redis.call('DEL', held_key)
+      else
+        redis.call('DECRBY', held_key, freed)
+      end
+    end
+    local available = tonumber(ARGV[base_a + 2 * b - 1]) - spent[b]
+      - math.max(0, tonumber(redis.call('GET', held_key) or '0'))
+    if available <= 0 then
+      return {-2, b, 0}
+    end
+    held[b] = math.max(0, math.min(tonumber(ARGV[base_a + 2 * m + b]), available))
   end
-  hold = math.min(tonumber(ARGV[3 * n + 4]), available)
 end
 
 local levels, caps, rates, costs = {}, {}, {}, {}
 local worst, worst_wait = 0, 0
 for i = 1, n do
-  local cap, rate, cost = tonumber(ARGV[3 * i + 1]), tonumber(ARGV[3 * i + 2]), tonumber(ARGV[3 * i + 3])
+  local cap, rate, cost = tonumber(ARGV[3 * i + 2]), tonumber(ARGV[3 * i + 3]), tonumber(ARGV[3 * i + 4])
   local state = redis.call('HMGET', KEYS[i], 't', 'ts')
   local level = cap
   if state[1] then
@@ -86,20 +119,25 @@ if worst == 0 then
       redis.call('PEXPIRE', KEYS[i], math.ceil((caps[i] - level) / rates[i] * 1000) + 1000)
     end
   end
-  if hold > 0 then
-    redis.call('ZADD', holds, now_ms + tonumber(ARGV[3]), ARGV[3 * n + 5] .. ':' .. hold)
-    redis.call('INCRBY', held_key, hold)
-    -- Both keys go a second after the last hold would expire: an idle budget leaves only its counter.
-    local last = redis.call('ZRANGE', holds, -1, -1, 'WITHSCORES')
-    local gone = math.floor(tonumber(last[2])) + 1000
-    redis.call('PEXPIREAT', holds, gone)
-    redis.call('PEXPIREAT', held_key, gone)
+  local id = ARGV[3 * n + 3 * m + 5]
+  for b = 1, m do
+    if held[b] > 0 then
+      local holds, held_key = KEYS[n + 3 * b - 1], KEYS[n + 3 * b]
+      redis.call('ZADD', holds, now_ms + tonumber(ARGV[3]), id .. ':' .. string.format('%d', held[b]))
+      redis.call('INCRBY', held_key, held[b])
+      -- Both keys go a second after the last hold would expire: an idle budget leaves only what is spent.
+      local last = redis.call('ZRANGE', holds, -1, -1, 'WITHSCORES')
+      local gone = math.floor(tonumber(last[2])) + 1000
+      redis.call('PEXPIREAT', holds, gone)
+      redis.call('PEXPIREAT', held_key, gone)
+    end
   end
-else
-  hold = 0
 end
 
-local out = {verdict, worst, worst_wait, hold}
+local out = {verdict, worst, worst_wait}
+for b = 1, m do
+  out[#out + 1] = verdict == 1 and held[b] or 0
+end
 for i = 1, n do
   out[#out + 1] = math.floor(levels[i])
   out[#out + 1] = math.ceil((caps[i] - levels[i]) / rates[i] * 1000)

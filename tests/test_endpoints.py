@@ -36,9 +36,9 @@ RESERVE = 1024
 def test_hold_is_the_prompt_estimate_plus_the_completion_cap(
     route: str, payload: dict[str, Any], expected: int
 ) -> None:
-    assert hold_wanted(route, payload, 400, RESERVE) == expected
+    assert sum(hold_wanted(route, payload, 400, RESERVE)) == expected
 
 
 def test_a_tiny_body_still_holds_a_prompt_token() -> None:
-    assert hold_wanted("/embeddings", {}, 3, RESERVE) == 1
-    assert hold_wanted("/chat/completions", {}, 3, 0) == 1
+    assert hold_wanted("/embeddings", {}, 3, RESERVE) == (1, 0)
+    assert hold_wanted("/chat/completions", {}, 3, 0) == (1, 0)

@@ -4,6 +4,7 @@ circuit breaker in front of a paused Redis."""
 from __future__ import annotations
 
 import asyncio
+import calendar
 import signal
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -66,12 +67,14 @@ def test_plans_precompute_the_budget_keys_in_the_groups_slot() -> None:
         "sg:{g:default}:k:k:holds",
         "sg:{g:default}:k:k:held",
     )
-    assert budgeted.model.args == (1, 100, 600_000, 5, 5 / 60, 1)
-    assert budgeted.charge_keys == ("sg:{g:default}:k:k:spent", "sg:{g:default}:k:k:holds", "sg:{g:default}:k:k:held")
+    assert budgeted.model.args == (1, 1, 600_000, 0, 5, 5 / 60, 1, 100, "")
+    spent = ("sg:{g:default}:k:k:spent", "sg:{g:default}:k:k:money", "sg:{g:default}:g:money")
+    assert budgeted.charge_keys == (*spent, "sg:{g:default}:k:k:holds", "sg:{g:default}:k:k:held")
     plain = limits_for(None, rpm=5)
     assert plain.model is not None and not plain.model.budgeted
     assert plain.model.keys == ("sg:{g:default}:k:k:rpm",)
-    assert not plain.charges_tokens
+    # Every key's spending is counted, with or without a budget.
+    assert plain.charge_keys == spent
     assert limits_for(None).model is None
 
 
@@ -85,39 +88,39 @@ def test_hold_ids_differ_across_processes_and_requests() -> None:
 async def test_admission_holds_at_most_what_is_available(limiter: Limiter, view: redis.Redis) -> None:
     limits = limits_for(100)
     assert limits.model is not None
-    first = await limiter.admit(limits.model, 60)
-    second = await limiter.admit(limits.model, 60)
-    assert first.hold is not None and first.hold.endswith(":60")
-    assert second.hold is not None and second.hold.endswith(":40")
+    first = await limiter.admit(limits.model, (60,), "h1")
+    second = await limiter.admit(limits.model, (60,), "h2")
+    assert first.held == ("60",)
+    assert second.held == ("40",)
     assert held(view) == 100
     with pytest.raises(RateLimited) as info:
-        await limiter.admit(limits.model, 60)
+        await limiter.admit(limits.model, (60,), "h3")
     assert "held by requests in flight" in info.value.message
     assert dict(info.value.headers) == {b"retry-after": b"1", b"retry-after-ms": b"1000"}
     assert (info.value.scope, info.value.limit) == ("key", "budget")
     # Settles: 70 used of 60 held (10 over), 5 used of 40 held (35 released).
-    await limiter.settle(limits, first.hold, 70)
-    await limiter.settle(limits, second.hold, 5)
+    await limiter.settle(limits, "h1", first.held, 70)
+    await limiter.settle(limits, "h2", second.held, 5)
     assert int(view.get("sg:{g:default}:k:k:spent") or 0) == 75
     assert held(view) == 0
     assert not view.exists("sg:{g:default}:k:k:holds", "sg:{g:default}:k:k:held")
-    third = await limiter.admit(limits.model, 60)
-    assert third.hold is not None and third.hold.endswith(":25")
-    await limiter.settle(limits, third.hold, 30)
+    third = await limiter.admit(limits.model, (60,), "h4")
+    assert third.held == ("25",)
+    await limiter.settle(limits, "h4", third.held, 30)
     with pytest.raises(InsufficientQuota):
-        await limiter.admit(limits.model, 60)
+        await limiter.admit(limits.model, (60,), "h5")
 
 
 async def test_a_request_refused_by_a_bucket_holds_nothing(limiter: Limiter, view: redis.Redis) -> None:
     limits = limits_for(1000, rpm=1)
     assert limits.model is not None
-    admitted = await limiter.admit(limits.model, 10)
+    admitted = await limiter.admit(limits.model, (10,), "h6")
     with pytest.raises(RateLimited) as info:
-        await limiter.admit(limits.model, 10)
+        await limiter.admit(limits.model, (10,), "h7")
     assert info.value.limit == "rpm"
     assert held(view) == 10
     assert view.zcard("sg:{g:default}:k:k:holds") == 1
-    await limiter.settle(limits, admitted.hold, 0)
+    await limiter.settle(limits, "h6", admitted.held, 0)
     assert held(view) == 0
 
 
@@ -126,24 +129,24 @@ async def test_expired_holds_are_dropped_once_and_their_late_settle_only_charges
 ) -> None:
     limits = limits_for(100, hold_ttl_s=0.2)
     assert limits.model is not None
-    late = await limiter.admit(limits.model, 100)
+    late = await limiter.admit(limits.model, (100,), "h8")
     assert 0 < view.pttl("sg:{g:default}:k:k:holds") <= 1200
     with pytest.raises(RateLimited):
-        await limiter.admit(limits.model, 100)
+        await limiter.admit(limits.model, (100,), "h9")
     await asyncio.sleep(0.3)
-    fresh = await limiter.admit(limits.model, 30)
-    assert fresh.hold is not None and fresh.hold.endswith(":30")
+    fresh = await limiter.admit(limits.model, (30,), "h10")
+    assert fresh.held == ("30",)
     assert held(view) == 30
-    await limiter.settle(limits, late.hold, 50)
+    await limiter.settle(limits, "h8", late.held, 50)
     assert held(view) == 30
-    await limiter.settle(limits, fresh.hold, 20)
+    await limiter.settle(limits, "h10", fresh.held, 20)
     assert held(view) == 0
     assert int(view.get("sg:{g:default}:k:k:spent") or 0) == 70
 
 
 async def test_a_settle_without_a_hold_or_usage_writes_nothing(limiter: Limiter, view: redis.Redis) -> None:
     limits = limits_for(100)
-    await limiter.settle(limits, None, 0)
+    await limiter.settle(limits, "", limits.nothing_held, 0)
     assert view.keys("*") == []
 
 
@@ -268,3 +271,91 @@ async def test_call_while_open_raises_without_sending(own_redis: RedisServer) ->
         assert await limiter.call(limiter.client.get("sg:test:written")) is None
     finally:
         await limiter.close()
+
+
+def money_limits(
+    budget: float | None, period: str | None = None, offset_s: int = 0, group_budget: float | None = None
+) -> KeyLimits:
+    key = KeySettings(name="k", sha256="0" * 64, group="g", budget=budget, budget_period=period)
+    group = GroupSettings("g", budget=group_budget, budget_period=period)
+    return KeyLimits.build(key, group, LimitSettings(reserve_tokens=1024, clock_offset_s=offset_s))
+
+
+def offset_to(view: redis.Redis, moment: str) -> int:
+    """The clock offset that puts Redis' clock at this UTC moment (give or take the second this takes)."""
+    target = calendar.timegm(time.strptime(moment, "%Y-%m-%dT%H:%M:%S"))
+    seconds, _ = view.time()
+    return target - int(seconds)
+
+
+@pytest.mark.parametrize(
+    ("moment", "month"),
+    [
+        ("2028-02-29T23:59:50", "2028-02"),  # a leap day
+        ("2028-03-01T00:00:10", "2028-03"),
+        ("2029-12-31T23:59:50", "2029-12"),
+        ("2030-01-01T00:00:10", "2030-01"),
+        ("2100-02-28T23:59:50", "2100-02"),  # no leap day in 2100
+        ("2100-03-01T00:00:10", "2100-03"),
+        ("1999-12-31T23:59:50", "1999-12"),
+    ],
+)
+async def test_spending_goes_to_the_month_of_the_redis_clock(
+    limiter: Limiter, view: redis.Redis, moment: str, month: str
+) -> None:
+    limits = money_limits(1.0, "month", offset_to(view, moment))
+    await limiter.settle(limits, "", limits.nothing_held, 10, 123)
+    assert view.hgetall("sg:{g:g}:k:k:money") == {b"total": b"123", b"month": b"123", b"period": month.encode()}
+    assert view.hgetall("sg:{g:g}:g:money") == {b"total": b"123", b"month": b"123", b"period": month.encode()}
+
+
+async def test_a_monthly_money_budget_renews_on_the_first_and_a_lifetime_one_does_not(
+    limiter: Limiter, view: redis.Redis
+) -> None:
+    january = money_limits(1.0, "month", offset_to(view, "2030-01-31T23:50:00"))
+    february = money_limits(1.0, "month", offset_to(view, "2030-02-01T00:10:00"))
+    lifetime = money_limits(1.0, None, offset_to(view, "2030-02-01T00:10:00"))
+    assert january.model is not None and february.model is not None and lifetime.model is not None
+    first = await limiter.admit(january.model, (600_000,), "a")
+    second = await limiter.admit(january.model, (600_000,), "b")
+    assert (first.held, second.held) == (("600000",), ("400000",))  # all that is left
+    await limiter.settle(january, "a", first.held, 10, 700_000)  # over its hold: charged all the same
+    await limiter.settle(january, "b", second.held, 10, 300_000)
+    with pytest.raises(InsufficientQuota) as info:
+        await limiter.admit(january.model, (1,), "c")
+    assert info.value.message == "This API key's budget is spent. Ask the gateway's operators to raise it."
+    with pytest.raises(InsufficientQuota):
+        await limiter.admit(lifetime.model, (1,), "d")
+    # February: the month's spend starts from nothing; the reset is written by the first settle in it.
+    renewed = await limiter.admit(february.model, (600_000,), "e")
+    assert renewed.held == ("600000",)
+    await limiter.settle(february, "e", renewed.held, 10, 50_000)
+    assert view.hgetall("sg:{g:g}:k:k:money") == {b"total": b"1050000", b"month": b"50000", b"period": b"2030-02"}
+    # A process whose clock is still in January spends in the stored, later month: it never resets it back.
+    late = await limiter.admit(january.model, (1_000_000,), "f")
+    assert late.held == ("950000",)
+    await limiter.settle(january, "f", late.held, 10, 1)
+    assert view.hget("sg:{g:g}:k:k:money", "month") == b"50001"
+    assert view.hget("sg:{g:g}:k:k:money", "period") == b"2030-02"
+
+
+async def test_a_group_money_budget_holds_across_its_keys(limiter: Limiter, view: redis.Redis) -> None:
+    one = money_limits(None, group_budget=0.001)
+    other = KeyLimits.build(
+        KeySettings(name="other", sha256="1" * 64, group="g"), GroupSettings("g", budget=0.001), LimitSettings()
+    )
+    assert one.model is not None and other.model is not None
+    first = await limiter.admit(one.model, (800,), "a")
+    with pytest.raises(RateLimited) as info:
+        second = await limiter.admit(other.model, (800,), "b")
+        await limiter.admit(other.model, (800,), "c")
+    assert info.value.message.startswith("The rest of this key group's budget is held by requests in flight.")
+    assert (info.value.scope, info.value.limit) == ("group", "money_budget")
+    assert second.held == ("200",)
+    await limiter.settle(one, "a", first.held, 10, 900)
+    await limiter.settle(other, "b", second.held, 10, 150)
+    assert view.hget("sg:{g:g}:g:money", "total") == b"1050"
+    with pytest.raises(InsufficientQuota) as spent:
+        await limiter.admit(one.model, (1,), "d")
+    assert "key group's budget is spent" in spent.value.message
+    assert not view.exists("sg:{g:g}:g:money_holds", "sg:{g:g}:g:money_held")

@@ -16,7 +16,8 @@ async def nothing(asked: Asked) -> Answer:
 TABLE = RouteTable(
     Row("/healthz", nothing, access=Access.OPEN),
     Row("/models", nothing),
-    Row("/admin/keys/{name}/usage", nothing),
+    Row("/keys/{name}/usage", nothing),
+    Row("/admin/keys/{name}/usage", nothing, access=Access.ADMIN),
 )
 
 
@@ -28,15 +29,19 @@ TABLE = RouteTable(
         ("/api/v1/healthz", "/healthz", {}),
         ("/v1/models", "/models", {}),
         ("/api/v1/models", "/models", {}),
-        ("/v1/admin/keys/alice/usage", "/admin/keys/{name}/usage", {"name": "alice"}),
+        ("/v1/keys/alice/usage", "/keys/{name}/usage", {"name": "alice"}),
         # A KEY row is only under a prefix.
         ("/models", None, None),
-        ("/admin/keys/alice/usage", None, None),
+        ("/keys/alice/usage", None, None),
+        # An ADMIN row only at the root.
+        ("/admin/keys/alice/usage", "/admin/keys/{name}/usage", {"name": "alice"}),
+        ("/v1/admin/keys/alice/usage", None, None),
         # Not the row's shape: left to passthrough.
         ("/v1/models/", None, None),
         ("/v1/models/mock-chat", None, None),
-        ("/v1/admin/keys//usage", None, None),
-        ("/v1/admin/keys/alice/usage/x", None, None),
+        ("/v1/keys//usage", None, None),
+        ("/v1/keys/alice/usage/x", None, None),
+        ("/admin/keys//usage", None, None),
         ("/v2/healthz", None, None),
         ("/v1", None, None),
     ],

@@ -509,3 +509,71 @@ def test_bad_redis_url_names_the_variable_it_came_from() -> None:
     with pytest.raises(ConfigError) as info:
         parse_settings({**raw, "redis": {"url": "redis://h:99999/0"}}, {})
     assert info.value.problems == ["redis.url: Port out of range 0-65535"]
+
+
+def test_money_budgets_for_keys_and_groups_with_an_optional_month() -> None:
+    raw = minimal(
+        groups={"team": {"budget": 25, "budget_period": "month"}},
+        keys=[
+            {"name": "a", "sha256": "a" * 64, "group": "team", "budget": 2.5},
+            {"name": "b", "sha256": "b" * 64, "budget": 0, "budget_period": "month"},
+        ],
+        prices=[{"model": "mock-*", "input": 1, "output": 2}],
+    )
+    settings = parse_settings(raw, env={})
+    assert settings.groups["team"] == GroupSettings("team", budget=25.0, budget_period="month")
+    a, b = settings.keys["a" * 64], settings.keys["b" * 64]
+    assert (a.budget, a.budget_period, b.budget, b.budget_period) == (2.5, None, 0.0, "month")
+    assert settings.warnings == ()
+
+
+def test_money_budget_problems_name_the_key() -> None:
+    raw = minimal(
+        groups={"team": {"budget": -1, "budget_period": "week"}},
+        keys=[{"name": "a", "sha256": "a" * 64, "budget": "5"}],
+    )
+    assert problems_of(raw) == [
+        "groups.team.budget: must be >= 0, got -1",
+        "groups.team.budget_period: expected 'month' (omitted: lifetime), got 'week'",
+        "keys[0].budget: expected a number, got the quoted string '5' (write it without quotes)",
+    ]
+
+
+def test_a_model_a_money_budget_may_use_without_a_price_is_flagged() -> None:
+    providers = [{**PROVIDER, "models": ["mock-chat", "deepseek-*", "other"]}]
+    raw = {
+        "providers": providers,
+        "aliases": {"cheap": "mock-chat"},
+        "groups": {"team": {"budget": 10}},
+        "keys": [
+            {"name": "narrow", "sha256": "a" * 64, "budget": 1, "models": ["cheap", "deepseek-chat"]},
+            {"name": "member", "sha256": "b" * 64, "group": "team", "models": ["other"]},
+            {"name": "free", "sha256": "c" * 64},  # no money budget: nothing to flag
+        ],
+        "prices": [{"model": "mock-chat", "input": 1, "output": 2}],
+    }
+    settings = parse_settings(raw, env={})
+    assert settings.warnings == (
+        # Its own exact name, that the provider's glob serves; not the glob itself, which it may not use.
+        "key 'narrow' has a budget in money, but these models it may use have no [[prices]]: 'deepseek-chat'; "
+        "their requests spend nothing of it",
+        "key 'member' has a budget in money, but these models it may use have no [[prices]]: 'other'; "
+        "their requests spend nothing of it",
+    )
+    priced = {**raw, "prices": [*raw["prices"], {"model": "deepseek-*", "input": 1, "output": 2}]}
+    assert (
+        parse_settings(priced, env={})
+        .warnings[0]
+        .endswith("no [[prices]]: 'other'; their requests spend nothing of it")
+    )
+
+
+def test_the_tests_clock_offset_is_read_from_the_environment_and_said_out_loud() -> None:
+    settings = parse_settings(minimal(), env={"SLUICEGATE_TEST_CLOCK_OFFSET_S": "-3600"})
+    assert settings.limits.clock_offset_s == -3600
+    assert settings.warnings == (
+        "SLUICEGATE_TEST_CLOCK_OFFSET_S is set: budget periods follow a clock -3600 s off (for tests)",
+    )
+    assert problems_of(minimal(), env={"SLUICEGATE_TEST_CLOCK_OFFSET_S": "soon"}) == [
+        "SLUICEGATE_TEST_CLOCK_OFFSET_S: expected a whole number of seconds, got 'soon'"
+    ]
