@@ -26,6 +26,9 @@ class Counts(Enum):
     MONEY = auto()  # the answer's cost at the model's price, charged when it settles
 
 
+ASK_OPERATORS = "Ask the gateway's operators to raise it."  # a 402's last words without [limits] budget_message
+
+
 @dataclass(frozen=True, slots=True)
 class LimitKind:
     name: str  # the config key and `keys new --NAME`; a bucket's name in 429 messages
@@ -45,9 +48,9 @@ class LimitKind:
     def limit_label(self) -> str:
         return self.label or self.name
 
-    def spent_message(self, scope: Scope) -> str:
-        """A budget's 402."""
-        return f"This {_OWNER[scope]} {self.noun} is spent. Ask the gateway's operators to raise it."
+    def spent_message(self, scope: Scope, top_up: str = "") -> str:
+        """A budget's 402; `top_up` is the operator's own words from [limits] budget_message."""
+        return f"This {_OWNER[scope]} {self.noun} is spent. {top_up or ASK_OPERATORS}"
 
     def held_message(self, scope: Scope, retry_in: str) -> str:
         """A budget's 429: all that is left is held by requests in flight."""

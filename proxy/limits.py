@@ -216,6 +216,7 @@ class Plan:
     keys: tuple[str, ...]
     args: tuple[Any, ...]
     call: Prepared  # the EVALSHA, packed once
+    top_up: str = ""  # [limits] budget_message, for a spent budget's 402
 
     @property
     def budgeted(self) -> bool:
@@ -230,7 +231,7 @@ class Plan:
             args += [budget.amount, budget.counted]
         keys = [b.redis_key for b in buckets] + [k for budget in budgets for k in budget.keys]
         call = Prepared(ADMIT, keys, args, more=len(budgets) + 1 if budgets else 0)
-        return cls(buckets, budgets, tuple(keys), tuple(args), call)
+        return cls(buckets, budgets, tuple(keys), tuple(args), call, limits.budget_message)
 
 
 @dataclass(frozen=True, slots=True)
@@ -450,7 +451,8 @@ class Limiter:
             return Admission(ratelimit_headers(plan, result), tuple(str(h) for h in result[3 : 3 + len(budgets)]))
         if verdict == -1:
             budget = budgets[worst - 1]
-            raise InsufficientQuota(budget.kind.spent_message(budget.scope), headers=((b"x-should-retry", b"false"),))
+            message = budget.kind.spent_message(budget.scope, plan.top_up)
+            raise InsufficientQuota(message, headers=((b"x-should-retry", b"false"),))
         if verdict == -2:
             budget = budgets[worst - 1]
             raise RateLimited(

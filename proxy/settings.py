@@ -78,6 +78,7 @@ class LimitSettings:
     reserve_tokens: int = 1024  # held of a budget per request that names no max_tokens
     hold_ttl_s: float = 600.0  # a hold left by a worker that died is dropped after this
     clock_offset_s: int = 0  # added to Redis time for budget periods: tests only, from CLOCK_OFFSET_ENV
+    budget_message: str = ""  # a spent budget's 402 says this (how to top up) instead of "ask the operators"
 
 
 @dataclass(frozen=True, slots=True)
@@ -352,7 +353,11 @@ def _events(raw: Mapping[str, Any], problems: list[str]) -> EventSettings:
 
 def _limits(raw: Mapping[str, Any], env: Mapping[str, str], problems: list[str], warnings: list[str]) -> LimitSettings:
     r = _Reader(_table(raw, "limits", problems), "limits", problems)
-    r.unknown({"reserve_tokens", "hold_ttl_s"})
+    r.unknown({"reserve_tokens", "hold_ttl_s", "budget_message"})
+    message = (r.text("budget_message") or "").strip()
+    if len(message) > 500:
+        problems.append(f"limits.budget_message: at most 500 characters, got {len(message)}")
+        message = ""
     offset = 0
     shifted = env.get(CLOCK_OFFSET_ENV)
     if shifted:
@@ -366,6 +371,7 @@ def _limits(raw: Mapping[str, Any], env: Mapping[str, str], problems: list[str],
         reserve_tokens=r.count("reserve_tokens", 1024) or 0,
         hold_ttl_s=r.number("hold_ttl_s", 600.0, minimum=1.0),
         clock_offset_s=offset,
+        budget_message=message,
     )
 
 

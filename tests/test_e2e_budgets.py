@@ -165,6 +165,17 @@ def micros(row: list[str], column: int) -> int:
     return round(float(row[column]) * 1_000_000)
 
 
+def test_a_spent_budget_says_how_to_top_up_in_the_operators_words(budgets_factory: Callable[..., Budgets]) -> None:
+    words = "Top up at https://billing.example.test/keys (cards and invoices)."
+    budgets = budgets_factory({"tiny": "budget = 0.000001"}, f'[limits]\nbudget_message = "{words}"\n')
+    answers = [budgets.post("tiny") for _ in range(3)]
+    refused = [a for a in answers if a.status_code == 402]
+    assert refused, [a.status_code for a in answers]
+    error = refused[0].json()["error"]
+    assert error["message"].startswith(f"This API key's budget is spent. {words}")
+    assert (error["code"], refused[0].headers["x-should-retry"]) == ("insufficient_quota", "false")
+
+
 def assert_spent_402(resp: httpx.Response, whose: str) -> dict[str, Any]:
     assert resp.status_code == 402
     assert resp.headers["x-should-retry"] == "false"
