@@ -63,7 +63,9 @@ printf '%s\n' "$OUT" | head -c 600; echo
 step "the banner's keys usage command"
 OUT=$(bash -c "$USAGE") || { printf '%s\n' "$OUT"; fail "keys usage failed"; }
 printf '%s\n' "$OUT"
-printf '%s' "$OUT" | grep -q "demo" || fail "keys usage does not show the demo key"
+SPENT=$(printf '%s\n' "$OUT" | awk '$1 == "demo" { print $3 }')
+[ -n "$SPENT" ] || fail "keys usage does not show the demo key"
+[ "$SPENT" -gt 0 ] 2>/dev/null || fail "keys usage says the demo key spent $SPENT tokens after the curl"
 
 kill -INT "$DEMO_PID"; wait "$DEMO_PID" || true; DEMO_PID=
 
