@@ -15,7 +15,7 @@ from .billing import held_in, key_money, money
 from .events import REDIS_STREAM
 from .limit_kinds import TOKEN_BUDGET, kinds_for
 from .limits import Bucket, Limiter, LimiterFailure, buckets_for, budget_keys, format_duration
-from .redact import safe_url
+from .redis_clients import describe
 from .settings import NAME_RE, KeySettings, Settings
 
 
@@ -119,7 +119,7 @@ async def keys_usage(settings: Settings, name: str | None) -> tuple[list[str], i
         for key in sorted(keys, key=lambda k: k.name):
             lines.append(usage_line(await key_usage(limiter, settings, key)))
     except LimiterFailure as exc:
-        return [f"Redis at {safe_url(settings.redis.url)} does not answer ({exc})"], 2
+        return [f"{describe(settings.redis)} does not answer ({exc})"], 2
     finally:
         await limiter.close()
     return lines, 0
@@ -150,7 +150,7 @@ async def search_redis(settings: Settings, request_id: str) -> tuple[list[bytes]
     try:
         entries = await limiter.call(limiter.client.xrange(REDIS_STREAM))
     except LimiterFailure as exc:
-        return [f"Redis at {safe_url(settings.redis.url)} does not answer ({exc})".encode()], 2
+        return [f"{describe(settings.redis)} does not answer ({exc})".encode()], 2
     finally:
         await limiter.close()
     found = list(find_events((fields[b"event"] for _, fields in entries), request_id))

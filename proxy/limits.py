@@ -25,13 +25,11 @@ from dataclasses import dataclass
 from importlib.resources import files
 from typing import Any
 
-import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from .errors import Header, InsufficientQuota, LimiterUnavailable, RateLimited
 from .limit_kinds import BUCKET_KINDS, BUDGET_KINDS, Counts, LimitKind, Scope
+from .redis_clients import open_clients
 from .redis_pipe import Pipe, Prepared, Script, pack_command
 from .settings import GroupSettings, KeySettings, LimitSettings, RedisSettings
 
@@ -347,18 +345,8 @@ class Limiter:
     ) -> None:
         self.settings = settings
         self.timeout_s = settings.timeout_s
-        self.client = aioredis.Redis.from_url(
-            settings.url,
-            socket_timeout=settings.timeout_s,
-            socket_connect_timeout=settings.timeout_s,
-            # One immediate retry: a pooled connection may be stale after a Redis restart.
-            retry=Retry(NoBackoff(), 1),
-        )
-        # The scripts go through a pipe of their own: its connection has no per-call timeouts,
-        # the pipe bounds each write's replies instead (redis_pipe.py).
-        self._pipe_pool = aioredis.ConnectionPool.from_url(
-            settings.url, socket_timeout=None, socket_connect_timeout=settings.timeout_s, retry=Retry(NoBackoff(), 0)
-        )
+        self.clients = open_clients(settings)
+        self.client = self.clients.client
         self._pipe: Pipe | None = None
         self.hold_ids = HoldIds()
         self.on_error = on_error
@@ -370,7 +358,7 @@ class Limiter:
             await asyncio.gather(*self._background, return_exceptions=True)
         if self._pipe is not None:
             await self._pipe.close()
-        await self.client.aclose()
+        await self.clients.close()
 
     def in_background(self, settle: Awaitable[None]) -> None:
         """A settle nobody waits for; kept referenced until done, and awaited at close."""
@@ -391,7 +379,7 @@ class Limiter:
 
     def _the_pipe(self) -> Pipe:
         if self._pipe is None:
-            self._pipe = Pipe(self._pipe_pool.make_connection, self.timeout_s)
+            self._pipe = Pipe(self.clients.pipe_pool.make_connection, self.timeout_s)
         return self._pipe
 
     async def _eval(self, call: Prepared, more: tuple[Any, ...]) -> Any:

@@ -15,7 +15,9 @@ hiredis right where asyncio delivers the bytes: no reader task, so a call's
 answer reaches its request one turn of the loop sooner.
 
 A connection that does not answer within `timeout_s` of a write, or breaks,
-fails every call waiting on it and is dropped; the next call connects afresh.
+fails every call waiting on it and is dropped; the next call connects afresh
+through the factory (in sentinel mode, to whichever primary the sentinels name
+then). So is one that answers READONLY: its Redis was demoted to a replica.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from typing import Any, cast
 import hiredis
 from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, RedisError, ResponseError
+from redis.exceptions import NoScriptError, ReadOnlyError, RedisError, ResponseError
 
 ConnectionFactory = Callable[[], AbstractConnection]
 
@@ -93,9 +95,18 @@ class _Replies(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self._parser.feed(data)
         while (reply := self._parser.gets()) is not False:
-            if isinstance(reply, ResponseError) and str(reply).startswith("NOSCRIPT"):
-                reply = NoScriptError(str(reply))
+            demoted = False
+            if isinstance(reply, ResponseError):
+                if str(reply).startswith("NOSCRIPT"):
+                    reply = NoScriptError(str(reply))
+                elif str(reply).startswith("READONLY"):
+                    reply, demoted = ReadOnlyError(str(reply)), True
             if not self._pipe._reply(self, reply):
+                return
+            if demoted:
+                # The primary this connection reached is a replica now (it missed a failover):
+                # connect afresh, which in sentinel mode asks the sentinels for the current primary.
+                self._pipe._lost(self, RedisConnectionError("Redis was a primary and is now a replica"))
                 return
 
     def connection_lost(self, exc: Exception | None) -> None:

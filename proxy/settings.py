@@ -64,6 +64,11 @@ class RedisSettings:
     timeout_s: float = 0.25
     circuit_failures: int = 3  # consecutive failures that open the circuit
     circuit_cooldown_s: float = 5.0  # how long no request waits on Redis once it is open
+    # "sentinel": the primary is whichever the sentinels name for `service`; `url` then gives only
+    # the password, ACL user, db and TLS of the data nodes (its host and port are not used).
+    mode: Literal["single", "sentinel"] = "single"
+    sentinels: tuple[tuple[str, int], ...] = ()
+    service: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -321,7 +326,9 @@ def _server(raw: Mapping[str, Any], env: Mapping[str, str], problems: list[str])
 
 def _redis(raw: Mapping[str, Any], env: Mapping[str, str], problems: list[str]) -> RedisSettings:
     r = _Reader(_table(raw, "redis", problems), "redis", problems)
-    r.unknown({"url", "on_error", "timeout_s", "circuit_failures", "circuit_cooldown_s"})
+    r.unknown(
+        {"url", "on_error", "timeout_s", "circuit_failures", "circuit_cooldown_s", "mode", "sentinels", "service"}
+    )
     default_url = "redis://127.0.0.1:6379/0"
     url = env.get("REDIS_URL") or r.text("url", default_url) or default_url
     where = "REDIS_URL" if env.get("REDIS_URL") else "redis.url"
@@ -332,13 +339,41 @@ def _redis(raw: Mapping[str, Any], env: Mapping[str, str], problems: list[str]) 
             parse_url(url)  # type: ignore[no-untyped-call]
         except ValueError as exc:
             problems.append(f"{where}: {exc}")
+    mode = r.choice("mode", "single", ("single", "sentinel", "cluster"))
+    if mode == "cluster":
+        problems.append('redis.mode: mode = "cluster" is not supported yet')
+        mode = "single"
+    sentinels = r.names("sentinels")
+    service = r.text("service")
+    if mode == "sentinel":
+        if not sentinels:
+            problems.append('redis.sentinels: mode = "sentinel" needs the sentinels, as ["host:port", ...]')
+        if not service:
+            problems.append('redis.service: mode = "sentinel" needs the name the sentinels monitor, e.g. "mymaster"')
+        if url.startswith("unix://"):
+            problems.append(f"{where}: in sentinel mode the sentinels name the primary; use redis:// or rediss://")
+    else:
+        for key, given in (("sentinels", sentinels), ("service", service)):
+            if given is not None:
+                problems.append(f'redis.{key}: only used with mode = "sentinel"')
     return RedisSettings(
         url=url,
         on_error=r.choice("on_error", "allow", ("allow", "deny")),
         timeout_s=r.number("timeout_s", 0.25, minimum=0.001),
         circuit_failures=r.count("circuit_failures", 3, minimum=1) or 3,
         circuit_cooldown_s=r.number("circuit_cooldown_s", 5.0, minimum=0.001),
+        mode=mode,
+        sentinels=tuple(_sentinel_address(s, problems) for s in sentinels or ()) if mode == "sentinel" else (),
+        service=(service or "") if mode == "sentinel" else "",
     )
+
+
+def _sentinel_address(text: str, problems: list[str]) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) <= 65535:
+        problems.append(f"redis.sentinels: expected HOST:PORT, got {text!r}")
+        return "127.0.0.1", 26379
+    return host.strip("[]"), int(port)
 
 
 def _events(raw: Mapping[str, Any], problems: list[str]) -> EventSettings:

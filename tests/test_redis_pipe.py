@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import NoScriptError, ReadOnlyError, ResponseError
 
 from proxy.redis_pipe import Pipe, Prepared, Script, pack_command
 from tests.conftest import RedisServer, free_port
@@ -186,3 +186,35 @@ async def test_close_sends_what_is_still_queued(loaded: RedisServer) -> None:
     lazy = pipe.call(Prepared(ECHO, ["last"], [1]).pack(), lazy=True)
     await pipe.close()
     assert lazy.result() == [b"last", b"1"]
+
+
+async def test_a_primary_demoted_to_replica_is_left_for_the_one_the_factory_names_now(tmp_path: Path) -> None:
+    """As in a failover the old primary missed: READONLY fails that call, and the next connects afresh."""
+    old = RedisServer(free_port(), tmp_path / "old.log").start()
+    new = RedisServer(free_port(), tmp_path / "new.log").start()
+    pools = {
+        server.port: aioredis.ConnectionPool.from_url(server.url, socket_connect_timeout=1) for server in (old, new)
+    }
+    primary = [old.port]  # what a sentinel would answer
+    made: list[int] = []
+
+    def factory() -> Any:
+        made.append(primary[0])
+        return pools[primary[0]].make_connection()
+
+    pipe = Pipe(factory, 1.0)
+    admin = aioredis.Redis.from_url(old.url)
+    write = pack_command(b"SET", b"k", b"v")
+    try:
+        assert await pipe.call(write) == b"OK"
+        await admin.replicaof("127.0.0.1", new.port)
+        primary[0] = new.port
+        demoted = await pipe.call(write)
+        assert isinstance(demoted, ReadOnlyError)
+        assert await pipe.call(write) == b"OK"
+        assert made == [old.port, new.port]
+    finally:
+        await admin.aclose()
+        await pipe.close()
+        old.stop()
+        new.stop()

@@ -296,6 +296,30 @@ def test_limits_values_from_the_file() -> None:
         (minimal(redis={"circuit_failures": 0}), ["redis.circuit_failures: must be >= 1, got 0"]),
         (minimal(redis={"circuit_cooldown_s": -1}), ["redis.circuit_cooldown_s: must be >= 0.001, got -1"]),
         (minimal(events={"sink": "stderr"}), ["events.sink: expected one of stdout, file, redis, off, got 'stderr'"]),
+        (minimal(redis={"mode": "cluster"}), ['redis.mode: mode = "cluster" is not supported yet']),
+        (
+            minimal(redis={"mode": "replicas"}),
+            ["redis.mode: expected one of single, sentinel, cluster, got 'replicas'"],
+        ),
+        (
+            minimal(redis={"mode": "sentinel"}),
+            [
+                'redis.sentinels: mode = "sentinel" needs the sentinels, as ["host:port", ...]',
+                'redis.service: mode = "sentinel" needs the name the sentinels monitor, e.g. "mymaster"',
+            ],
+        ),
+        (
+            minimal(redis={"mode": "sentinel", "sentinels": ["s1:26379", "s2", "s3:0"], "service": "m"}),
+            ["redis.sentinels: expected HOST:PORT, got 's2'", "redis.sentinels: expected HOST:PORT, got 's3:0'"],
+        ),
+        (
+            minimal(redis={"mode": "sentinel", "sentinels": ["s:1"], "service": "m", "url": "unix:///run/r.sock"}),
+            ["redis.url: in sentinel mode the sentinels name the primary; use redis:// or rediss://"],
+        ),
+        (
+            minimal(redis={"sentinels": ["s:26379"], "service": "m"}),
+            ['redis.sentinels: only used with mode = "sentinel"', 'redis.service: only used with mode = "sentinel"'],
+        ),
         ({"providers": []}, ["providers: at least one [[providers]] table is required"]),
         ({}, ["providers: at least one [[providers]] table is required"]),
         ({"providers": PROVIDER}, ["providers: expected an array of tables ([[providers]])"]),
@@ -577,3 +601,17 @@ def test_the_tests_clock_offset_is_read_from_the_environment_and_said_out_loud()
     assert problems_of(minimal(), env={"SLUICEGATE_TEST_CLOCK_OFFSET_S": "soon"}) == [
         "SLUICEGATE_TEST_CLOCK_OFFSET_S: expected a whole number of seconds, got 'soon'"
     ]
+
+
+def test_sentinel_mode_reads_the_sentinels_and_the_service_and_keeps_the_url_for_credentials() -> None:
+    redis = {
+        "mode": "sentinel",
+        "sentinels": ["10.0.0.1:26379", "[::1]:26380"],
+        "service": "mymaster",
+        "url": "rediss://gateway:secret@ignored:6379/2",
+    }
+    settings = parse_settings(minimal(redis=redis), env={})
+    assert (settings.redis.mode, settings.redis.service) == ("sentinel", "mymaster")
+    assert settings.redis.sentinels == (("10.0.0.1", 26379), ("::1", 26380))
+    assert settings.redis.url == "rediss://gateway:secret@ignored:6379/2"
+    assert parse_settings(minimal(), env={}).redis.mode == "single"

@@ -1,0 +1,97 @@
+"""The limiter's Redis connections, built from `[redis] mode`.
+
+Two kinds per worker: redis-py's pooled client (with per-call timeouts) for the
+odd command (`keys usage`, event records, /readyz), and a pool whose
+`make_connection` feeds the script pipe (redis_pipe.py), which bounds its own
+replies.
+
+In sentinel mode both connect through redis-py's asyncio Sentinel: every new
+connection asks the sentinels for the current primary of `service`, so after a
+failover the next connection goes to the promoted replica with no restart. The
+URL then gives only what the data nodes need (password, ACL user, db, TLS); its
+host and port are not used. The sentinels themselves are reached over plain TCP
+without a password.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.asyncio.connection import SSLConnection, parse_url
+from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
+from redis.backoff import NoBackoff
+
+from .redact import safe_url
+from .settings import RedisSettings
+
+
+@dataclass(frozen=True, slots=True)
+class RedisClients:
+    client: aioredis.Redis
+    pipe_pool: aioredis.ConnectionPool  # its make_connection opens the script pipe's connection
+    sentinel: Sentinel | None = None
+
+    async def close(self) -> None:
+        await self.client.aclose()
+        await self.pipe_pool.aclose()
+        if self.sentinel is not None:
+            await self.sentinel.aclose()
+
+
+def open_clients(settings: RedisSettings) -> RedisClients:
+    timeout_s = settings.timeout_s
+    # One immediate retry: a pooled connection may be stale after a Redis restart or a failover.
+    client_options: dict[str, Any] = {
+        "socket_timeout": timeout_s,
+        "socket_connect_timeout": timeout_s,
+        "retry": Retry(NoBackoff(), 1),
+    }
+    # The pipe's connection has no per-call timeout: the pipe bounds each write's replies instead.
+    pipe_options: dict[str, Any] = {
+        "socket_timeout": None,
+        "socket_connect_timeout": timeout_s,
+        "retry": Retry(NoBackoff(), 0),
+    }
+    if settings.mode == "single":
+        return RedisClients(
+            client=aioredis.Redis.from_url(settings.url, **client_options),
+            pipe_pool=aioredis.ConnectionPool.from_url(settings.url, **pipe_options),
+        )
+    sentinel = Sentinel(  # type: ignore[no-untyped-call]
+        settings.sentinels,
+        # A sentinel that does not answer is skipped for the next one: no retries.
+        sentinel_kwargs={
+            "socket_timeout": timeout_s,
+            "socket_connect_timeout": timeout_s,
+            "retry": Retry(NoBackoff(), 0),
+        },
+        **data_node_options(settings.url),
+    )
+    pipe_pool = SentinelConnectionPool(  # type: ignore[no-untyped-call]
+        settings.service, sentinel, is_master=True, **{**sentinel.connection_kwargs, **pipe_options}
+    )
+    return RedisClients(
+        client=sentinel.master_for(settings.service, **client_options), pipe_pool=pipe_pool, sentinel=sentinel
+    )
+
+
+def data_node_options(url: str) -> dict[str, Any]:
+    """What the URL says about the data nodes besides where they are: password, ACL user, db, TLS."""
+    options: dict[str, Any] = dict(parse_url(url))
+    options.pop("host", None)
+    options.pop("port", None)
+    # The sentinel pool picks its own connection class (SentinelManagedSSLConnection for TLS).
+    if options.pop("connection_class", None) is SSLConnection:
+        options["ssl"] = True
+    return options
+
+
+def describe(settings: RedisSettings) -> str:
+    """Which Redis, for messages: the URL without its password, or the service and its sentinels."""
+    if settings.mode == "sentinel":
+        sentinels = ", ".join(f"{host}:{port}" for host, port in settings.sentinels)
+        return f"Redis primary of {settings.service!r} (sentinels {sentinels})"
+    return f"Redis at {safe_url(settings.url)}"

@@ -1,0 +1,55 @@
+"""How [redis] mode becomes clients: which connection class, with which credentials, to where."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from redis.asyncio.connection import Connection, SSLConnection
+from redis.asyncio.sentinel import SentinelManagedConnection, SentinelManagedSSLConnection
+
+from proxy.redis_clients import data_node_options, describe, open_clients
+from proxy.settings import RedisSettings
+
+SENTINEL = RedisSettings(mode="sentinel", sentinels=(("127.0.0.1", 26379), ("127.0.0.1", 26380)), service="mymaster")
+
+
+def test_the_url_gives_the_data_nodes_their_credentials_db_and_tls_but_not_an_address() -> None:
+    options = data_node_options("rediss://gateway:secret@ignored:6379/2?ssl_cert_reqs=none")
+    assert options == {"username": "gateway", "password": "secret", "db": 2, "ssl": True, "ssl_cert_reqs": "none"}
+    assert data_node_options("redis://:pw@h/0") == {"password": "pw", "db": 0}
+
+
+async def test_sentinel_mode_connects_through_sentinel_managed_connections() -> None:
+    clients = open_clients(SENTINEL)
+    try:
+        for pool in (clients.client.connection_pool, clients.pipe_pool):
+            conn = pool.make_connection()
+            assert type(conn) is SentinelManagedConnection
+        assert clients.sentinel is not None and len(clients.sentinel.sentinels) == 2
+    finally:
+        await clients.close()
+    tls = open_clients(replace(SENTINEL, url="rediss://:pw@x:1/3"))
+    try:
+        conn = tls.pipe_pool.make_connection()
+        assert type(conn) is SentinelManagedSSLConnection
+        assert (conn.password, conn.db) == ("pw", 3)
+    finally:
+        await tls.close()
+
+
+async def test_single_mode_connects_where_the_url_says() -> None:
+    clients = open_clients(RedisSettings(url="rediss://h:6390/1"))
+    try:
+        conn = clients.pipe_pool.make_connection()
+        assert type(conn) is SSLConnection and (conn.host, conn.port, conn.db) == ("h", 6390, 1)
+        assert type(clients.client.connection_pool.make_connection()) is SSLConnection
+    finally:
+        await clients.close()
+    plain = open_clients(RedisSettings())
+    assert type(plain.pipe_pool.make_connection()) is Connection
+    await plain.close()
+
+
+def test_messages_name_the_service_and_its_sentinels_or_the_url_without_its_password() -> None:
+    assert describe(SENTINEL) == "Redis primary of 'mymaster' (sentinels 127.0.0.1:26379, 127.0.0.1:26380)"
+    assert "secret" not in describe(RedisSettings(url="redis://:secret@h:1/0"))
