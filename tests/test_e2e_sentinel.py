@@ -1,0 +1,277 @@
+"""[redis] mode = "sentinel" against real processes: a primary, a replica, three sentinels, two gateways.
+
+The primary is killed under a light load; the sentinels promote the replica. Meanwhile
+requests follow on_error ("deny" on one gateway, "allow" on the other) and none hangs;
+afterwards both gateways use the new primary with no restart, its scripts loaded again
+after NOSCRIPT, and limits hold exactly.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+import redis
+
+from proxy.auth import key_digest, new_key
+from proxy.events import REDIS_STREAM
+from proxy.limits import ADMIT
+from tests.conftest import ROOT, Mocks, Proc, free_port, start_gateway, wait_for_port
+
+pytestmark = pytest.mark.skipif(
+    shutil.which("redis-server") is None,
+    reason="redis-server is not installed: this test runs a primary, a replica and three sentinels with it",
+)
+
+SERVICE = "mymaster"
+TIMEOUT_S = 0.5
+COOLDOWN_S = 1.0
+FAILOVER_BOUND_S = 15.0
+HANG_MARGIN_S = 2.0  # no request takes longer than timeout_s and this
+CHAT = {"model": "mock-chat", "messages": [{"role": "user", "content": "hi"}]}
+
+
+@dataclass
+class Node:
+    """A redis-server process: a data node or (with a config file and --sentinel) a sentinel."""
+
+    args: list[str]
+    port: int
+    log: Path
+    proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Node:
+        with self.log.open("ab") as out:
+            self.proc = subprocess.Popen(["redis-server", *self.args], stdout=out, stderr=subprocess.STDOUT)
+        wait_for_port(self.port, self.proc, self.log)
+        return self
+
+    def client(self) -> redis.Redis:
+        return redis.Redis(port=self.port, socket_timeout=2)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def data_node(tmp: Path, name: str, *extra: str) -> Node:
+    port = free_port()
+    args = ["--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(tmp)]
+    return Node([*args, *extra], port, tmp / f"{name}.log").start()
+
+
+def sentinel_node(tmp: Path, name: str, primary: int) -> Node:
+    port = free_port()
+    conf = tmp / f"{name}.conf"  # a sentinel rewrites its own config file
+    conf.write_text(
+        f"port {port}\nbind 127.0.0.1\ndir {tmp}\n"
+        f"sentinel monitor {SERVICE} 127.0.0.1 {primary} 2\n"
+        f"sentinel down-after-milliseconds {SERVICE} 1000\n"
+        f"sentinel failover-timeout {SERVICE} 3000\n"
+        f"sentinel parallel-syncs {SERVICE} 1\n"
+    )
+    return Node([str(conf), "--sentinel"], port, tmp / f"{name}.log").start()
+
+
+def wait_until(what: str, check: Callable[[], object], timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if check():
+                return
+        except redis.RedisError:
+            pass
+        time.sleep(0.1)
+    raise AssertionError(f"{what}: not within {timeout_s}s")
+
+
+@dataclass
+class Cluster:
+    primary: Node
+    replica: Node
+    sentinels: list[Node]
+
+    def all(self) -> list[Node]:
+        return [self.primary, self.replica, *self.sentinels]
+
+    def sees_everyone(self) -> bool:
+        for sentinel in self.sentinels:
+            state = sentinel.client().sentinel_master(SERVICE)
+            if state["num-other-sentinels"] < 2 or state["num-slaves"] < 1:
+                return False
+        return True
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[Cluster]:
+    primary = data_node(tmp_path, "primary")
+    nodes = Cluster(primary, data_node(tmp_path, "replica", "--replicaof", "127.0.0.1", str(primary.port)), [])
+    try:
+        nodes.sentinels = [sentinel_node(tmp_path, f"sentinel{i}", primary.port) for i in range(3)]
+        wait_until(
+            "the replica in sync", lambda: nodes.replica.client().info("replication")["master_link_status"] == "up", 10
+        )
+        wait_until("each sentinel sees the replica and the two others", nodes.sees_everyone, 15)
+        yield nodes
+    finally:
+        for node in nodes.all():
+            node.stop()
+
+
+def gateway_config(mocks: Mocks, cluster: Cluster, keys: dict[str, str], on_error: str) -> str:
+    sentinels = ", ".join(f'"127.0.0.1:{s.port}"' for s in cluster.sentinels)
+    blocks = "".join(
+        f'\n[[keys]]\nname = "{name}"\nsha256 = "{key_digest(secret)}"\nrpm = {100000 if name == "load" else 5}\n'
+        for name, secret in keys.items()
+    )
+    return f"""
+[redis]
+mode = "sentinel"
+sentinels = [{sentinels}]
+service = "{SERVICE}"
+on_error = "{on_error}"
+timeout_s = {TIMEOUT_S}
+circuit_failures = 3
+circuit_cooldown_s = {COOLDOWN_S}
+
+[events]
+sink = "redis"
+
+[[providers]]
+name = "beta"
+base_url = "{mocks.beta.url}/v1"
+models = ["mock-chat"]
+{blocks}"""
+
+
+def chat(client: httpx.Client, proc: Proc, key: str, request_id: str = "") -> httpx.Response:
+    headers = {"Authorization": f"Bearer {key}", **({"X-Request-ID": request_id} if request_id else {})}
+    return client.post(f"http://127.0.0.1:{proc.port}/v1/chat/completions", json=CHAT, headers=headers)
+
+
+@dataclass
+class Sent:
+    started: float
+    took_s: float
+    status: int
+    checked: bool  # admitted by Redis (it sent x-ratelimit headers), not by on_error
+
+
+@dataclass
+class Load:
+    """One client sending a request every ~50 ms to one gateway, until stopped (or 60 s at most)."""
+
+    proc: Proc
+    key: str
+    sent: list[Sent] = field(default_factory=list)
+    stop: threading.Event = field(default_factory=threading.Event)
+
+    def run(self) -> None:
+        deadline = time.monotonic() + 60
+        with httpx.Client(timeout=10) as client:
+            while not self.stop.is_set() and time.monotonic() < deadline:
+                started = time.monotonic()
+                resp = chat(client, self.proc, self.key)
+                took = time.monotonic() - started
+                self.sent.append(Sent(started, took, resp.status_code, "x-ratelimit-limit-requests" in resp.headers))
+                time.sleep(0.05)
+
+    def back_after(self, killed: float) -> float | None:
+        """Seconds from the kill to the end of the first request after it that Redis admitted."""
+        for sent in list(self.sent):
+            if sent.started > killed and sent.status == 200 and sent.checked:
+                return sent.started + sent.took_s - killed
+        return None
+
+
+def test_the_gateways_follow_a_sentinel_failover_without_a_restart(
+    tmp_path: Path, mocks: Mocks, cluster: Cluster
+) -> None:
+    keys = {name: new_key() for name in ("load", "before", "after")}
+    procs = {
+        on_error: start_gateway(
+            tmp_path, mocks, gateway_config(mocks, cluster, keys, on_error), name=f"gateway-{on_error}"
+        )  # REDIS_URL names no Redis at all: in sentinel mode its host and port are not used
+        for on_error in ("deny", "allow")
+    }
+    loads = {on_error: Load(proc, keys["load"]) for on_error, proc in procs.items()}
+    threads = [threading.Thread(target=load.run) for load in loads.values()]
+    try:
+        with httpx.Client(timeout=10) as client:
+            # Served and limited through the primary the sentinels name.
+            statuses = [chat(client, procs["deny" if i % 2 else "allow"], keys["before"]).status_code for i in range(7)]
+            assert statuses == [200] * 5 + [429] * 2
+        # Redis 7 does not replicate loaded scripts; flushing them makes sure: the new primary answers NOSCRIPT.
+        replica = cluster.replica.client()
+        replica.script_flush()
+        assert replica.script_exists(ADMIT.sha) == [False]
+
+        for thread in threads:
+            thread.start()
+        time.sleep(0.5)
+        killed = time.monotonic()
+        assert cluster.primary.proc is not None
+        cluster.primary.proc.kill()
+        wait_until(
+            "both gateways admit through Redis again", lambda: all(ld.back_after(killed) for ld in loads.values()), 30
+        )
+        time.sleep(0.3)
+    finally:
+        for load in loads.values():
+            load.stop.set()
+        for thread in threads:
+            thread.join(timeout=15)
+
+    try:
+        back = {on_error: load.back_after(killed) for on_error, load in loads.items()}
+        print(f"\nfailover: kill -> first request admitted through the new primary: {back}")
+        assert all(took is not None and took < FAILOVER_BOUND_S for took in back.values()), back
+        assert replica.role()[0] == b"master"
+        assert replica.script_exists(ADMIT.sha) == [True]  # loaded again after NOSCRIPT
+
+        # During the gap on_error applied, and no request hung.
+        for on_error, load in loads.items():
+            gap = [s for s in load.sent if s.started > killed and not s.checked]
+            assert gap, f"{on_error}: no request fell into the failover gap"
+            assert {s.status for s in gap} == ({503} if on_error == "deny" else {200}), (on_error, gap)
+            slowest = max(s.took_s for s in load.sent)
+            assert slowest < TIMEOUT_S + HANG_MARGIN_S, (on_error, slowest)
+
+        # Limits hold again: rpm = 5 admits exactly 5 of 8 concurrent requests across both gateways.
+        def burst(i: int) -> int:
+            with httpx.Client(timeout=10) as client:
+                return chat(client, procs["deny" if i % 2 else "allow"], keys["after"]).status_code
+
+        with ThreadPoolExecutor(8) as pool:
+            assert sorted(pool.map(burst, range(8))) == [200] * 5 + [429] * 3
+
+        for proc in procs.values():
+            assert httpx.get(f"http://127.0.0.1:{proc.port}/readyz", timeout=5).status_code == 200
+        # The redis event sink writes to the new primary.
+        with httpx.Client(timeout=10) as client:
+            assert chat(client, procs["deny"], keys["load"], "after-failover").status_code == 200
+        wait_until(
+            "the record in the new primary's stream",
+            lambda: any(b"after-failover" in e[b"event"] for _, e in replica.xrange(REDIS_STREAM)),
+            5,
+        )
+        # keys usage finds the new primary through the sentinels too.
+        usage = subprocess.run(
+            [sys.executable, "-m", "proxy", "keys", "usage", "--config", str(tmp_path / "gateway-deny.toml")],
+            cwd=ROOT, capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
+        assert usage.returncode == 0, usage.stderr + usage.stdout
+        assert "after" in usage.stdout and "key rpm 0/5" in usage.stdout, usage.stdout
+    finally:
+        for proc in procs.values():
+            proc.stop()
