@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -615,3 +616,9 @@ def test_sentinel_mode_reads_the_sentinels_and_the_service_and_keeps_the_url_for
     assert settings.redis.sentinels == (("10.0.0.1", 26379), ("::1", 26380))
     assert settings.redis.url == "rediss://gateway:secret@ignored:6379/2"
     assert parse_settings(minimal(), env={}).redis.mode == "single"
+
+
+def test_the_shipped_sentinel_snippet_is_a_valid_redis_table() -> None:
+    snippet = tomllib.loads((Path(__file__).resolve().parent.parent / "deploy" / "redis-sentinel.toml").read_text())
+    settings = parse_settings(minimal(**snippet), env={})
+    assert (settings.redis.mode, settings.redis.service, len(settings.redis.sentinels)) == ("sentinel", "mymaster", 3)
