@@ -166,9 +166,11 @@ class EventSink:
             if lines:
                 try:
                     await writer.write(lines)
-                except Exception:
-                    # The sink failing must not kill the writer; the records are lost and counted.
-                    log.exception("event sink %s failed; %d records lost", self.settings.sink, len(lines))
+                except Exception as exc:
+                    # The sink failing must not kill the writer; the records are lost and counted. One line
+                    # per batch: while Redis or a disk is down, a traceback per batch would bury the log.
+                    log.warning("event sink %s failed (%s: %s); %d records lost",
+                                self.settings.sink, type(exc).__name__, str(exc)[:200], len(lines))  # fmt: skip
                     for _ in lines:
                         self.on_drop()
 
