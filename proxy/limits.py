@@ -30,7 +30,8 @@ from redis.exceptions import NoScriptError, RedisError, ResponseError
 from .errors import Header, InsufficientQuota, LimiterUnavailable, RateLimited
 from .limit_kinds import BUCKET_KINDS, BUDGET_KINDS, Counts, LimitKind, Scope
 from .redis_clients import open_clients
-from .redis_pipe import Pipe, Prepared, Script, pack_command
+from .redis_cluster import ASKING, redirection
+from .redis_pipe import Prepared, Script, pack_command
 from .settings import GroupSettings, KeySettings, LimitSettings, RedisSettings
 
 ADMIT = Script(files("proxy").joinpath("token_bucket.lua").read_text())
@@ -38,6 +39,8 @@ SETTLE = Script(files("proxy").joinpath("charge.lua").read_text())
 REDIS_ERRORS = (RedisError, OSError, TimeoutError)
 UNKNOWN_HOLD = "?"  # a hold whose amount admission never heard back (charge.lua finds it by id)
 MICROS = 1_000_000  # money is counted in micro-units of the currency, as integers, to stay exact
+MAX_TRIES = 4  # one script load, one redirection, TRYAGAINs of a slot half-way through a migration
+TRYAGAIN_S = 0.02
 HELD_WAIT_MS = 1000  # a settle frees held tokens within about an answer's time: ask again soon
 HELD_HEADERS: tuple[Header, ...] = (
     (b"retry-after", str(math.ceil(HELD_WAIT_MS / 1000)).encode()),
@@ -347,7 +350,7 @@ class Limiter:
         self.timeout_s = settings.timeout_s
         self.clients = open_clients(settings)
         self.client = self.clients.client
-        self._pipe: Pipe | None = None
+        self.pipes = self.clients.open_pipes(self.timeout_s)
         self.hold_ids = HoldIds()
         self.on_error = on_error
         self._background: set[asyncio.Task[None]] = set()
@@ -356,8 +359,7 @@ class Limiter:
     async def close(self) -> None:
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
-        if self._pipe is not None:
-            await self._pipe.close()
+        await self.pipes.close()
         await self.clients.close()
 
     def in_background(self, settle: Awaitable[None]) -> None:
@@ -377,19 +379,28 @@ class Limiter:
         """One script call through the pipe (bounded there, not here), with the circuit and failures as in call()."""
         return await self._guarded(self._eval(call, more), timed=False)
 
-    def _the_pipe(self) -> Pipe:
-        if self._pipe is None:
-            self._pipe = Pipe(self.clients.pipe_pool.make_connection, self.timeout_s)
-        return self._pipe
-
     async def _eval(self, call: Prepared, more: tuple[Any, ...]) -> Any:
-        pipe = self._the_pipe()
         packed = call.pack(*more)
-        reply = await pipe.call(packed)
-        if isinstance(reply, NoScriptError):
-            # A Redis restarted or flushed since the script was last loaded: load it and ask again.
-            await pipe.call(pack_command(b"SCRIPT", b"LOAD", call.script.source.encode()))
-            reply = await pipe.call(packed)
+        pipe = await self.pipes.route(call.slot)
+        asking = loaded = False
+        for _ in range(MAX_TRIES):
+            if asking:
+                # ASKING lets the node importing the slot serve the one command right after it on this connection.
+                _, reply = await asyncio.gather(pipe.call(ASKING), pipe.call(packed))
+            else:
+                reply = await pipe.call(packed)
+            if isinstance(reply, NoScriptError) and not loaded:
+                # A Redis restarted or flushed since the script was last loaded: load it and ask again.
+                loaded = True
+                await pipe.call(pack_command(b"SCRIPT", b"LOAD", call.script.source.encode()))
+            elif isinstance(reply, ResponseError) and (to := redirection(reply)) is not None:
+                # Redis Cluster: the slot moved (MOVED) or is moving (ASK); ask the node it names.
+                pipe, asking = await self.pipes.redirected(to), to.asking
+            elif isinstance(reply, ResponseError) and str(reply).startswith("TRYAGAIN"):
+                # The slot is half-way through a migration: its keys are on two nodes for a moment.
+                await asyncio.sleep(TRYAGAIN_S)
+            else:
+                break
         if isinstance(reply, ResponseError):
             raise reply
         return reply
@@ -484,9 +495,13 @@ class Limiter:
                 self.on_error()
             return None
         more = (max(tokens, 0), max(micros, 0), hold_id, *held)
+        pipe = self.pipes.now(limits.settle_call.slot)
+        if pipe is None:  # cluster mode, before the slot map is read (no admission went before)
+            self.in_background(self._settle_again(limits.settle_call, more))
+            return None
         # Lazy: it goes out with the next admission's write, or within 10 ms. Calls keep their order
         # on the pipe, so this worker's next admission for the key still comes after it.
-        future = self._the_pipe().call(limits.settle_call.pack(*more), lazy=True)
+        future = pipe.call(limits.settle_call.pack(*more), lazy=True)
         future.add_done_callback(functools.partial(self._settled, limits.settle_call, more))
         return future
 
@@ -496,8 +511,9 @@ class Limiter:
             return
         failure = future.exception()
         reply = future.result() if failure is None else failure
-        if isinstance(reply, NoScriptError):
-            # Redis answered (it lost its scripts in a restart): load the script and settle again.
+        if isinstance(reply, NoScriptError) or (isinstance(reply, ResponseError) and redirection(reply)):
+            # Redis answered: it lost its scripts in a restart, or (Redis Cluster) the slot moved.
+            # Load the script or follow the slot, and settle again.
             self.circuit.success()
             self.in_background(self._settle_again(call, more))
         elif isinstance(reply, REDIS_ERRORS):

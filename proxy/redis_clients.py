@@ -11,32 +11,49 @@ failover the next connection goes to the promoted replica with no restart. The
 URL then gives only what the data nodes need (password, ACL user, db, TLS); its
 host and port are not used. The sentinels themselves are reached over plain TCP
 without a password.
+
+In cluster mode `url` names any node of the cluster; the client is redis-py's
+asyncio RedisCluster, which reads the slot map from it, and the script pipe is
+one pipe per primary (redis_cluster.py). TLS, password and ACL user come from
+the URL and go to every node.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.asyncio.connection import SSLConnection, parse_url
+from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.connection import AbstractConnection, Connection, SSLConnection, parse_url
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import NoBackoff
 
 from .redact import safe_url
+from .redis_cluster import ClusterPipes, OnePipe, Pipes
 from .settings import RedisSettings
 
 
 @dataclass(frozen=True, slots=True)
 class RedisClients:
-    client: aioredis.Redis
-    pipe_pool: aioredis.ConnectionPool  # its make_connection opens the script pipe's connection
+    client: aioredis.Redis | RedisCluster
+    pipe_pool: aioredis.ConnectionPool | None  # its make_connection opens the script pipe's connection
     sentinel: Sentinel | None = None
+    connect_node: Callable[[str, int], AbstractConnection] | None = None  # cluster mode: a pipe's connection
+
+    def open_pipes(self, timeout_s: float) -> Pipes:
+        if isinstance(self.client, RedisCluster):
+            assert self.connect_node is not None
+            return ClusterPipes(self.client, self.connect_node, timeout_s)
+        assert self.pipe_pool is not None
+        return OnePipe(self.pipe_pool.make_connection, timeout_s)
 
     async def close(self) -> None:
         await self.client.aclose()
-        await self.pipe_pool.aclose()
+        if self.pipe_pool is not None:
+            await self.pipe_pool.aclose()
         if self.sentinel is not None:
             await self.sentinel.aclose()
 
@@ -59,6 +76,12 @@ def open_clients(settings: RedisSettings) -> RedisClients:
         return RedisClients(
             client=aioredis.Redis.from_url(settings.url, **client_options),
             pipe_pool=aioredis.ConnectionPool.from_url(settings.url, **pipe_options),
+        )
+    if settings.mode == "cluster":
+        return RedisClients(
+            client=RedisCluster.from_url(settings.url, **client_options),
+            pipe_pool=None,
+            connect_node=node_connector(settings.url, pipe_options),
         )
     sentinel = Sentinel(  # type: ignore[no-untyped-call]
         settings.sentinels,
@@ -89,9 +112,24 @@ def data_node_options(url: str) -> dict[str, Any]:
     return options
 
 
+def node_connector(url: str, options: dict[str, Any]) -> Callable[[str, int], AbstractConnection]:
+    """Connections to cluster nodes named by the slot map, with what the URL says (password, ACL user, TLS)."""
+    url_options: dict[str, Any] = dict(parse_url(url))
+    url_options.pop("host", None)
+    url_options.pop("port", None)
+    connection_class: type[Connection] = url_options.pop("connection_class", Connection)
+
+    def connect(host: str, port: int) -> AbstractConnection:
+        return connection_class(host=host, port=port, **url_options, **options)
+
+    return connect
+
+
 def describe(settings: RedisSettings) -> str:
     """Which Redis, for messages: the URL without its password, or the service and its sentinels."""
     if settings.mode == "sentinel":
         sentinels = ", ".join(f"{host}:{port}" for host, port in settings.sentinels)
         return f"Redis primary of {settings.service!r} (sentinels {sentinels})"
+    if settings.mode == "cluster":
+        return f"Redis Cluster at {safe_url(settings.url)}"
     return f"Redis at {safe_url(settings.url)}"

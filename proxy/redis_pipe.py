@@ -31,6 +31,7 @@ from typing import Any, cast
 
 import hiredis
 from redis.asyncio.connection import AbstractConnection
+from redis.crc import key_slot
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ReadOnlyError, RedisError, ResponseError
 
@@ -52,11 +53,13 @@ class Prepared:
     short strings; everything else is the same bytes every time.
     """
 
-    __slots__ = ("head", "script")
+    __slots__ = ("head", "script", "slot")
 
     def __init__(self, script: Script, keys: Sequence[str], args: Sequence[Any], more: int = 0) -> None:
         parts = [b"EVALSHA", script.sha.encode(), b"%d" % len(keys), *map(_encode, keys), *map(_encode, args)]
         self.script = script
+        # Redis Cluster's slot of the keys: they share one hash tag, so the first key's is everyone's.
+        self.slot = key_slot(_encode(keys[0])) if keys else 0
         self.head = b"*%d\r\n" % (len(parts) + more) + b"".join(map(_bulk, parts))
 
     def pack(self, *more: Any) -> bytes:

@@ -66,7 +66,8 @@ class RedisSettings:
     circuit_cooldown_s: float = 5.0  # how long no request waits on Redis once it is open
     # "sentinel": the primary is whichever the sentinels name for `service`; `url` then gives only
     # the password, ACL user, db and TLS of the data nodes (its host and port are not used).
-    mode: Literal["single", "sentinel"] = "single"
+    # "cluster": `url` names any node of a Redis Cluster; the others are found from it.
+    mode: Literal["single", "sentinel", "cluster"] = "single"
     sentinels: tuple[tuple[str, int], ...] = ()
     service: str = ""
 
@@ -332,17 +333,20 @@ def _redis(raw: Mapping[str, Any], env: Mapping[str, str], problems: list[str]) 
     default_url = "redis://127.0.0.1:6379/0"
     url = env.get("REDIS_URL") or r.text("url", default_url) or default_url
     where = "REDIS_URL" if env.get("REDIS_URL") else "redis.url"
+    db = 0
     if not url.startswith(("redis://", "rediss://", "unix://")):
         problems.append(f"{where}: expected a redis://, rediss:// or unix:// URL")
     else:
         try:
-            parse_url(url)  # type: ignore[no-untyped-call]
+            db = parse_url(url).get("db", 0)  # type: ignore[no-untyped-call]
         except ValueError as exc:
             problems.append(f"{where}: {exc}")
     mode = r.choice("mode", "single", ("single", "sentinel", "cluster"))
     if mode == "cluster":
-        problems.append('redis.mode: mode = "cluster" is not supported yet')
-        mode = "single"
+        if url.startswith("unix://"):
+            problems.append(f"{where}: in cluster mode the nodes are reached over TCP; use redis:// or rediss://")
+        elif db:
+            problems.append(f"{where}: a Redis Cluster has only db 0")
     sentinels = r.names("sentinels")
     service = r.text("service")
     if mode == "sentinel":

@@ -297,7 +297,11 @@ def test_limits_values_from_the_file() -> None:
         (minimal(redis={"circuit_failures": 0}), ["redis.circuit_failures: must be >= 1, got 0"]),
         (minimal(redis={"circuit_cooldown_s": -1}), ["redis.circuit_cooldown_s: must be >= 0.001, got -1"]),
         (minimal(events={"sink": "stderr"}), ["events.sink: expected one of stdout, file, redis, off, got 'stderr'"]),
-        (minimal(redis={"mode": "cluster"}), ['redis.mode: mode = "cluster" is not supported yet']),
+        (minimal(redis={"mode": "cluster", "url": "redis://h:7000/2"}), ["redis.url: a Redis Cluster has only db 0"]),
+        (
+            minimal(redis={"mode": "cluster", "url": "unix:///tmp/r.sock"}),
+            ["redis.url: in cluster mode the nodes are reached over TCP; use redis:// or rediss://"],
+        ),
         (
             minimal(redis={"mode": "replicas"}),
             ["redis.mode: expected one of single, sentinel, cluster, got 'replicas'"],
