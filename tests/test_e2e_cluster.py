@@ -68,14 +68,19 @@ class Cluster:
     def client(self) -> RedisCluster:
         return RedisCluster(host="127.0.0.1", port=self.nodes[0].port, socket_timeout=5)
 
-    def move(self, slot: int, to: Node) -> None:
-        """Migrate one slot and its keys, as redis-cli --cluster reshard does, one slot only."""
+    def move(self, slot: int, to: Node, meanwhile: Callable[[], object]) -> None:
+        """Migrate one slot and its keys, as redis-cli --cluster reshard does, one slot only.
+
+        meanwhile runs once the keys have moved but the slot is not yet the target's: the old
+        owner answers ASK then.
+        """
         source = self.owner(slot)
         to.client().execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", source.id())
         source.client().execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", to.id())
         keys = source.client().execute_command("CLUSTER", "GETKEYSINSLOT", slot, 1000)
         assert keys, "the group's slot holds its buckets"
         source.client().execute_command("MIGRATE", "127.0.0.1", to.port, "", 0, 5000, "KEYS", *keys)
+        meanwhile()
         for node in [to, source, *(n for n in self.nodes if n not in (to, source))]:
             node.client().execute_command("CLUSTER", "SETSLOT", slot, "NODE", to.id())
 
@@ -103,6 +108,8 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
                 "redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir", str(tmp_path),
                 "--cluster-enabled", "yes", "--cluster-config-file", str(tmp_path / f"nodes-{port}.conf"),
                 "--save", "", "--appendonly", "no",
+                # The bus port is port + 10000 unless named: above 55535 that is no port at all.
+                "--cluster-port", str(free_port()),
             ]  # fmt: skip
             with log.open("ab") as out:
                 proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT)
@@ -214,14 +221,24 @@ def test_two_gateways_on_a_redis_cluster(tmp_path: Path, mocks: Mocks, cluster: 
         # The key-limited group's slot moves to another primary while both gateways run.
         slot, source = groups[keyed]
         target = next(node for node in cluster.nodes if node is not source)
-        moved_before = source.client().info("errorstats").get("errorstat_MOVED", {}).get("count", 0)
-        cluster.move(slot, target)
+        before = source.client().info("errorstats")
+        asked: list[int] = []
+        # Half-way, the old owner answers ASK: k1's spent bucket is found on the new one all the same.
+        cluster.move(slot, target, lambda: asked.extend(chat(proc, secrets["k1"]) for proc in procs))
+        assert asked == [429, 429]
+        assert (
+            source.client().info("errorstats")["errorstat_ASK"]["count"]
+            - before.get("errorstat_ASK", {}).get("count", 0)
+            >= 2
+        )
         assert cluster.owner(slot) is target
         print(f"moved slot {slot} of {keyed} from :{source.port} to :{target.port}")
         # Limits hold: k1's spent bucket moved with the slot, k2 admits exactly its 3.
         assert [chat(proc, secrets["k1"]) for proc in procs] == [429, 429]
         assert burst(procs, [secrets["k2"]], 6) == [200] * 3 + [429] * 3
-        moved = source.client().info("errorstats")["errorstat_MOVED"]["count"] - moved_before
+        moved = source.client().info("errorstats")["errorstat_MOVED"]["count"] - before.get("errorstat_MOVED", {}).get(
+            "count", 0
+        )
         assert moved >= 2, "each gateway's pipe was told MOVED by the old owner"
         assert target.client().keys(f"sg:{{g:{keyed}}}:*") and not source.client().keys(f"sg:{{g:{keyed}}}:*")
 

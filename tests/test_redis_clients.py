@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.connection import Connection, SSLConnection
 from redis.asyncio.sentinel import SentinelManagedConnection, SentinelManagedSSLConnection
+from redis.exceptions import ResponseError
 
-from proxy.redis_clients import data_node_options, describe, open_clients
+from proxy.redis_clients import data_node_options, describe, node_connector, open_clients
+from proxy.redis_cluster import ClusterPipes, Redirect, redirection
 from proxy.settings import RedisSettings
 
 SENTINEL = RedisSettings(mode="sentinel", sentinels=(("127.0.0.1", 26379), ("127.0.0.1", 26380)), service="mymaster")
@@ -53,3 +56,27 @@ async def test_single_mode_connects_where_the_url_says() -> None:
 def test_messages_name_the_service_and_its_sentinels_or_the_url_without_its_password() -> None:
     assert describe(SENTINEL) == "Redis primary of 'mymaster' (sentinels 127.0.0.1:26379, 127.0.0.1:26380)"
     assert "secret" not in describe(RedisSettings(url="redis://:secret@h:1/0"))
+
+
+async def test_cluster_mode_connects_each_node_with_the_urls_credentials_and_tls() -> None:
+    clients = open_clients(RedisSettings(mode="cluster", url="rediss://gw:secret@any-node:7000/0"))
+    try:
+        assert isinstance(clients.client, RedisCluster) and clients.pipe_pool is None
+        assert isinstance(clients.open_pipes(0.5), ClusterPipes)
+    finally:
+        await clients.close()
+    conn = node_connector("rediss://gw:secret@any-node:7000/0", {"socket_timeout": None})("10.0.0.2", 7001)
+    assert type(conn) is SSLConnection
+    assert (conn.host, conn.port, conn.username, conn.password) == ("10.0.0.2", 7001, "gw", "secret")
+    assert type(node_connector("redis://n:7000", {})("n", 7002)) is Connection
+    assert (
+        describe(RedisSettings(mode="cluster", url="redis://:secret@n:7000/0"))
+        == "Redis Cluster at redis://:***@n:7000/0"
+    )
+
+
+def test_a_moved_or_ask_reply_names_the_node_to_ask() -> None:
+    assert redirection(ResponseError("MOVED 3999 127.0.0.1:6381")) == Redirect(False, 3999, "127.0.0.1", 6381)
+    assert redirection(ResponseError("ASK 12 ::1:7000")) == Redirect(True, 12, "::1", 7000)
+    for other in ("NOSCRIPT No matching script", "TRYAGAIN Multiple keys request", "MOVED nonsense"):
+        assert redirection(ResponseError(other)) is None
