@@ -34,8 +34,9 @@ from .redis_cluster import ASKING, redirection
 from .redis_pipe import Prepared, Script, pack_command
 from .settings import GroupSettings, KeySettings, LimitSettings, RedisSettings
 
-ADMIT = Script(files("proxy").joinpath("token_bucket.lua").read_text())
-SETTLE = Script(files("proxy").joinpath("charge.lua").read_text())
+_MONTH_LUA = files("proxy").joinpath("month.lua").read_text()  # month_of(), shared by both scripts
+ADMIT = Script(_MONTH_LUA + files("proxy").joinpath("token_bucket.lua").read_text())
+SETTLE = Script(_MONTH_LUA + files("proxy").joinpath("charge.lua").read_text())
 REDIS_ERRORS = (RedisError, OSError, TimeoutError)
 UNKNOWN_HOLD = "?"  # a hold whose amount admission never heard back (charge.lua finds it by id)
 MICROS = 1_000_000  # money is counted in micro-units of the currency, as integers, to stay exact
@@ -149,12 +150,16 @@ def money_keys(prefix: str) -> tuple[str, str, str]:
     return prefix + ":money", prefix + ":money_holds", prefix + ":money_held"
 
 
+def limit_sources(
+    key: KeySettings, group: GroupSettings
+) -> tuple[tuple[Scope, str, KeySettings | GroupSettings, str], ...]:
+    """Where a request's limits come from: (scope, owner's name, its settings, its Redis key prefix)."""
+    return (("key", key.name, key, key_prefix(key)), ("group", group.name, group, group_prefix(group.name)))
+
+
 def buckets_for(key: KeySettings, group: GroupSettings) -> tuple[Bucket, ...]:
     found: list[Bucket] = []
-    sources: tuple[tuple[Scope, str, KeySettings | GroupSettings, str], ...] = (
-        ("key", key.name, key, key_prefix(key)),
-        ("group", group.name, group, group_prefix(group.name)),
-    )
+    sources = limit_sources(key, group)
     for scope, owner, source, prefix in sources:
         for kind in BUCKET_KINDS:
             value = source.limit(kind) if scope in kind.scopes else None
@@ -184,10 +189,7 @@ class Budget:
 
 def budgets_for(key: KeySettings, group: GroupSettings) -> tuple[Budget, ...]:
     found: list[Budget] = []
-    sources: tuple[tuple[Scope, str, KeySettings | GroupSettings, str], ...] = (
-        ("key", key.name, key, key_prefix(key)),
-        ("group", group.name, group, group_prefix(group.name)),
-    )
+    sources = limit_sources(key, group)
     for scope, owner, source, prefix in sources:
         for kind in BUDGET_KINDS:
             amount = source.limit(kind) if scope in kind.scopes else None

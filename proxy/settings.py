@@ -11,7 +11,7 @@ import math
 import os
 import re
 import tomllib
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from fnmatch import translate
 from pathlib import Path
@@ -279,6 +279,19 @@ def _looks_numeric(text: str) -> bool:
     return True
 
 
+def _array_of_tables(raw: Mapping[str, Any], name: str, problems: list[str]) -> Iterator[_Reader]:
+    """A reader for each table of a [[name]] array; what is not a table is a problem and skipped."""
+    items = raw.get(name, [])
+    if not isinstance(items, list):
+        problems.append(f"{name}: expected an array of tables ([[{name}]])")
+        return
+    for i, item in enumerate(items):
+        if isinstance(item, Mapping):
+            yield _Reader(item, f"{name}[{i}]", problems)
+        else:
+            problems.append(f"{name}[{i}]: expected a table")
+
+
 def _table(raw: Mapping[str, Any], key: str, problems: list[str]) -> Mapping[str, Any]:
     value = raw.get(key, {})
     if not isinstance(value, Mapping):
@@ -417,18 +430,9 @@ def _limits(raw: Mapping[str, Any], env: Mapping[str, str], problems: list[str],
 def _providers(
     raw: Mapping[str, Any], env: Mapping[str, str], problems: list[str], warnings: list[str]
 ) -> tuple[ProviderSettings, ...]:
-    items = raw.get("providers", [])
-    if not isinstance(items, list):
-        problems.append("providers: expected an array of tables ([[providers]])")
-        return ()
     providers: list[ProviderSettings] = []
     seen: set[str] = set()
-    for i, item in enumerate(items):
-        where = f"providers[{i}]"
-        if not isinstance(item, Mapping):
-            problems.append(f"{where}: expected a table")
-            continue
-        r = _Reader(item, where, problems)
+    for r in _array_of_tables(raw, "providers", problems):
         r.unknown(
             {
                 "name", "base_url", "api_key_env", "models", "priority", "weight",
@@ -440,32 +444,32 @@ def _providers(
         if not r.present("name", 'every provider needs one, e.g. name = "deepseek"'):
             pass
         elif not NAME_RE.match(name):
-            problems.append(f"{where}.name: expected 1-64 of A-Z a-z 0-9 _ . -, got {name!r}")
+            problems.append(f"{r.where}.name: expected 1-64 of A-Z a-z 0-9 _ . -, got {name!r}")
         elif name in seen:
-            problems.append(f"{where}.name: {name!r} is used by another provider")
+            problems.append(f"{r.where}.name: {name!r} is used by another provider")
         seen.add(name)
         base_url = (r.text("base_url") or "").rstrip("/")
         if not r.present("base_url", 'every provider needs one, e.g. base_url = "https://api.deepseek.com/v1"'):
             pass
         elif not base_url.startswith(("http://", "https://")):
-            problems.append(f"{where}.base_url: expected an http:// or https:// URL")
+            problems.append(f"{r.where}.base_url: expected an http:// or https:// URL")
         models = r.names("models")
         if not r.present("models", 'the models it serves, e.g. models = ["deepseek-*"]'):
             models = ()
         elif not models:
-            problems.append(f"{where}.models: expected a non-empty list of model names or globs")
+            problems.append(f"{r.where}.models: expected a non-empty list of model names or globs")
             models = ()
         key_env = r.text("api_key_env")
         if key_env and not ENV_NAME_RE.match(key_env):
             # Not echoed: people paste the key itself here.
-            problems.append(f"{where}.api_key_env: expected the NAME of an environment variable (A-Z, 0-9, _)")
+            problems.append(f"{r.where}.api_key_env: expected the NAME of an environment variable (A-Z, 0-9, _)")
             key_env = None
         api_key = env.get(key_env) if key_env else None
         if key_env and not api_key:
-            warnings.append(f"{where}.api_key_env: environment variable {key_env} is not set")
+            warnings.append(f"{r.where}.api_key_env: environment variable {key_env} is not set")
         weight = r.number("weight", 1.0)
         if weight <= 0:
-            problems.append(f"{where}.weight: must be > 0")
+            problems.append(f"{r.where}.weight: must be > 0")
         providers.append(
             ProviderSettings(
                 name=name,
@@ -538,37 +542,28 @@ def _limit_values(r: _Reader, scope: Scope) -> dict[str, Any]:
 
 
 def _keys(raw: Mapping[str, Any], groups: Mapping[str, GroupSettings], problems: list[str]) -> dict[str, KeySettings]:
-    items = raw.get("keys", [])
-    if not isinstance(items, list):
-        problems.append("keys: expected an array of tables ([[keys]])")
-        return {}
     keys: dict[str, KeySettings] = {}
     names: set[str] = set()
-    for i, item in enumerate(items):
-        where = f"keys[{i}]"
-        if not isinstance(item, Mapping):
-            problems.append(f"{where}: expected a table")
-            continue
-        r = _Reader(item, where, problems)
+    for r in _array_of_tables(raw, "keys", problems):
         r.unknown({"name", "sha256", "group", "models", "enabled", *setting_names("key")})
         name = r.text("name") or ""
         if not r.present("name", 'every key needs one, e.g. name = "alice"'):
             pass
         elif not NAME_RE.match(name):
-            problems.append(f"{where}.name: expected 1-64 of A-Z a-z 0-9 _ . -, got {name!r}")
+            problems.append(f"{r.where}.name: expected 1-64 of A-Z a-z 0-9 _ . -, got {name!r}")
         elif name in names:
-            problems.append(f"{where}.name: {name!r} is used by another key")
+            problems.append(f"{r.where}.name: {name!r} is used by another key")
         names.add(name)
         digest = (r.text("sha256") or "").lower()
         if not r.present("sha256", "`sluicegate keys new` prints the block with it"):
             pass
         elif not SHA256_RE.match(digest):
-            problems.append(f"{where}.sha256: expected 64 hex characters (sha256 of the full key)")
+            problems.append(f"{r.where}.sha256: expected 64 hex characters (sha256 of the full key)")
         elif digest in keys:
-            problems.append(f"{where}.sha256: the same key is configured twice")
+            problems.append(f"{r.where}.sha256: the same key is configured twice")
         group = r.text("group", "default") or "default"
         if group not in groups:
-            problems.append(f"{where}.group: no [groups.{group}] table")
+            problems.append(f"{r.where}.group: no [groups.{group}] table")
         models = r.names("models")
         keys[digest] = KeySettings(
             name=name,
@@ -582,45 +577,36 @@ def _keys(raw: Mapping[str, Any], groups: Mapping[str, GroupSettings], problems:
 
 
 def _prices(raw: Mapping[str, Any], problems: list[str]) -> Prices:
-    items = raw.get("prices", [])
-    if not isinstance(items, list):
-        problems.append("prices: expected an array of tables ([[prices]])")
-        return Prices()
     prices: list[Price] = []
     seen: dict[str, str] = {}  # model -> where it is priced
     currency: tuple[str, str] | None = None  # the first one named, and where
-    for i, item in enumerate(items):
-        where = f"prices[{i}]"
-        if not isinstance(item, Mapping):
-            problems.append(f"{where}: expected a table")
-            continue
-        r = _Reader(item, where, problems)
+    for r in _array_of_tables(raw, "prices", problems):
         r.unknown({"model", "input", "output", "cached_input", "currency"})
         model = r.text("model") or ""
-        if not model and isinstance(item.get("model", ""), str):
-            problems.append(f"{where}.model: expected a model name or glob")
+        if not model and isinstance(r.table.get("model", ""), str):
+            problems.append(f"{r.where}.model: expected a model name or glob")
         elif model in seen:
-            problems.append(f"{where}.model: {model!r} is priced already by {seen[model]}")
+            problems.append(f"{r.where}.model: {model!r} is priced already by {seen[model]}")
         else:
-            seen[model] = where
+            seen[model] = r.where
         for side in ("input", "output"):
-            if side not in item:
-                problems.append(f"{where}.{side}: required (the price per million {side} tokens)")
+            if side not in r.table:
+                problems.append(f"{r.where}.{side}: required (the price per million {side} tokens)")
         code = r.text("currency")
         if code is not None and not CURRENCY_RE.match(code):
-            problems.append(f"{where}.currency: expected a three-letter code such as USD, got {code!r}")
+            problems.append(f"{r.where}.currency: expected a three-letter code such as USD, got {code!r}")
         elif code is not None and currency is None:
-            currency = (code, where)
+            currency = (code, r.where)
         elif code is not None and currency is not None and code != currency[0]:
             problems.append(
-                f"{where}.currency: {code!r}, but {currency[1]} is in {currency[0]!r}: one currency per deployment"
+                f"{r.where}.currency: {code!r}, but {currency[1]} is in {currency[0]!r}: one currency per deployment"
             )
         prices.append(
             Price(
                 model=model,
                 input=r.number("input", 0.0),
                 output=r.number("output", 0.0),
-                cached_input=r.number("cached_input", 0.0) if "cached_input" in item else None,
+                cached_input=r.number("cached_input", 0.0) if "cached_input" in r.table else None,
             )
         )
     if not prices:

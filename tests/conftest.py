@@ -11,7 +11,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +19,7 @@ from typing import Any
 import httpx
 import orjson
 import pytest
+import redis
 
 from proxy.auth import key_digest, new_key
 
@@ -44,6 +45,19 @@ def wait_for_port(port: int, proc: subprocess.Popen[bytes], log: Path) -> None:
         except OSError:
             time.sleep(0.05)
     raise RuntimeError(f"port {port} did not open within {START_TIMEOUT_S}s:\n{log.read_text()}")
+
+
+def wait_until(what: str, check: Callable[[], object], timeout_s: float) -> None:
+    """Polls `check` (a Redis error counts as not yet) until it holds, or fails naming `what`."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if check():
+                return
+        except redis.RedisError:
+            pass
+        time.sleep(0.1)
+    raise AssertionError(f"{what}: not within {timeout_s}s")
 
 
 @dataclass

@@ -12,7 +12,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -26,7 +25,7 @@ from redis.crc import key_slot
 
 from proxy.auth import key_digest, new_key
 from proxy.events import REDIS_STREAM
-from tests.conftest import ROOT, Mocks, Proc, free_port, start_gateway, wait_for_port
+from tests.conftest import ROOT, Mocks, Proc, free_port, start_gateway, wait_for_port, wait_until
 
 pytestmark = pytest.mark.skipif(
     shutil.which("redis-server") is None or shutil.which("redis-cli") is None,
@@ -83,18 +82,6 @@ class Cluster:
         meanwhile()
         for node in [to, source, *(n for n in self.nodes if n not in (to, source))]:
             node.client().execute_command("CLUSTER", "SETSLOT", slot, "NODE", to.id())
-
-
-def wait_until(what: str, check: Callable[[], object], timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            if check():
-                return
-        except redis.RedisError:
-            pass
-        time.sleep(0.1)
-    raise AssertionError(f"{what}: not within {timeout_s}s")
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +25,7 @@ import redis
 from proxy.auth import key_digest, new_key
 from proxy.events import REDIS_STREAM
 from proxy.limits import ADMIT
-from tests.conftest import ROOT, Mocks, Proc, free_port, start_gateway, wait_for_port
+from tests.conftest import ROOT, Mocks, Proc, free_port, start_gateway, wait_for_port, wait_until
 
 pytestmark = pytest.mark.skipif(
     shutil.which("redis-server") is None,
@@ -81,18 +81,6 @@ def sentinel_node(tmp: Path, name: str, primary: int) -> Node:
         f"sentinel parallel-syncs {SERVICE} 1\n"
     )
     return Node([str(conf), "--sentinel"], port, tmp / f"{name}.log").start()
-
-
-def wait_until(what: str, check: Callable[[], object], timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            if check():
-                return
-        except redis.RedisError:
-            pass
-        time.sleep(0.1)
-    raise AssertionError(f"{what}: not within {timeout_s}s")
 
 
 @dataclass
