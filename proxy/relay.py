@@ -39,6 +39,10 @@ CLOSE: tuple[Header, ...] = ((b"connection", b"close"),)
 STREAM_HEADER_NAMES = frozenset(name for name, _ in STREAM_HEADERS)
 
 
+# How long a request runs before a task watches for its client leaving (DisconnectWatcher).
+WATCH_AFTER_S = 0.05
+
+
 class ClientGone(Exception):
     """The client disconnected before its request body was read."""
 
@@ -76,12 +80,25 @@ class DisconnectWatcher:
 
     hypercorn drops sends after a disconnect without telling, so this is the
     only signal; cancelling makes the upstream request close at once.
+
+    The task starts only once the request has taken WATCH_AFTER_S: most answers
+    are out before that, and a timer costs a fraction of a task. A client that
+    leaves sooner is seen then (hypercorn queues the disconnect), so an upstream
+    call outlives its client by at most that long.
     """
+
+    __slots__ = ("_receive", "_target", "_task", "_timer", "disconnected")
 
     def __init__(self, receive: Receive) -> None:
         self.disconnected = False
         self._target = asyncio.current_task()
-        self._task: asyncio.Task[None] | None = asyncio.create_task(self._watch(receive))
+        self._receive = receive
+        self._task: asyncio.Task[None] | None = None
+        self._timer: asyncio.TimerHandle | None = asyncio.get_running_loop().call_later(WATCH_AFTER_S, self._start)
+
+    def _start(self) -> None:
+        self._timer = None
+        self._task = asyncio.create_task(self._watch(self._receive))
 
     async def _watch(self, receive: Receive) -> None:
         while (await receive())["type"] != "http.disconnect":
@@ -92,12 +109,15 @@ class DisconnectWatcher:
 
     def stop(self) -> None:
         """Call before the last send: a disconnect after that is a normal end."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         if self._task is not None:
             self._task.cancel()
             # The cancelled task's traceback holds our frame: without this, every request
             # leaves a reference cycle for the garbage collector (p99 pauses under load).
             self._task = None
-            self._target = None
+        self._target = None
 
 
 async def relay(
