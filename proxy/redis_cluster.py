@@ -168,7 +168,7 @@ class ClusterPipes:
         return pipe
 
     def failing(self, host: str, port: int) -> None:
-        """A node failed a call, a connect or a PING, or said CLUSTERDOWN: read the slot map again soon."""
+        """A pipe's node failed a call or a connect, or said CLUSTERDOWN: read the slot map again soon."""
         if self._refresh is None:
             self._refresh = asyncio.get_running_loop().create_task(self._read_slot_map(f"{host}:{port}"))
 

@@ -53,7 +53,7 @@ NODE_TIMEOUT_MS = 1000  # cluster-node-timeout: a primary silent this long is fa
 TIMEOUT_S = 0.5
 COOLDOWN_S = 1.0
 FAILOVER_BOUND_S = 15.0  # kill -> first request admitted through the promoted replica
-AFTER_PROMOTION_BOUND_S = 3.0  # promotion -> that request: the slot map's re-read and the circuit's cool-down
+AFTER_PROMOTION_BOUND_S = 4.0  # promotion -> that request: the slot map's re-read and the circuit's cool-down
 GATEWAYS = {  # on_error -> [redis] circuit_failures, [events] sink
     "deny": (3, "off"),
     "allow": (1_000_000, "redis"),
