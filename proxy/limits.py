@@ -25,19 +25,19 @@ from dataclasses import dataclass
 from importlib.resources import files
 from typing import Any
 
-from redis.exceptions import NoScriptError, RedisError, ResponseError
+from redis.exceptions import NoScriptError, RedisClusterException, RedisError, ResponseError
 
 from .errors import Header, InsufficientQuota, LimiterUnavailable, RateLimited
 from .limit_kinds import BUCKET_KINDS, BUDGET_KINDS, Counts, LimitKind, Scope
 from .redis_clients import open_clients
-from .redis_cluster import ASKING, redirection
+from .redis_cluster import ASKING, PrimaryDown, redirection
 from .redis_pipe import Prepared, Script, pack_command
 from .settings import GroupSettings, KeySettings, LimitSettings, RedisSettings
 
 _MONTH_LUA = files("proxy").joinpath("month.lua").read_text()  # month_of(), shared by both scripts
 ADMIT = Script(_MONTH_LUA + files("proxy").joinpath("token_bucket.lua").read_text())
 SETTLE = Script(_MONTH_LUA + files("proxy").joinpath("charge.lua").read_text())
-REDIS_ERRORS = (RedisError, OSError, TimeoutError)
+REDIS_ERRORS = (RedisError, RedisClusterException, OSError, TimeoutError)  # the cluster's: no node reachable
 UNKNOWN_HOLD = "?"  # a hold whose amount admission never heard back (charge.lua finds it by id)
 MICROS = 1_000_000  # money is counted in micro-units of the currency, as integers, to stay exact
 MAX_TRIES = 4  # one script load, one redirection, TRYAGAINs of a slot half-way through a migration
@@ -530,11 +530,11 @@ class Limiter:
             await self.run(call, *more)
 
     async def ping(self) -> str | None:
-        """None when Redis answers, else the reason."""
+        """None when Redis answers (in cluster mode, every primary), else the reason."""
         try:
-            await self.call(self.client.ping())
+            await self.call(self.clients.ping(self.timeout_s * 0.8))  # a silent primary is named before call() gives up
         except LimiterFailure as exc:
-            return f"redis: {exc}"
+            return f"redis: {exc.__cause__ if isinstance(exc.__cause__, PrimaryDown) else exc}"
         return None
 
 

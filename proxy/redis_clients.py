@@ -32,7 +32,7 @@ from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import NoBackoff
 
 from .redact import safe_url
-from .redis_cluster import ClusterPipes, OnePipe, Pipes
+from .redis_cluster import ClusterPipes, OnePipe, Pipes, ping_primaries
 from .settings import RedisSettings
 
 
@@ -49,6 +49,13 @@ class RedisClients:
             return ClusterPipes(self.client, self.connect_node, timeout_s)
         assert self.pipe_pool is not None
         return OnePipe(self.pipe_pool.make_connection, timeout_s)
+
+    async def ping(self, timeout_s: float) -> None:
+        """PING Redis; in cluster mode every primary of the slot map, each within timeout_s."""
+        if isinstance(self.client, RedisCluster):
+            await ping_primaries(self.client, timeout_s)
+        else:
+            await self.client.ping()
 
     async def close(self) -> None:
         await self.client.aclose()

@@ -18,6 +18,8 @@ A connection that does not answer within `timeout_s` of a write, or breaks,
 fails every call waiting on it and is dropped; the next call connects afresh
 through the factory (in sentinel mode, to whichever primary the sentinels name
 then). So is one that answers READONLY: its Redis was demoted to a replica.
+Each such failure, a failed connect and a CLUSTERDOWN reply are told to
+`on_failure` (cluster mode reads the slot map again then).
 """
 
 from __future__ import annotations
@@ -104,6 +106,8 @@ class _Replies(asyncio.Protocol):
                     reply = NoScriptError(str(reply))
                 elif str(reply).startswith("READONLY"):
                     reply, demoted = ReadOnlyError(str(reply)), True
+                elif str(reply).startswith("CLUSTERDOWN"):
+                    self._pipe._failing()
             if not self._pipe._reply(self, reply):
                 return
             if demoted:
@@ -117,8 +121,15 @@ class _Replies(asyncio.Protocol):
 
 
 class Pipe:
-    def __init__(self, make_connection: ConnectionFactory, timeout_s: float, lazy_s: float = 0.01) -> None:
+    def __init__(
+        self,
+        make_connection: ConnectionFactory,
+        timeout_s: float,
+        lazy_s: float = 0.01,
+        on_failure: Callable[[], object] | None = None,
+    ) -> None:
         self._make_connection = make_connection
+        self._on_failure = on_failure
         self._timeout_s = timeout_s
         self._lazy_s = lazy_s
         self._queued: list[bytes] = []
@@ -200,6 +211,7 @@ class Pipe:
             futures, self._queued, self._queued_futures = self._queued_futures, [], []
             failure = exc if isinstance(exc, (RedisError, OSError)) else RedisConnectionError(repr(exc))
             _fail(futures, failure)
+            self._failing()
             return
         finally:
             self._connecting = None
@@ -220,6 +232,7 @@ class Pipe:
     def _lost(self, replies: _Replies, exc: Exception) -> None:
         if replies is self._replies:
             self._drop(exc)
+            self._failing()
 
     def _check_deadline(self) -> None:
         self._watchdog = None
@@ -227,8 +240,13 @@ class Pipe:
             return
         if self._sent[0][1] <= self._loop.time():
             self._drop(TimeoutError(f"Redis did not answer within {self._timeout_s:g}s"))
+            self._failing()
         else:
             self._watchdog = self._loop.call_at(self._sent[0][1], self._check_deadline)
+
+    def _failing(self) -> None:
+        if self._on_failure is not None:
+            self._on_failure()
 
     def _drop(self, exc: BaseException) -> None:
         """Fail every call sent on the current connection and close it."""

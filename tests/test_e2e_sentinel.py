@@ -4,10 +4,17 @@ The primary is killed under a light load; the sentinels promote the replica. Mea
 requests follow on_error ("deny" on one gateway, "allow" on the other) and none hangs;
 afterwards both gateways use the new primary with no restart, its scripts loaded again
 after NOSCRIPT, and limits hold exactly.
+
+The data nodes have a password (`requirepass`, `masterauth`; the sentinels know it as
+`auth-pass`), given to the gateways in the URL only; it appears in no log, /readyz
+body or command output. The sentinels themselves have none: sluicegate reaches them
+without a password.
 """
 
 from __future__ import annotations
 
+import os
+import secrets
 import shutil
 import subprocess
 import sys
@@ -33,6 +40,8 @@ pytestmark = pytest.mark.skipif(
 )
 
 SERVICE = "mymaster"
+PASSWORD = "datapw-" + secrets.token_hex(8)  # distinctive, so a leak is found by grep
+URL = f"redis://:{PASSWORD}@127.0.0.1:1/0"
 TIMEOUT_S = 0.5
 COOLDOWN_S = 1.0
 FAILOVER_BOUND_S = 15.0
@@ -47,6 +56,7 @@ class Node:
     args: list[str]
     port: int
     log: Path
+    password: str | None = None
     proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> Node:
@@ -56,7 +66,7 @@ class Node:
         return self
 
     def client(self) -> redis.Redis:
-        return redis.Redis(port=self.port, socket_timeout=2)
+        return redis.Redis(port=self.port, password=self.password, socket_timeout=2)
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -67,7 +77,8 @@ class Node:
 def data_node(tmp: Path, name: str, *extra: str) -> Node:
     port = free_port()
     args = ["--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(tmp)]
-    return Node([*args, *extra], port, tmp / f"{name}.log").start()
+    args += ["--requirepass", PASSWORD, "--masterauth", PASSWORD]
+    return Node([*args, *extra], port, tmp / f"{name}.log", PASSWORD).start()
 
 
 def sentinel_node(tmp: Path, name: str, primary: int) -> Node:
@@ -76,6 +87,7 @@ def sentinel_node(tmp: Path, name: str, primary: int) -> Node:
     conf.write_text(
         f"port {port}\nbind 127.0.0.1\ndir {tmp}\n"
         f"sentinel monitor {SERVICE} 127.0.0.1 {primary} 2\n"
+        f"sentinel auth-pass {SERVICE} {PASSWORD}\n"
         f"sentinel down-after-milliseconds {SERVICE} 1000\n"
         f"sentinel failover-timeout {SERVICE} 3000\n"
         f"sentinel parallel-syncs {SERVICE} 1\n"
@@ -188,8 +200,12 @@ def test_the_gateways_follow_a_sentinel_failover_without_a_restart(
     keys = {name: new_key() for name in ("load", "before", "after")}
     procs = {
         on_error: start_gateway(
-            tmp_path, mocks, gateway_config(mocks, cluster, keys, on_error), name=f"gateway-{on_error}"
-        )  # REDIS_URL names no Redis at all: in sentinel mode its host and port are not used
+            tmp_path,
+            mocks,
+            gateway_config(mocks, cluster, keys, on_error),
+            redis_url=URL,
+            name=f"gateway-{on_error}",
+        )  # REDIS_URL's host and port name no Redis at all: in sentinel mode only its password is used
         for on_error in ("deny", "allow")
     }
     loads = {on_error: Load(proc, keys["load"]) for on_error, proc in procs.items()}
@@ -244,7 +260,8 @@ def test_the_gateways_follow_a_sentinel_failover_without_a_restart(
             assert sorted(pool.map(burst, range(8))) == [200] * 5 + [429] * 3
 
         for proc in procs.values():
-            assert httpx.get(f"http://127.0.0.1:{proc.port}/readyz", timeout=5).status_code == 200
+            ready = httpx.get(f"http://127.0.0.1:{proc.port}/readyz", timeout=5)
+            assert ready.status_code == 200 and PASSWORD not in ready.text
         # The redis event sink writes to the new primary.
         with httpx.Client(timeout=10) as client:
             assert chat(client, procs["deny"], keys["load"], "after-failover").status_code == 200
@@ -256,10 +273,13 @@ def test_the_gateways_follow_a_sentinel_failover_without_a_restart(
         # keys usage finds the new primary through the sentinels too.
         usage = subprocess.run(
             [sys.executable, "-m", "proxy", "keys", "usage", "--config", str(tmp_path / "gateway-deny.toml")],
-            cwd=ROOT, capture_output=True, text=True, timeout=30,
+            cwd=ROOT, capture_output=True, text=True, timeout=30, env={**os.environ, "REDIS_URL": URL},
         )  # fmt: skip
         assert usage.returncode == 0, usage.stderr + usage.stdout
         assert "after" in usage.stdout and "key rpm 0/5" in usage.stdout, usage.stdout
+        assert PASSWORD not in usage.stdout + usage.stderr
     finally:
         for proc in procs.values():
             proc.stop()
+    for proc in procs.values():
+        assert PASSWORD not in proc.log.read_text(errors="replace")

@@ -9,9 +9,11 @@ from redis.asyncio.connection import Connection, SSLConnection
 from redis.asyncio.sentinel import SentinelManagedConnection, SentinelManagedSSLConnection
 from redis.exceptions import ResponseError
 
+from proxy.limits import KeyLimits, Limiter
 from proxy.redis_clients import data_node_options, describe, node_connector, open_clients
 from proxy.redis_cluster import ClusterPipes, Redirect, redirection
-from proxy.settings import RedisSettings
+from proxy.settings import GroupSettings, KeySettings, LimitSettings, RedisSettings
+from tests.conftest import free_port
 
 SENTINEL = RedisSettings(mode="sentinel", sentinels=(("127.0.0.1", 26379), ("127.0.0.1", 26380)), service="mymaster")
 
@@ -80,3 +82,19 @@ def test_a_moved_or_ask_reply_names_the_node_to_ask() -> None:
     assert redirection(ResponseError("ASK 12 ::1:7000")) == Redirect(True, 12, "::1", 7000)
     for other in ("NOSCRIPT No matching script", "TRYAGAIN Multiple keys request", "MOVED nonsense"):
         assert redirection(ResponseError(other)) is None
+
+
+async def test_a_cluster_with_no_node_reachable_is_a_limiter_failure_not_a_crash() -> None:
+    errors: list[int] = []
+    settings = RedisSettings(mode="cluster", url=f"redis://:secret@127.0.0.1:{free_port()}/0", timeout_s=0.5)
+    limiter = Limiter(settings, on_error=lambda: errors.append(1))
+    plan = KeyLimits.build(KeySettings("k", "", rpm=5), GroupSettings("default"), LimitSettings()).model
+    assert plan is not None
+    try:
+        problem = await limiter.ping()
+        assert problem is not None and problem.startswith("redis: ") and "secret" not in problem
+        admission = await limiter.admit(plan)  # on_error = "allow": admitted unchecked
+        assert admission.headers == []
+        assert len(errors) == 2
+    finally:
+        await limiter.close()
