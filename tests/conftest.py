@@ -216,6 +216,19 @@ enabled = false
 """
 
 
+# An ACL user with what the gateway runs on Redis and nothing else: the script calls and their
+# loading, PING (/readyz), XADD (the redis event sink), the admin reads (`keys usage`, `events`, the
+# billing routes), the commands the two scripts call (Redis checks those against the user too), and
+# in cluster mode CLUSTER SLOTS, COMMAND (redis-py's cluster client reads it once) and ASKING. Keys:
+# the limiter's `sg:` prefix and the event stream. The README gives the same line.
+GATEWAY_COMMANDS = (
+    "+ping +evalsha +script|load +xadd +xrange +time +get +hmget +zrangebyscore "
+    "+decrby +del +hget +hincrby +hset +incrby +pexpire +pexpireat +zadd +zcard +zrange +zrem +zremrangebyscore +zscan "
+    "+cluster|slots +command +asking"
+)
+GATEWAY_ACL = f"on >{{password}} resetchannels ~sg:* ~sluicegate:events -@all {GATEWAY_COMMANDS}"
+
+
 @dataclass
 class RedisServer:
     """A redis-server of the tests' own on a free port, so tests can kill and restart it."""
