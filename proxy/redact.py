@@ -7,6 +7,7 @@ import re
 KEY_PREFIX = "sk-"
 # Ours are sk- + 48 url-safe characters; providers' look alike (sk-proj-…).
 KEY_LIKE = re.compile(r"sk-[A-Za-z0-9_\-]{16,}")
+URL_SECRET = re.compile(r"([?&]ssl_password=)[^&#]*")  # a Redis URL's passphrase of its TLS key, as redis-py reads it
 CLIENT_TEXT_LIMIT = 256  # characters of a client's text (model, provider, path) echoed or recorded
 
 
@@ -35,7 +36,8 @@ def clip(text: str) -> str:
 
 
 def safe_url(url: str) -> str:
-    """A URL fit for a log line: any password in it replaced."""
+    """A URL fit for a log line: any password in it replaced (the TLS key's `ssl_password` in the query too)."""
+    url = URL_SECRET.sub(r"\1***", url)
     scheme, sep, rest = url.partition("://")
     userinfo, at, host = rest.rpartition("@")
     if not sep or not at:

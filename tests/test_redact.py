@@ -14,6 +14,11 @@ from proxy.redact import clip, mask_key, redact, safe_url
         ("rediss://app:s3cret@cache:6380/1", "rediss://app:***@cache:6380/1"),
         ("redis://tokenonly@cache/0", "redis://***@cache/0"),
         ("unix:///run/redis.sock", "unix:///run/redis.sock"),
+        (
+            "rediss://gw:s3cret@cache/0?ssl_keyfile=/k.pem&ssl_password=keypass&ssl_ca_certs=/ca.pem",
+            "rediss://gw:***@cache/0?ssl_keyfile=/k.pem&ssl_password=***&ssl_ca_certs=/ca.pem",
+        ),
+        ("rediss://cache/0?ssl_password=keypass", "rediss://cache/0?ssl_password=***"),
     ],
 )
 def test_safe_url_hides_passwords(url: str, shown: str) -> None:
