@@ -29,7 +29,7 @@ from redis.exceptions import NoScriptError, RedisClusterException, RedisError, R
 
 from .errors import Header, InsufficientQuota, LimiterUnavailable, RateLimited
 from .limit_kinds import BUCKET_KINDS, BUDGET_KINDS, Counts, LimitKind, Scope
-from .redis_clients import open_clients
+from .redis_clients import failure_name, open_clients
 from .redis_cluster import ASKING, PrimaryDown, redirection
 from .redis_pipe import Prepared, Script, pack_command
 from .settings import GroupSettings, KeySettings, LimitSettings, RedisSettings
@@ -425,7 +425,7 @@ class Limiter:
             circuit.failure()
             if self.on_error is not None:
                 self.on_error()
-            raise LimiterFailure(type(exc).__name__) from exc
+            raise LimiterFailure(failure_name(exc)) from exc
         except BaseException:
             circuit.abandon()
             raise

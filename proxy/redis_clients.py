@@ -9,8 +9,9 @@ In sentinel mode both connect through redis-py's asyncio Sentinel: every new
 connection asks the sentinels for the current primary of `service`, so after a
 failover the next connection goes to the promoted replica with no restart. The
 URL then gives only what the data nodes need (password, ACL user, db, TLS); its
-host and port are not used. The sentinels themselves are reached over plain TCP
-without a password.
+host and port are not used. The sentinels themselves are reached without a
+password, over plain TCP or, with `sentinel_tls`, over TLS with the URL's TLS
+settings (CA, client certificate and key, checks).
 
 In cluster mode `url` names any node of the cluster; the client is redis-py's
 asyncio RedisCluster, which reads the slot map from it, and the script pipe is
@@ -20,6 +21,7 @@ the URL and go to every node.
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -97,6 +99,7 @@ def open_clients(settings: RedisSettings) -> RedisClients:
             "socket_timeout": timeout_s,
             "socket_connect_timeout": timeout_s,
             "retry": Retry(NoBackoff(), 0),
+            **(tls_options(settings.url) if settings.sentinel_tls else {}),
         },
         **data_node_options(settings.url),
     )
@@ -117,6 +120,11 @@ def data_node_options(url: str) -> dict[str, Any]:
     if options.pop("connection_class", None) is SSLConnection:
         options["ssl"] = True
     return options
+
+
+def tls_options(url: str) -> dict[str, Any]:
+    """Only what a rediss:// URL says about TLS (ssl and its ssl_* settings): for the sentinels."""
+    return {name: value for name, value in data_node_options(url).items() if name == "ssl" or name.startswith("ssl_")}
 
 
 def node_connector(url: str, options: dict[str, Any]) -> Callable[[str, int], AbstractConnection]:
@@ -140,3 +148,22 @@ def describe(settings: RedisSettings) -> str:
     if settings.mode == "cluster":
         return f"Redis Cluster at {safe_url(settings.url)}"
     return f"Redis at {safe_url(settings.url)}"
+
+
+def failure_name(exc: BaseException) -> str:
+    """What went wrong, for /readyz and logs: the error's type, and what TLS said when a handshake failed.
+
+    "ConnectionError (TLS: certificate verify failed: self-signed certificate in certificate chain)"
+    for a CA that does not match, "... IP address mismatch ..." for a certificate of another host.
+    Never the error's own text: redis-py's may carry the URL's options.
+    """
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, ssl.SSLCertVerificationError):
+            return f"{type(exc).__name__} (TLS: certificate verify failed: {cause.verify_message})"
+        if isinstance(cause, ssl.SSLError):
+            return f"{type(exc).__name__} (TLS: {cause.reason or type(cause).__name__})"
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    return type(exc).__name__

@@ -70,6 +70,7 @@ class RedisSettings:
     mode: Literal["single", "sentinel", "cluster"] = "single"
     sentinels: tuple[tuple[str, int], ...] = ()
     service: str = ""
+    sentinel_tls: bool = False  # the sentinels over TLS too, with the URL's CA and client certificate
 
 
 @dataclass(frozen=True, slots=True)
@@ -340,9 +341,8 @@ def _server(raw: Mapping[str, Any], env: Mapping[str, str], problems: list[str])
 
 def _redis(raw: Mapping[str, Any], env: Mapping[str, str], problems: list[str]) -> RedisSettings:
     r = _Reader(_table(raw, "redis", problems), "redis", problems)
-    r.unknown(
-        {"url", "on_error", "timeout_s", "circuit_failures", "circuit_cooldown_s", "mode", "sentinels", "service"}
-    )
+    of_modes = {"mode", "sentinels", "service", "sentinel_tls"}
+    r.unknown({"url", "on_error", "timeout_s", "circuit_failures", "circuit_cooldown_s", *of_modes})
     default_url = "redis://127.0.0.1:6379/0"
     url = env.get("REDIS_URL") or r.text("url", default_url) or default_url
     where = "REDIS_URL" if env.get("REDIS_URL") else "redis.url"
@@ -362,6 +362,7 @@ def _redis(raw: Mapping[str, Any], env: Mapping[str, str], problems: list[str]) 
             problems.append(f"{where}: a Redis Cluster has only db 0")
     sentinels = r.names("sentinels")
     service = r.text("service")
+    sentinel_tls = r.boolean("sentinel_tls", False)
     if mode == "sentinel":
         if not sentinels:
             problems.append('redis.sentinels: mode = "sentinel" needs the sentinels, as ["host:port", ...]')
@@ -369,10 +370,17 @@ def _redis(raw: Mapping[str, Any], env: Mapping[str, str], problems: list[str]) 
             problems.append('redis.service: mode = "sentinel" needs the name the sentinels monitor, e.g. "mymaster"')
         if url.startswith("unix://"):
             problems.append(f"{where}: in sentinel mode the sentinels name the primary; use redis:// or rediss://")
+        if sentinel_tls and not url.startswith("rediss://"):
+            problems.append(
+                f"redis.sentinel_tls: the sentinels' TLS settings (CA, client certificate) come from {where}; "
+                "use a rediss:// URL"
+            )
     else:
         for key, given in (("sentinels", sentinels), ("service", service)):
             if given is not None:
                 problems.append(f'redis.{key}: only used with mode = "sentinel"')
+        if "sentinel_tls" in r.table:
+            problems.append('redis.sentinel_tls: only used with mode = "sentinel"')
     return RedisSettings(
         url=url,
         on_error=r.choice("on_error", "allow", ("allow", "deny")),
@@ -382,6 +390,7 @@ def _redis(raw: Mapping[str, Any], env: Mapping[str, str], problems: list[str]) 
         mode=mode,
         sentinels=tuple(_sentinel_address(s, problems) for s in sentinels or ()) if mode == "sentinel" else (),
         service=(service or "") if mode == "sentinel" else "",
+        sentinel_tls=sentinel_tls and mode == "sentinel",
     )
 
 

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import ssl
 from dataclasses import replace
 
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.connection import Connection, SSLConnection
 from redis.asyncio.sentinel import SentinelManagedConnection, SentinelManagedSSLConnection
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
 from proxy.limits import KeyLimits, Limiter
-from proxy.redis_clients import data_node_options, describe, node_connector, open_clients
+from proxy.redis_clients import data_node_options, describe, failure_name, node_connector, open_clients
 from proxy.redis_cluster import ClusterPipes, Redirect, redirection
 from proxy.settings import GroupSettings, KeySettings, LimitSettings, RedisSettings
 from tests.conftest import free_port
@@ -40,6 +42,51 @@ async def test_sentinel_mode_connects_through_sentinel_managed_connections() -> 
         assert (conn.password, conn.db) == ("pw", 3)
     finally:
         await tls.close()
+
+
+async def test_sentinels_are_reached_over_tls_with_the_urls_tls_settings_only_when_asked() -> None:
+    url = "rediss://gw:secret@x:1/3?ssl_ca_certs=/etc/ca.pem&ssl_certfile=/etc/gw.pem&ssl_keyfile=/etc/gw.key"
+    tls = open_clients(replace(SENTINEL, url=url, sentinel_tls=True))
+    try:
+        assert tls.sentinel is not None
+        for sentinel in tls.sentinel.sentinels:
+            pool = sentinel.connection_pool
+            assert pool.connection_class is SSLConnection
+            options = pool.connection_kwargs
+            assert (options["ssl_ca_certs"], options["ssl_certfile"], options["ssl_keyfile"]) == (
+                "/etc/ca.pem", "/etc/gw.pem", "/etc/gw.key"
+            )  # fmt: skip
+            # The data nodes' user, password and db are theirs: sentinels are asked without them.
+            assert (options["username"], options["password"], options["db"]) == (None, None, 0)
+        assert type(tls.pipe_pool.make_connection()) is SentinelManagedSSLConnection
+    finally:
+        await tls.close()
+    plain = open_clients(replace(SENTINEL, url=url))
+    try:
+        assert plain.sentinel is not None
+        assert all(s.connection_pool.connection_class is Connection for s in plain.sentinel.sentinels)
+    finally:
+        await plain.close()
+
+
+def test_a_failed_tls_handshake_is_named_with_what_tls_said_and_nothing_of_the_url() -> None:
+    verify = ssl.SSLCertVerificationError(1, "certificate verify failed")
+    verify.verify_message = "self-signed certificate in certificate chain"
+    try:
+        try:
+            raise verify
+        except ssl.SSLError:
+            raise RedisConnectionError("Error 1 connecting to h:6379 with rediss://:secret@h") from None
+    except RedisConnectionError as exc:
+        assert failure_name(exc) == (
+            "ConnectionError (TLS: certificate verify failed: self-signed certificate in certificate chain)"
+        )
+    other = ssl.SSLError(1, "wrong version number")
+    other.reason = "WRONG_VERSION_NUMBER"
+    wrapped = RedisConnectionError("x")
+    wrapped.__cause__ = other
+    assert failure_name(wrapped) == "ConnectionError (TLS: WRONG_VERSION_NUMBER)"
+    assert failure_name(TimeoutError()) == "TimeoutError"
 
 
 async def test_single_mode_connects_where_the_url_says() -> None:

@@ -325,6 +325,21 @@ def test_limits_values_from_the_file() -> None:
             minimal(redis={"sentinels": ["s:26379"], "service": "m"}),
             ['redis.sentinels: only used with mode = "sentinel"', 'redis.service: only used with mode = "sentinel"'],
         ),
+        (
+            minimal(redis={"mode": "cluster", "sentinel_tls": True}),
+            ['redis.sentinel_tls: only used with mode = "sentinel"'],
+        ),
+        (
+            minimal(redis={"mode": "sentinel", "sentinels": ["s:1"], "service": "m", "sentinel_tls": True}),
+            [
+                "redis.sentinel_tls: the sentinels' TLS settings (CA, client certificate) come from redis.url; "
+                "use a rediss:// URL"
+            ],
+        ),
+        (
+            minimal(redis={"mode": "sentinel", "sentinels": ["s:1"], "service": "m", "sentinel_tls": "yes"}),
+            ["redis.sentinel_tls: expected true or false, got 'yes'"],
+        ),
         ({"providers": []}, ["providers: at least one [[providers]] table is required"]),
         ({}, ["providers: at least one [[providers]] table is required"]),
         ({"providers": PROVIDER}, ["providers: expected an array of tables ([[providers]])"]),
@@ -620,6 +635,19 @@ def test_sentinel_mode_reads_the_sentinels_and_the_service_and_keeps_the_url_for
     assert settings.redis.sentinels == (("10.0.0.1", 26379), ("::1", 26380))
     assert settings.redis.url == "rediss://gateway:secret@ignored:6379/2"
     assert parse_settings(minimal(), env={}).redis.mode == "single"
+
+
+def test_sentinel_tls_is_read_in_sentinel_mode_with_a_rediss_url() -> None:
+    redis = {
+        "mode": "sentinel",
+        "sentinels": ["s:1"],
+        "service": "m",
+        "url": "rediss://gw:pw@x/0",
+        "sentinel_tls": True,
+    }
+    assert parse_settings(minimal(redis=redis), env={}).redis.sentinel_tls is True
+    assert parse_settings(minimal(redis={**redis, "sentinel_tls": False}), env={}).redis.sentinel_tls is False
+    assert parse_settings(minimal(), env={}).redis.sentinel_tls is False
 
 
 def test_the_shipped_sentinel_snippet_is_a_valid_redis_table() -> None:
