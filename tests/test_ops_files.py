@@ -1,10 +1,11 @@
-"""The ops files: Grafana dashboard and provisioning, Prometheus config and alert rules.
+"""The ops files: Grafana dashboard and provisioning, Prometheus config and alert rules, Redis snippets.
 
 Checked with promtool (Debian's `prometheus` package) where it can: the rules and
 the config load, every dashboard query parses, and the gateway's real /metrics
 passes `promtool check metrics`. Every metric the files name must be one the
 gateway exports. No YAML library: the project does not depend on one, so rule
 files are written as JSON (which is YAML) and the YAML files are read as text.
+The [redis] snippets (deploy/redis-*.toml) pass `sluicegate check-config` as pasted.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,9 +24,8 @@ import httpx
 import pytest
 
 from proxy.metrics import Metrics
-from tests.conftest import Gateway
+from tests.conftest import ROOT, Gateway
 
-ROOT = Path(__file__).resolve().parent.parent
 DASHBOARD = ROOT / "grafana" / "dashboards" / "sluicegate.json"
 DATASOURCES = ROOT / "grafana" / "provisioning" / "datasources" / "prometheus.yml"
 PROVIDERS = ROOT / "grafana" / "provisioning" / "dashboards" / "sluicegate.yml"
@@ -282,3 +283,18 @@ def test_real_metrics_pass_promtool(promtool: str, gw: Gateway) -> None:
     assert "sluicegate_requests_total{" in exposition.text
     result = run(promtool, "check", "metrics", stdin=exposition.text)
     assert result.returncode == 0, output(result)
+
+
+@pytest.mark.parametrize("snippet", ["redis-cluster.toml", "redis-sentinel.toml"])
+def test_the_redis_snippets_pass_check_config(snippet: str, tmp_path: Path) -> None:
+    """Each deploy/redis-*.toml, pasted into a config as its comment says, is one check-config accepts."""
+    config = tmp_path / "gateway.toml"
+    provider = '[[providers]]\nname = "mock"\nbase_url = "http://127.0.0.1:8001/v1"\nmodels = ["mock-chat"]\n'
+    config.write_text((ROOT / "deploy" / snippet).read_text() + "\n" + provider)
+    env = {name: value for name, value in os.environ.items() if name != "REDIS_URL"}  # the snippet's url, not this
+    result = subprocess.run(
+        [sys.executable, "-m", "proxy", "check-config", "--config", str(config)],
+        cwd=ROOT, capture_output=True, text=True, timeout=30, env=env,
+    )  # fmt: skip
+    assert result.returncode == 0, output(result)
+    assert result.stdout.startswith(f"{config}: ok (1 provider"), output(result)

@@ -650,7 +650,9 @@ def test_sentinel_tls_is_read_in_sentinel_mode_with_a_rediss_url() -> None:
     assert parse_settings(minimal(), env={}).redis.sentinel_tls is False
 
 
-def test_the_shipped_sentinel_snippet_is_a_valid_redis_table() -> None:
-    snippet = tomllib.loads((Path(__file__).resolve().parent.parent / "deploy" / "redis-sentinel.toml").read_text())
-    settings = parse_settings(minimal(**snippet), env={})
-    assert (settings.redis.mode, settings.redis.service, len(settings.redis.sentinels)) == ("sentinel", "mymaster", 3)
+def test_the_shipped_redis_snippets_are_valid_redis_tables() -> None:
+    deploy = Path(__file__).resolve().parent.parent / "deploy"
+    sentinel = parse_settings(minimal(**tomllib.loads((deploy / "redis-sentinel.toml").read_text())), env={}).redis
+    assert (sentinel.mode, sentinel.service, len(sentinel.sentinels)) == ("sentinel", "mymaster", 3)
+    cluster = parse_settings(minimal(**tomllib.loads((deploy / "redis-cluster.toml").read_text())), env={}).redis
+    assert cluster.mode == "cluster" and cluster.url.startswith("rediss://")
