@@ -93,8 +93,9 @@ ADMIN_PASSWORD = "adminpw-" + secrets.token_hex(8)
 USER_PASSWORD = "aclpw-" + secrets.token_hex(8)
 
 
-def test_the_acl_names_every_command_the_scripts_call() -> None:
+def test_the_acl_names_every_command_the_scripts_call_and_the_readme_gives_it() -> None:
     """Redis checks a script's own calls against the user's ACL: a new one in a script belongs in the list."""
+    assert f"resetchannels ~sg:* ~sluicegate:events -@all {GATEWAY_COMMANDS}\n" in (ROOT / "README.md").read_text()
     called = set()
     for script in (ROOT / "proxy").glob("*.lua"):
         called |= {name.lower() for name in re.findall(r"redis\.p?call\('(\w+)'", script.read_text())}
