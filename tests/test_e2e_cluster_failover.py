@@ -42,6 +42,7 @@ from proxy.auth import key_digest, new_key
 from proxy.events import REDIS_STREAM
 from proxy.limits import ADMIT
 from tests.conftest import ROOT, Mocks, Proc, free_port, start_gateway, wait_for_port, wait_until
+from tests.failover_load import Load, chat
 
 pytestmark = pytest.mark.skipif(
     shutil.which("redis-server") is None or shutil.which("redis-cli") is None,
@@ -59,7 +60,6 @@ GATEWAYS = {  # on_error -> [redis] circuit_failures, [events] sink
     "allow": (1_000_000, "redis"),
 }
 HANG_MARGIN_S = 2.0
-CHAT = {"model": "mock-chat", "messages": [{"role": "user", "content": "hi"}]}
 
 
 @dataclass
@@ -174,46 +174,6 @@ name = "beta"
 base_url = "{mocks.beta.url}/v1"
 models = ["mock-chat"]
 {group_blocks}{key_blocks}"""
-
-
-def chat(client: httpx.Client, proc: Proc, key: str, request_id: str = "") -> httpx.Response:
-    headers = {"Authorization": f"Bearer {key}", **({"X-Request-ID": request_id} if request_id else {})}
-    return client.post(f"http://127.0.0.1:{proc.port}/v1/chat/completions", json=CHAT, headers=headers)
-
-
-@dataclass
-class Sent:
-    started: float
-    took_s: float
-    status: int
-    checked: bool  # admitted by Redis (it sent x-ratelimit headers), not by on_error
-
-
-@dataclass
-class Load:
-    """One client sending a request every ~50 ms to one gateway, until stopped (or 60 s at most)."""
-
-    proc: Proc
-    key: str
-    sent: list[Sent] = field(default_factory=list)
-    stop: threading.Event = field(default_factory=threading.Event)
-
-    def run(self) -> None:
-        deadline = time.monotonic() + 60
-        with httpx.Client(timeout=10) as client:
-            while not self.stop.is_set() and time.monotonic() < deadline:
-                started = time.monotonic()
-                resp = chat(client, self.proc, self.key)
-                took = time.monotonic() - started
-                self.sent.append(Sent(started, took, resp.status_code, "x-ratelimit-limit-requests" in resp.headers))
-                time.sleep(0.05)
-
-    def back_at(self, killed: float) -> float | None:
-        """When the first request sent after the kill that Redis admitted ended."""
-        for sent in list(self.sent):
-            if sent.started > killed and sent.status == 200 and sent.checked:
-                return sent.started + sent.took_s
-        return None
 
 
 @dataclass

@@ -22,7 +22,7 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -32,7 +32,8 @@ import redis
 from proxy.auth import key_digest, new_key
 from proxy.events import REDIS_STREAM
 from proxy.limits import ADMIT
-from tests.conftest import ROOT, Mocks, Proc, free_port, start_gateway, wait_for_port, wait_until
+from tests.conftest import ROOT, Mocks, free_port, start_gateway, wait_for_port, wait_until
+from tests.failover_load import Load, chat
 
 pytestmark = pytest.mark.skipif(
     shutil.which("redis-server") is None,
@@ -46,7 +47,6 @@ TIMEOUT_S = 0.5
 COOLDOWN_S = 1.0
 FAILOVER_BOUND_S = 15.0
 HANG_MARGIN_S = 2.0  # no request takes longer than timeout_s and this
-CHAT = {"model": "mock-chat", "messages": [{"role": "user", "content": "hi"}]}
 
 
 @dataclass
@@ -154,46 +154,6 @@ models = ["mock-chat"]
 {blocks}"""
 
 
-def chat(client: httpx.Client, proc: Proc, key: str, request_id: str = "") -> httpx.Response:
-    headers = {"Authorization": f"Bearer {key}", **({"X-Request-ID": request_id} if request_id else {})}
-    return client.post(f"http://127.0.0.1:{proc.port}/v1/chat/completions", json=CHAT, headers=headers)
-
-
-@dataclass
-class Sent:
-    started: float
-    took_s: float
-    status: int
-    checked: bool  # admitted by Redis (it sent x-ratelimit headers), not by on_error
-
-
-@dataclass
-class Load:
-    """One client sending a request every ~50 ms to one gateway, until stopped (or 60 s at most)."""
-
-    proc: Proc
-    key: str
-    sent: list[Sent] = field(default_factory=list)
-    stop: threading.Event = field(default_factory=threading.Event)
-
-    def run(self) -> None:
-        deadline = time.monotonic() + 60
-        with httpx.Client(timeout=10) as client:
-            while not self.stop.is_set() and time.monotonic() < deadline:
-                started = time.monotonic()
-                resp = chat(client, self.proc, self.key)
-                took = time.monotonic() - started
-                self.sent.append(Sent(started, took, resp.status_code, "x-ratelimit-limit-requests" in resp.headers))
-                time.sleep(0.05)
-
-    def back_after(self, killed: float) -> float | None:
-        """Seconds from the kill to the end of the first request after it that Redis admitted."""
-        for sent in list(self.sent):
-            if sent.started > killed and sent.status == 200 and sent.checked:
-                return sent.started + sent.took_s - killed
-        return None
-
-
 def test_the_gateways_follow_a_sentinel_failover_without_a_restart(
     tmp_path: Path, mocks: Mocks, cluster: Cluster
 ) -> None:
@@ -227,7 +187,7 @@ def test_the_gateways_follow_a_sentinel_failover_without_a_restart(
         assert cluster.primary.proc is not None
         cluster.primary.proc.kill()
         wait_until(
-            "both gateways admit through Redis again", lambda: all(ld.back_after(killed) for ld in loads.values()), 30
+            "both gateways admit through Redis again", lambda: all(ld.back_at(killed) for ld in loads.values()), 30
         )
         time.sleep(0.3)
     finally:
@@ -237,7 +197,7 @@ def test_the_gateways_follow_a_sentinel_failover_without_a_restart(
             thread.join(timeout=15)
 
     try:
-        back = {on_error: load.back_after(killed) for on_error, load in loads.items()}
+        back = {on_error: at - killed if (at := load.back_at(killed)) else None for on_error, load in loads.items()}
         print(f"\nfailover: kill -> first request admitted through the new primary: {back}")
         assert all(took is not None and took < FAILOVER_BOUND_S for took in back.values()), back
         assert replica.role()[0] == b"master"
