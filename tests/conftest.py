@@ -60,6 +60,14 @@ def wait_until(what: str, check: Callable[[], object], timeout_s: float) -> None
     raise AssertionError(f"{what}: not within {timeout_s}s")
 
 
+def run_keys_usage(config: Path, redis_url: str) -> subprocess.CompletedProcess[str]:
+    """`sluicegate keys usage` for a gateway's config file, with REDIS_URL set as the gateway had it."""
+    return subprocess.run(
+        [sys.executable, "-m", "proxy", "keys", "usage", "--config", str(config)],
+        cwd=ROOT, capture_output=True, text=True, timeout=30, env={**os.environ, "REDIS_URL": redis_url},
+    )  # fmt: skip
+
+
 @dataclass
 class Proc:
     """A child process whose stdout+stderr go to a file the tests can read."""

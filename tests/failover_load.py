@@ -51,3 +51,14 @@ class Load:
             if sent.started > killed and sent.status == 200 and sent.checked:
                 return sent.started + sent.took_s
         return None
+
+
+def check_gap(loads: dict[str, Load], killed: float, hang_s: float) -> None:
+    """Each gateway (by its on_error) answered the requests Redis did not admit after the kill as on_error says,
+    and none of its requests took `hang_s` or more."""
+    for on_error, load in loads.items():
+        gap = [s for s in load.sent if s.started > killed and not s.checked]
+        assert gap, f"{on_error}: no request fell into the failover gap"
+        assert {s.status for s in gap} == ({503} if on_error == "deny" else {200}), (on_error, gap)
+        slowest = max(s.took_s for s in load.sent)
+        assert slowest < hang_s, (on_error, slowest)

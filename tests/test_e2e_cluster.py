@@ -8,10 +8,7 @@ gateways run, they follow the MOVED and the group's limits hold.
 
 from __future__ import annotations
 
-import os
 import shutil
-import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -19,13 +16,12 @@ from pathlib import Path
 
 import httpx
 import pytest
-import redis
 from redis.cluster import RedisCluster
-from redis.crc import key_slot
 
 from proxy.auth import key_digest, new_key
 from proxy.events import REDIS_STREAM
-from tests.conftest import ROOT, Mocks, Proc, free_port, start_gateway, wait_for_port, wait_until
+from tests.cluster_nodes import Node, create_cluster, slot_of, start_node
+from tests.conftest import Mocks, Proc, run_keys_usage, start_gateway, wait_until
 
 pytestmark = pytest.mark.skipif(
     shutil.which("redis-server") is None or shutil.which("redis-cli") is None,
@@ -35,23 +31,6 @@ pytestmark = pytest.mark.skipif(
 PRICE_IN, PRICE_OUT = 2, 10  # EUR per million tokens: micro-units per token
 SHORT = {"model": "mock-chat", "messages": [{"role": "user", "content": "say something"}]}
 SHORT_COST = 2 * PRICE_IN + 6 * PRICE_OUT  # two words, the session mocks' six chunks
-
-
-@dataclass
-class Node:
-    port: int
-    proc: subprocess.Popen[bytes]
-
-    def client(self) -> redis.Redis:
-        return redis.Redis(port=self.port, socket_timeout=5)
-
-    def id(self) -> str:
-        return str(self.client().execute_command("CLUSTER", "MYID").decode())
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
 
 
 @dataclass
@@ -89,24 +68,8 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
     nodes = Cluster()
     try:
         for _ in range(3):
-            port = free_port()
-            log = tmp_path / f"redis-{port}.log"
-            args = [
-                "redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir", str(tmp_path),
-                "--cluster-enabled", "yes", "--cluster-config-file", str(tmp_path / f"nodes-{port}.conf"),
-                "--save", "", "--appendonly", "no",
-                # The bus port is port + 10000 unless named: above 55535 that is no port at all.
-                "--cluster-port", str(free_port()),
-            ]  # fmt: skip
-            with log.open("ab") as out:
-                proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT)
-            nodes.nodes.append(Node(port, proc))
-            wait_for_port(port, proc, log)
-        addresses = [f"127.0.0.1:{node.port}" for node in nodes.nodes]
-        subprocess.run(
-            ["redis-cli", "--cluster", "create", *addresses, "--cluster-yes"],
-            check=True, capture_output=True, timeout=30,
-        )  # fmt: skip
+            nodes.nodes.append(start_node(tmp_path))
+        create_cluster(nodes.nodes)
         wait_until(
             "cluster_state:ok on all three",
             lambda: all(n.client().cluster("info")["cluster_state"] == "ok" for n in nodes.nodes),
@@ -116,10 +79,6 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
     finally:
         for node in nodes.nodes:
             node.stop()
-
-
-def slot_of(group: str) -> int:
-    return key_slot(f"g:{group}".encode())  # the hash tag of every key of the group: {g:GROUP}
 
 
 def groups_on_different_nodes(cluster: Cluster) -> dict[str, tuple[int, Node]]:
@@ -238,10 +197,7 @@ def test_two_gateways_on_a_redis_cluster(tmp_path: Path, mocks: Mocks, cluster: 
             lambda: any(b"in-the-cluster" in e[b"event"] for _, e in client.xrange(REDIS_STREAM)),
             5,
         )
-        usage = subprocess.run(
-            [sys.executable, "-m", "proxy", "keys", "usage", "--config", str(tmp_path / "gateway0.toml")],
-            cwd=ROOT, capture_output=True, text=True, timeout=30, env={**os.environ, "REDIS_URL": url},
-        )  # fmt: skip
+        usage = run_keys_usage(tmp_path / "gateway0.toml", url)
         assert usage.returncode == 0, usage.stderr + usage.stdout
         rows = {line.split()[0]: line for line in usage.stdout.splitlines()[1:]}
         assert "key rpm 0/5" in rows["k1"] and "key rpm 0/3" in rows["k2"], usage.stdout
