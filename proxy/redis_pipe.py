@@ -102,11 +102,12 @@ class _Replies(asyncio.Protocol):
         while (reply := self._parser.gets()) is not False:
             demoted = False
             if isinstance(reply, ResponseError):
-                if str(reply).startswith("NOSCRIPT"):
-                    reply = NoScriptError(str(reply))
-                elif str(reply).startswith("READONLY"):
-                    reply, demoted = ReadOnlyError(str(reply)), True
-                elif str(reply).startswith("CLUSTERDOWN"):
+                message = str(reply)
+                if message.startswith("NOSCRIPT"):
+                    reply = NoScriptError(message)
+                elif message.startswith("READONLY"):
+                    reply, demoted = ReadOnlyError(message), True
+                elif message.startswith("CLUSTERDOWN"):
                     self._pipe._failing()
             if not self._pipe._reply(self, reply):
                 return
