@@ -98,10 +98,10 @@ class DisconnectWatcher:
 
     def _start(self) -> None:
         self._timer = None
-        self._task = asyncio.create_task(self._watch(self._receive))
+        self._task = asyncio.create_task(self._watch())
 
-    async def _watch(self, receive: Receive) -> None:
-        while (await receive())["type"] != "http.disconnect":
+    async def _watch(self) -> None:
+        while (await self._receive())["type"] != "http.disconnect":
             pass
         self.disconnected = True
         if self._target is not None:
