@@ -17,6 +17,7 @@ from .record import RequestRecord
 from .upstream import (
     REASON_429,
     AttemptFailed,
+    IdleWatch,
     ProviderClient,
     Retryable,
     Sessions,
@@ -173,9 +174,13 @@ async def _forward_whole(
     watcher: DisconnectWatcher,
     on_usage: Callable[[Usage], None],
 ) -> None:
-    with client.read_errors:
-        body = await resp.read()
-        usage = usage_from_answer(body, resp.headers.get("Content-Encoding")) if resp.status == 200 else None
+    watch = IdleWatch(resp.content, client.settings.idle_timeout_s)
+    try:
+        with client.read_errors:
+            body = await resp.read()
+            usage = usage_from_answer(body, resp.headers.get("Content-Encoding")) if resp.status == 200 else None
+    finally:
+        watch.stop()
     _count_refusal(ex.record, resp, client)
     if usage is not None:
         on_usage(usage)
@@ -207,9 +212,11 @@ async def _forward_stream(
     ex.active_streams.inc()
     send = ex.body_sender()
     record = ex.record
+    watch = IdleWatch(resp.content, client.settings.idle_timeout_s)
     try:
         with client.stream_errors:
             async for chunk in resp.content.iter_any():
+                watch.waiting = False  # until the chunk is out: a slow client is not an idle provider
                 if inflater is None:
                     out = scanner.feed(chunk)
                 else:
@@ -219,10 +226,12 @@ async def _forward_stream(
                     if record.first_byte_at is None:
                         record.first_byte_at = time.perf_counter()
                     await send({"type": "http.response.body", "body": out, "more_body": True})
+                watch.waiting = True
     except AttemptFailed as exc:
         failure = exc.error
         ex.record.failures.append((client.settings.name, exc.reason))
     finally:
+        watch.stop()
         ex.active_streams.dec()
         # Runs on a client disconnect too: a stream cut short still charges what is known.
         if scanner.usage is not None:

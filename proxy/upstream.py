@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ from .errors import Header, UpstreamAuthError, UpstreamError, UpstreamTimeout
 from .settings import ProviderSettings
 from .usage import NotJson
 
+IDLE_TICKS = 4  # IdleWatch looks this many times per idle limit
 REASON_429 = "http_429"  # a provider's 429 counts under this reason, retried or passed on
 REQUEST_DROP = frozenset(
     name.encode()
@@ -137,7 +139,7 @@ class ProviderClient:
             base_url=provider.base_url,
             auth={"Authorization": f"Bearer {provider.api_key}"} if provider.api_key else {},
             # aiohttp starts sock_read once the request is written: until the headers
-            # are in it is the first-byte limit, then start_idle_timeout() re-arms it.
+            # are in it is the first-byte limit, then stop_read_timer() ends it (IdleWatch).
             # `connect` also bounds the wait for a free pooled connection.
             timeout=aiohttp.ClientTimeout(
                 total=None,
@@ -226,12 +228,53 @@ def response_headers(resp: aiohttp.ClientResponse) -> list[Header]:
     return [(k, v) for k, v in headers if k not in RESPONSE_DROP]
 
 
-def start_idle_timeout(resp: aiohttp.ClientResponse, idle_timeout_s: float) -> None:
-    """Switch aiohttp's per-read timer from the first-byte limit to the idle limit."""
+def stop_read_timer(resp: aiohttp.ClientResponse) -> None:
+    """End aiohttp's per-read timer (the first-byte limit until now): IdleWatch keeps the idle limit."""
     connection = resp.connection
     if connection is not None and connection.protocol is not None:
-        connection.protocol.read_timeout = idle_timeout_s
+        connection.protocol.read_timeout = None
         connection.protocol.start_timeout()
+
+
+class IdleWatch:
+    """The provider's idle limit on an answer's body: a few timer ticks per limit, not a timer per read.
+
+    aiohttp's sock_read cancels and re-arms a timer on every read, about 3% of the gateway's
+    CPU at thousands of stream chunks a second. Here a tick every idle_s / IDLE_TICKS reads how
+    many bytes the provider sent: when none came for IDLE_TICKS ticks in a row while the relay
+    waited on the provider, the read fails as aiohttp's would (a TimeoutError). Time spent waiting
+    on a slow client does not count: the relay sets `waiting` around its reads. So the limit is
+    never cut short, and fires at most one tick late.
+    """
+
+    __slots__ = ("_content", "_handle", "_loop", "_period", "_seen", "_still", "waiting")
+
+    def __init__(self, content: aiohttp.StreamReader, idle_s: float) -> None:
+        self.waiting = True
+        self._content = content
+        self._period = idle_s / IDLE_TICKS
+        self._seen = content.total_bytes
+        self._still = 0
+        self._loop = asyncio.get_running_loop()
+        self._handle: asyncio.TimerHandle | None = self._loop.call_later(self._period, self._tick)
+
+    def _tick(self) -> None:
+        seen = self._content.total_bytes
+        if seen != self._seen or not self.waiting:
+            self._seen, self._still = seen, 0
+        else:
+            self._still += 1
+            if self._still >= IDLE_TICKS:
+                # The byte before the silence came before the tick that saw it, IDLE_TICKS ticks ago.
+                self._handle = None
+                self._content.set_exception(aiohttp.SocketTimeoutError("Timeout on reading data from socket"))
+                return
+        self._handle = self._loop.call_later(self._period, self._tick)
+
+    def stop(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
 
 
 @asynccontextmanager
@@ -254,7 +297,7 @@ async def open_upstream(
             method, URL(url, encoded=True), headers=headers, data=body, allow_redirects=False, timeout=client.timeout
         )
     try:
-        start_idle_timeout(resp, client.settings.idle_timeout_s)
+        stop_read_timer(resp)
         yield resp
     finally:
         # release() keeps a fully read connection for reuse and closes one with unread bytes.

@@ -201,6 +201,35 @@ def test_idle_timeout_mid_stream_is_an_error_event(gw: Gateway) -> None:
     assert orjson.loads(events[-1])["error"]["code"] == "upstream_timeout"
 
 
+def test_a_gap_within_the_idle_limit_is_no_timeout(gw: Gateway) -> None:
+    # alpha's idle limit is 1 s; the gateway keeps it with a few ticks per second, never early.
+    body = {"model": "alpha-chat", "messages": MESSAGES, "stream": True}
+    headers = {**gw.auth(), "x-mock-slow-chunk": "2:750"}
+    with httpx.stream("POST", gw.v1 + "/chat/completions", json=body, headers=headers, timeout=10) as resp:
+        raw = resp.read()
+    events = sse_events(raw)
+    assert events[-1] == b"[DONE]"
+    assert not any(e.startswith(b'{"error"') for e in events)
+
+
+def test_a_client_that_reads_slowly_is_not_an_idle_provider(gw: Gateway) -> None:
+    # alpha's idle limit is 1 s. The answer is far larger than the socket buffers, so the gateway
+    # waits on this client for seconds while the provider, held back by it, sends nothing.
+    body = {"model": "alpha-chat", "messages": MESSAGES, "stream": True}
+    headers = {**gw.auth(), "x-mock-big-event": str(16 << 20), "Connection": "close"}
+    sock = send_raw(gw.proc.port, body, headers)
+    time.sleep(3)
+    raw = bytearray()
+    with sock:
+        sock.settimeout(10)
+        while part := sock.recv(1 << 20):
+            raw += part
+    assert raw.startswith(b"HTTP/1.1 200")
+    assert len(raw) > 16 << 20
+    assert raw.endswith(b"data: [DONE]\n\n\r\n0\r\n\r\n")  # the whole answer, its chunked framing closed
+    assert b'"upstream_timeout"' not in raw[-4096:]
+
+
 def test_sdk_sees_mid_stream_error(gw: Gateway) -> None:
     client = openai.OpenAI(
         base_url=gw.v1, api_key=gw.keys["main"], max_retries=0, default_headers={"x-mock-reset-after": "2"}
