@@ -141,7 +141,7 @@ async def relay(
     """
     record = ex.record
     forwarded = forwarded_headers(client_headers, record.request_id)
-    last: GatewayError = UpstreamError("No provider could be tried.")
+    last: GatewayError | None = None  # built only when needed: most requests never fail
     for number, client in enumerate(attempts, 1):
         final = number == len(attempts)
         record.attempts = number
@@ -164,7 +164,7 @@ async def relay(
         except Retryable as exc:
             last = exc.error
             record.failures.append((client.settings.name, exc.reason))
-    raise last
+    raise last if last is not None else UpstreamError("No provider could be tried.")
 
 
 async def _forward_whole(
