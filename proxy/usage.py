@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import re
 import zlib
+from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,8 +25,10 @@ USAGE_MARK = b'"usage"'
 EVENT_END = re.compile(rb"\r?\n\r?\n")
 # A "usage" key holding an object (OpenAI sends "usage":null on every chunk when asked for usage).
 USAGE_OBJECT = re.compile(rb'"usage"\s*:\s*\{')
+USAGE_HOLDS_OBJECT = re.compile(rb"\s*:\s*\{")  # what follows USAGE_MARK when it holds an object
 FINISHED = re.compile(rb'"finish_reason"\s*:\s*"')
 MAX_TAIL_BYTES = 1 << 20  # an event larger than this is not scanned
+TAIL_BYTES = 8 * 1024  # without stripping, usage is read from at least the last this many bytes
 FULL_PARSE_BYTES = 64 * 1024  # non-stream answers up to this size are parsed whole
 INFLATE_LIMIT_BYTES = 16 << 20  # a compressed answer is inflated this far at most to read its usage
 INFLATABLE = frozenset({"gzip", "x-gzip", "deflate"})
@@ -179,23 +182,59 @@ def _object_end(body: bytes, start: int) -> int:
 
 
 class StreamUsageScanner:
+    """Usage of a stream as it is forwarded; with strip_usage_event, the usage-only event is withheld.
+
+    Without stripping nothing is ever held, so a chunk needs no look: it is counted and kept
+    in a short tail (the last chunks, TAIL_BYTES or more), and usage is read from that tail
+    when asked, at the end. Providers send usage in the last events, or in every event as a
+    running total, so the last usage object of the tail is the stream's. Per chunk that is a
+    count and an append: at thousands of chunks a second the scan was a few points of a core.
+    """
+
     def __init__(self, strip_usage_event: bool) -> None:
         self.strip_usage_event = strip_usage_event
-        self.usage: Usage | None = None
+        self._usage: Usage | None = None
         self.events = 0  # data: lines seen, for an estimate when no usage arrives
         self._pending = b""  # the unfinished event at the end of what came so far
         self._sent = 0  # how many of its bytes already went to the client
         self._finished = False  # an event with a finish_reason went by
         self._oversized = False  # inside an event too large to keep: its bytes go out as they come
+        self._tail: deque[bytes] = deque()  # without stripping: the last chunks, read for usage when asked
+        self._tail_bytes = 0
+        self._tail_read = True  # the tail has not changed since usage was last read from it
+
+    @property
+    def usage(self) -> Usage | None:
+        if not self._tail_read:
+            self._tail_read = True
+            found = _last_usage(b"".join(self._tail))
+            if found is not None:
+                self._usage = found
+        return self._usage
 
     @property
     def mid_event(self) -> bool:
         """Part of an event went out without its end: anything we add must start on a fresh line."""
+        if self._tail:
+            # Nothing is held without stripping: what went out ends where the stream so far ends.
+            last = self._tail[-1][-4:]
+            if len(last) < 4 and len(self._tail) > 1:
+                last = (self._tail[-2] + last)[-4:]
+            return _last_event_end(last) != len(last)
         return self._sent > 0 or self._oversized
 
     def feed(self, chunk: bytes) -> bytes:
         """Return the bytes to forward now: `chunk` itself on the fast path."""
         self.events += chunk.count(b"data:")
+        if not self.strip_usage_event:
+            if chunk:
+                tail = self._tail
+                tail.append(chunk)
+                self._tail_bytes += len(chunk)
+                while self._tail_bytes - len(tail[0]) >= TAIL_BYTES:
+                    self._tail_bytes -= len(tail.popleft())
+                self._tail_read = False
+            return chunk
         if (
             # The common chunk: whole events, nothing held, no usage object, nothing to watch for.
             not self._pending
@@ -245,13 +284,34 @@ class StreamUsageScanner:
                 if isinstance(payload, dict):
                     usage = Usage.from_json(payload.get("usage"))
                     if usage is not None:
-                        self.usage = usage
+                        self._usage = usage
                         # An event part of which already went out cannot be withheld.
                         cut = self.strip_usage_event and payload.get("choices") == [] and start >= sent
             if not cut and stop > sent:
                 kept += data[max(start, sent) : stop]
             start = stop
         return bytes(kept)
+
+
+def _last_usage(tail: bytes) -> Usage | None:
+    """The last usage object among the whole events of a stream's tail, looked for from the end.
+
+    The tail may begin inside an event: that part does not parse, and is skipped.
+    """
+    end = _last_event_end(tail)
+    at = tail.rfind(USAGE_MARK, 0, end)
+    while at >= 0:
+        if USAGE_HOLDS_OBJECT.match(tail, at + len(USAGE_MARK)):
+            lf, crlf = tail.rfind(b"\n\n", 0, at), tail.rfind(b"\n\r\n", 0, at)
+            start = max(lf + 2 if lf >= 0 else 0, crlf + 3 if crlf >= 0 else 0)
+            stop = EVENT_END.search(tail, at, end)
+            payload = _event_json(tail[start : stop.end() if stop is not None else end])
+            if isinstance(payload, dict):
+                usage = Usage.from_json(payload.get("usage"))
+                if usage is not None:
+                    return usage
+        at = tail.rfind(USAGE_MARK, 0, at)
+    return None
 
 
 def _last_event_end(data: bytes) -> int:

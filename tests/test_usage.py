@@ -208,6 +208,26 @@ def test_the_last_usage_wins() -> None:
     assert scanner.usage == Usage(9, 30, 39)
 
 
+def test_without_stripping_only_a_short_tail_is_kept_and_the_usage_is_read_from_it() -> None:
+    scanner = StreamUsageScanner(strip_usage_event=False)
+    for _ in range(2000):
+        assert scanner.feed(CONTENT) is CONTENT
+        assert scanner._tail_bytes < usage_module.TAIL_BYTES + len(CONTENT)  # bounded, whatever the length
+    assert scanner.usage is None
+    for part in (USAGE_ONLY[:30], USAGE_ONLY[30:90], USAGE_ONLY[90:], DONE):
+        scanner.feed(part)
+    assert scanner.usage == USAGE
+    assert scanner.events == 2002
+    assert not scanner.mid_event
+
+
+def test_a_usage_event_cut_off_at_the_end_of_a_stream_is_not_read() -> None:
+    scanner = StreamUsageScanner(strip_usage_event=False)
+    feed_all(scanner, [CONTENT, USAGE_ONLY, USAGE_ONLY.replace(b"9", b"7")[:-10]])
+    assert scanner.usage == USAGE  # the earlier, whole one
+    assert scanner.mid_event
+
+
 def test_usage_event_with_data_and_comment_lines() -> None:
     event = (
         b': keep-alive "usage"\nevent: message\n'
