@@ -23,7 +23,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from importlib.resources import files
-from typing import Any
+from typing import Any, cast
 
 from redis.exceptions import NoScriptError, RedisClusterException, RedisError, ResponseError
 
@@ -220,6 +220,8 @@ class Plan:
     args: tuple[Any, ...]
     call: Prepared  # the EVALSHA, packed once
     top_up: str = ""  # [limits] budget_message, for a spent budget's 402
+    # Per bucket kind with buckets here: its three x-ratelimit-* names, and (index, limit as text) of each bucket.
+    header_rows: tuple[tuple[tuple[bytes, bytes, bytes], tuple[tuple[int, bytes], ...]], ...] = ()
 
     @property
     def budgeted(self) -> bool:
@@ -234,7 +236,15 @@ class Plan:
             args += [budget.amount, budget.counted]
         keys = [b.redis_key for b in buckets] + [k for budget in budgets for k in budget.keys]
         call = Prepared(ADMIT, keys, args, more=len(budgets) + 1 if budgets else 0)
-        return cls(buckets, budgets, tuple(keys), tuple(args), call, limits.budget_message)
+        rows = []
+        for kind in BUCKET_KINDS:
+            members = tuple((i, str(b.per_minute).encode()) for i, b in enumerate(buckets) if b.kind is kind)
+            if members:
+                names = tuple(
+                    b"x-ratelimit-" + part + b"-" + kind.header for part in (b"limit", b"remaining", b"reset")
+                )
+                rows.append((cast(tuple[bytes, bytes, bytes], names), members))
+        return cls(buckets, budgets, tuple(keys), tuple(args), call, limits.budget_message, tuple(rows))
 
 
 @dataclass(frozen=True, slots=True)
@@ -320,21 +330,18 @@ def ratelimit_headers(plan: Plan, result: list[int]) -> list[Header]:
     """The tightest bucket of each kind speaks for it."""
     headers: list[Header] = []
     first = 3 + len(plan.budgets)  # the levels follow the verdict, the refusal, the wait and the holds
-    for kind in BUCKET_KINDS:
-        label = kind.header
-        tightest: tuple[int, int, int] | None = None
-        for i, bucket in enumerate(plan.buckets):
-            if bucket.kind is not kind:
-                continue
-            level, reset_ms = result[first + 2 * i], result[first + 1 + 2 * i]
+    for (limit_name, remaining_name, reset_name), members in plan.header_rows:
+        tightest: tuple[bytes, int, int] | None = None
+        for i, limit in members:
+            level = result[first + 2 * i]
             if tightest is None or level < tightest[1]:
-                tightest = (bucket.per_minute, level, reset_ms)
+                tightest = (limit, level, result[first + 1 + 2 * i])
         if tightest is not None:
             limit, level, reset_ms = tightest
             headers += [
-                (b"x-ratelimit-limit-" + label, str(limit).encode()),
-                (b"x-ratelimit-remaining-" + label, str(max(level, 0)).encode()),
-                (b"x-ratelimit-reset-" + label, format_duration(reset_ms).encode()),
+                (limit_name, limit),
+                (remaining_name, str(max(level, 0)).encode()),
+                (reset_name, format_duration(reset_ms).encode()),
             ]
     return headers
 
