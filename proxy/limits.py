@@ -23,7 +23,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from importlib.resources import files
-from typing import Any, cast
+from typing import Any
 
 from redis.exceptions import NoScriptError, RedisClusterException, RedisError, ResponseError
 
@@ -240,10 +240,13 @@ class Plan:
         for kind in BUCKET_KINDS:
             members = tuple((i, str(b.per_minute).encode()) for i, b in enumerate(buckets) if b.kind is kind)
             if members:
-                names = tuple(
-                    b"x-ratelimit-" + part + b"-" + kind.header for part in (b"limit", b"remaining", b"reset")
+                label = kind.header
+                names = (
+                    b"x-ratelimit-limit-" + label,
+                    b"x-ratelimit-remaining-" + label,
+                    b"x-ratelimit-reset-" + label,
                 )
-                rows.append((cast(tuple[bytes, bytes, bytes], names), members))
+                rows.append((names, members))
         return cls(buckets, budgets, tuple(keys), tuple(args), call, limits.budget_message, tuple(rows))
 
 

@@ -25,7 +25,6 @@ USAGE_MARK = b'"usage"'
 EVENT_END = re.compile(rb"\r?\n\r?\n")
 # A "usage" key holding an object (OpenAI sends "usage":null on every chunk when asked for usage).
 USAGE_OBJECT = re.compile(rb'"usage"\s*:\s*\{')
-USAGE_HOLDS_OBJECT = re.compile(rb"\s*:\s*\{")  # what follows USAGE_MARK when it holds an object
 FINISHED = re.compile(rb'"finish_reason"\s*:\s*"')
 MAX_TAIL_BYTES = 1 << 20  # an event larger than this is not scanned
 TAIL_BYTES = 8 * 1024  # without stripping, usage is read from at least the last this many bytes
@@ -301,11 +300,9 @@ def _last_usage(tail: bytes) -> Usage | None:
     end = _last_event_end(tail)
     at = tail.rfind(USAGE_MARK, 0, end)
     while at >= 0:
-        if USAGE_HOLDS_OBJECT.match(tail, at + len(USAGE_MARK)):
-            lf, crlf = tail.rfind(b"\n\n", 0, at), tail.rfind(b"\n\r\n", 0, at)
-            start = max(lf + 2 if lf >= 0 else 0, crlf + 3 if crlf >= 0 else 0)
+        if USAGE_OBJECT.match(tail, at):
             stop = EVENT_END.search(tail, at, end)
-            payload = _event_json(tail[start : stop.end() if stop is not None else end])
+            payload = _event_json(tail[_last_event_end(tail, at) : stop.end() if stop is not None else end])
             if isinstance(payload, dict):
                 usage = Usage.from_json(payload.get("usage"))
                 if usage is not None:
@@ -314,9 +311,9 @@ def _last_usage(tail: bytes) -> Usage | None:
     return None
 
 
-def _last_event_end(data: bytes) -> int:
-    """Just past the last blank line in data, or 0."""
-    lf, crlf = data.rfind(b"\n\n"), data.rfind(b"\n\r\n")
+def _last_event_end(data: bytes, before: int | None = None) -> int:
+    """Just past the last blank line in data (ending before `before`), or 0."""
+    lf, crlf = data.rfind(b"\n\n", 0, before), data.rfind(b"\n\r\n", 0, before)
     return max(lf + 2 if lf >= 0 else 0, crlf + 3 if crlf >= 0 else 0)
 
 
