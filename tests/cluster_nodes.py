@@ -10,6 +10,7 @@ from pathlib import Path
 import redis
 from redis.crc import key_slot
 
+from proxy.auth import key_digest
 from tests.conftest import free_port, wait_for_port
 
 
@@ -65,3 +66,16 @@ def create_cluster(nodes: Sequence[Node], replicas: int = 0) -> None:
 
 def slot_of(group: str) -> int:
     return key_slot(f"g:{group}".encode())  # the hash tag of every key of the group: {g:GROUP}
+
+
+def limit_blocks(keys: dict[str, tuple[str, str, str]], groups: dict[str, str]) -> str:
+    """A gateway's [groups.*] and [[keys]] TOML.
+
+    keys: name -> (secret, group, extra TOML); groups: name -> its TOML lines.
+    """
+    group_blocks = "".join(f"\n[groups.{name}]\n{extra}\n" for name, extra in groups.items())
+    key_blocks = "".join(
+        f'\n[[keys]]\nname = "{name}"\nsha256 = "{key_digest(secret)}"\ngroup = "{group}"\n{extra}\n'
+        for name, (secret, group, extra) in keys.items()
+    )
+    return group_blocks + key_blocks

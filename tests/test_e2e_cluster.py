@@ -18,9 +18,9 @@ import httpx
 import pytest
 from redis.cluster import RedisCluster
 
-from proxy.auth import key_digest, new_key
+from proxy.auth import new_key
 from proxy.events import REDIS_STREAM
-from tests.cluster_nodes import Node, create_cluster, slot_of, start_node
+from tests.cluster_nodes import Node, create_cluster, limit_blocks, slot_of, start_node
 from tests.conftest import Mocks, Proc, run_keys_usage, start_gateway, wait_until
 
 pytestmark = pytest.mark.skipif(
@@ -96,11 +96,6 @@ def groups_on_different_nodes(cluster: Cluster) -> dict[str, tuple[int, Node]]:
 
 def gateway_config(mocks: Mocks, keys: dict[str, tuple[str, str, str]], groups: dict[str, str]) -> str:
     """keys: name -> (secret, group, extra TOML); groups: name -> its TOML lines."""
-    group_blocks = "".join(f"\n[groups.{name}]\n{extra}\n" for name, extra in groups.items())
-    key_blocks = "".join(
-        f'\n[[keys]]\nname = "{name}"\nsha256 = "{key_digest(secret)}"\ngroup = "{group}"\n{extra}\n'
-        for name, (secret, group, extra) in keys.items()
-    )
     return f"""
 [redis]
 mode = "cluster"
@@ -121,7 +116,7 @@ model = "mock-chat"
 input = {PRICE_IN}
 output = {PRICE_OUT}
 currency = "EUR"
-{group_blocks}{key_blocks}"""
+{limit_blocks(keys, groups)}"""
 
 
 def chat(proc: Proc, secret: str, request_id: str = "") -> int:

@@ -34,10 +34,10 @@ import pytest
 from redis.cluster import RedisCluster
 from redis.crc import key_slot
 
-from proxy.auth import key_digest, new_key
+from proxy.auth import new_key
 from proxy.events import REDIS_STREAM
 from proxy.limits import ADMIT
-from tests.cluster_nodes import Node, create_cluster, slot_of, start_node
+from tests.cluster_nodes import Node, create_cluster, limit_blocks, slot_of, start_node
 from tests.conftest import Mocks, Proc, run_keys_usage, start_gateway, wait_until
 from tests.failover_load import Load, chat, check_gap
 
@@ -115,13 +115,8 @@ def groups_on(cluster: Cluster, node: Node, count: int) -> list[str]:
 
 
 def gateway_config(mocks: Mocks, on_error: str, keys: dict[str, tuple[str, str, str]], groups: dict[str, str]) -> str:
-    circuit_failures, sink = GATEWAYS[on_error]
     """keys: name -> (secret, group, extra TOML); groups: name -> its TOML lines."""
-    group_blocks = "".join(f"\n[groups.{name}]\n{extra}\n" for name, extra in groups.items())
-    key_blocks = "".join(
-        f'\n[[keys]]\nname = "{name}"\nsha256 = "{key_digest(secret)}"\ngroup = "{group}"\n{extra}\n'
-        for name, (secret, group, extra) in keys.items()
-    )
+    circuit_failures, sink = GATEWAYS[on_error]
     return f"""
 [redis]
 mode = "cluster"
@@ -137,7 +132,7 @@ sink = "{sink}"
 name = "beta"
 base_url = "{mocks.beta.url}/v1"
 models = ["mock-chat"]
-{group_blocks}{key_blocks}"""
+{limit_blocks(keys, groups)}"""
 
 
 @dataclass
