@@ -15,6 +15,7 @@ from enum import Enum, auto
 from prometheus_client import Gauge
 from starlette.types import Send
 
+from .connections import ChunkSend, chunk_sender
 from .errors import GatewayError, Header
 from .record import RequestRecord
 
@@ -81,15 +82,18 @@ class Exchange:
             self.record.first_byte_at = time.perf_counter()
         await self.send({"type": "http.response.body", "body": chunk, "more_body": True})
 
-    def body_sender(self) -> Send:
-        """For a stream's loop: the server's send itself, one call less per chunk.
+    def body_sender(self) -> ChunkSend:
+        """For a stream's loop: each part straight to the socket where the server allows (connections.py).
 
         The loop owns the answer from start() until it calls end(), so the state
-        stays RESPONSE throughout; it sends only http.response.body with more_body.
+        stays RESPONSE throughout; it sends only non-empty parts with more to come.
         """
         if self.state is not _RESPONSE:
             raise UnexpectedMessage(self.state, "a stream of http.response.body")
-        return self.send
+        return chunk_sender(self.send) or self._send_part
+
+    async def _send_part(self, chunk: bytes) -> None:
+        await self.send({"type": "http.response.body", "body": chunk, "more_body": True})
 
     async def end(self, chunk: bytes) -> None:
         """The last part of the answer."""

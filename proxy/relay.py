@@ -225,7 +225,7 @@ async def _forward_stream(
                 if out:
                     if record.first_byte_at is None:
                         record.first_byte_at = time.perf_counter()
-                    await send({"type": "http.response.body", "body": out, "more_body": True})
+                    await send(out)
                 watch.waiting = True
     except AttemptFailed as exc:
         failure = exc.error
