@@ -162,6 +162,10 @@ class Listener:
         except OSError:
             conn.close()
             return
+        if conn.family in (socket.AF_INET, socket.AF_INET6):
+            # uvloop sets it on an accepted socket, asyncio's own loop does not (its create_server
+            # does): without it a chunk waits for the client's ACK of the one before, up to 40 ms.
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         writer = asyncio.StreamWriter(transport, protocol, reader, loop)
         await _Connection(self, reader, writer, loop)
 

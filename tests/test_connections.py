@@ -27,6 +27,7 @@ class App:
     def __init__(self, parts: tuple[bytes, ...] = PARTS) -> None:
         self.parts = parts
         self.fast: list[bool] = []  # per request: did chunk_sender offer the short way
+        self.nodelay: list[int] = []  # per request: TCP_NODELAY of the client's socket
         self.sent = 0  # parts sent so far, over all requests
         self.finished = asyncio.Event()
 
@@ -41,6 +42,9 @@ class App:
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         fast = chunk_sender(send)
         self.fast.append(fast is not None)
+        if fast is not None:
+            writer = send.__self__.send.__self__.send.__self__.writer  # the stream's protocol's connection
+            self.nodelay.append(writer.get_extra_info("socket").getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
         for part in self.parts:
             if fast is not None:
                 await fast(part)
@@ -98,6 +102,9 @@ async def test_a_chunked_answer_takes_the_short_way_and_the_connection_serves_th
         assert chunks == list(PARTS)
         writer.close()
     assert app.fast == [True, True]
+    # Set by the listener on every event loop (this one is asyncio's, which leaves it off): each
+    # chunk goes out at once, not after the client's ACK of the one before.
+    assert all(app.nodelay) and app.nodelay
 
 
 async def test_an_http10_client_a_sized_answer_and_a_test_send_take_the_ordinary_way() -> None:
