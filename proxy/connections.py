@@ -19,7 +19,6 @@ import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from typing import Any, SupportsIndex
 
-from h11._writers import ChunkedWriter
 from hypercorn.asyncio.tcp_server import TCPServer
 from hypercorn.asyncio.worker_context import WorkerContext
 from hypercorn.config import Config
@@ -30,6 +29,12 @@ from hypercorn.typing import AppWrapper, LifespanState
 from starlette.types import Send
 
 from .settings import ServerSettings
+
+CHUNKED_WRITER: type | None
+try:  # h11's own module, not its public API: without it, every chunk takes hypercorn's way
+    from h11._writers import ChunkedWriter as CHUNKED_WRITER
+except ImportError:  # pragma: no cover
+    CHUNKED_WRITER = None
 
 log = logging.getLogger("sluicegate")
 
@@ -213,10 +218,11 @@ def chunk_sender(send: Send) -> ChunkSend | None:
     protocol = getattr(getattr(stream, "send", None), "__self__", None)
     connection = getattr(getattr(protocol, "send", None), "__self__", None)
     if not (
-        isinstance(stream, HTTPStream)
+        CHUNKED_WRITER is not None
+        and isinstance(stream, HTTPStream)
         and stream.state is ASGIHTTPState.RESPONSE
         and isinstance(protocol, H11Protocol)
-        and type(getattr(protocol.connection, "_writer", None)) is ChunkedWriter
+        and type(getattr(protocol.connection, "_writer", None)) is CHUNKED_WRITER
         and isinstance(connection, TCPServer)
     ):
         return None
@@ -234,7 +240,9 @@ class _ChunkSender:
         self.lock = connection.send_lock
 
     async def send(self, chunk: bytes) -> None:
-        """One non-empty part, more to come. A closing socket takes hypercorn's own way, which knows what to do."""
+        """One part, more to come. A closing socket takes hypercorn's own way, which knows what to do."""
+        if not chunk:
+            return  # framed, an empty part would be the body's end (h11 skips them too)
         transport = self.transport
         if transport.is_closing() or self.lock.locked():
             await self.send_message({"type": "http.response.body", "body": chunk, "more_body": True})
@@ -245,7 +253,8 @@ class _ChunkSender:
             # flow control), so what waits for it stays bounded by the transport's high-water mark.
             try:
                 await self.writer.drain()
-            except (ConnectionError, RuntimeError):
+            except (OSError, RuntimeError):
+                # A reset, or a client gone without one (ETIMEDOUT): the client's loss, never the provider's.
                 await self.connection.protocol.handle(Closed())
 
 

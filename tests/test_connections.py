@@ -1,7 +1,9 @@
 """The short way out for a stream's chunks (connections.chunk_sender), under hypercorn's own connection in-process.
 
-A small ASGI app stands in for the gateway so that each case can choose its answer's
-framing; the client is a raw socket, so the bytes on the wire are what is checked.
+A small ASGI app stands in for the gateway and answers through the gateway's own
+Exchange, so each case can choose its answer's framing and ending; the client is a raw
+socket, so the bytes on the wire are what is checked. Every case runs on asyncio's loop
+and on uvloop, the one the gateway serves with.
 """
 
 from __future__ import annotations
@@ -9,49 +11,70 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
 
+import pytest
+import uvloop
 from hypercorn.config import Config
 from hypercorn.utils import wrap_app
+from prometheus_client import CollectorRegistry, Gauge
 
-from proxy.connections import Listener, chunk_sender
+from proxy.connections import Listener, _ChunkSender, chunk_sender
+from proxy.exchange import Exchange
+from proxy.record import RequestRecord
 from proxy.settings import ServerSettings
 
-PARTS = (b"data: one\n\n", b"data: two\n\n", b"data: three\n\n")
+PARTS = (b"data: one\n\n", b"", b"data: two\n\n", b"data: three\n\n")  # an empty part is no chunk
+ON_WIRE = [part for part in PARTS if part]
+HEAD = b"POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}"
+
+
+def on_both_loops(case: Callable[[], Coroutine[Any, Any, None]]) -> Callable[[str], None]:
+    """The case as a test run once on asyncio's loop and once on uvloop's."""
+
+    @pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+    def test(loop: str) -> None:
+        (uvloop.run if loop == "uvloop" else asyncio.run)(case())
+
+    test.__name__, test.__doc__ = case.__name__, case.__doc__
+    return test
 
 
 class App:
-    """Answers each request with PARTS, sent through chunk_sender where it offers itself."""
+    """Answers each request with its parts through Exchange.body_sender(), then ends (or, on /cut, cuts)."""
 
     def __init__(self, parts: tuple[bytes, ...] = PARTS) -> None:
         self.parts = parts
-        self.fast: list[bool] = []  # per request: did chunk_sender offer the short way
+        self.fast: list[bool] = []  # per request: did the Exchange take the short way
         self.nodelay: list[int] = []  # per request: TCP_NODELAY of the client's socket
         self.sent = 0  # parts sent so far, over all requests
         self.finished = asyncio.Event()
+        self.active = Gauge("active", "streams", registry=CollectorRegistry())
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return
         while (await receive()).get("more_body"):
             pass
+        ex = Exchange(send, RequestRecord.start("req_test", scope["method"]), [], self.active)
         headers = [(b"content-type", b"text/event-stream")]
         if scope["path"] == "/sized":
             headers.append((b"content-length", str(sum(map(len, self.parts))).encode()))
-        await send({"type": "http.response.start", "status": 200, "headers": headers})
-        fast = chunk_sender(send)
-        self.fast.append(fast is not None)
-        if fast is not None:
+        await ex.start(200, headers)
+        part_sender = ex.body_sender()
+        fast = isinstance(getattr(part_sender, "__self__", None), _ChunkSender)
+        self.fast.append(fast)
+        if fast:
             writer = send.__self__.send.__self__.send.__self__.writer  # the stream's protocol's connection
             self.nodelay.append(writer.get_extra_info("socket").getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
         for part in self.parts:
-            if fast is not None:
-                await fast(part)
-            else:
-                await send({"type": "http.response.body", "body": part, "more_body": True})
+            await part_sender(part)
             self.sent += 1
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        if scope["path"] == "/cut":
+            ex.cut()
+        else:
+            await ex.end(b"data: [DONE]\n\n")
         self.finished.set()
 
 
@@ -89,32 +112,46 @@ async def read_chunked(reader: asyncio.StreamReader) -> tuple[bytes, list[bytes]
         chunks.append(data[:-2])
 
 
+@on_both_loops
 async def test_a_chunked_answer_takes_the_short_way_and_the_connection_serves_the_next_request() -> None:
     app = App()
     async with listening(app) as port:
-        reader, writer = await ask(port, b"POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}")
+        reader, writer = await ask(port, HEAD)
         head, chunks = await asyncio.wait_for(read_chunked(reader), 5)
         assert b"transfer-encoding: chunked" in head.lower()
-        assert chunks == list(PARTS)
+        assert chunks == [*ON_WIRE, b"data: [DONE]\n\n"]
         # h11 and hypercorn never saw those parts: the keep-alive connection must still be in step.
-        writer.write(b"POST /b HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}")
+        writer.write(HEAD.replace(b"/a", b"/b"))
         _, chunks = await asyncio.wait_for(read_chunked(reader), 5)
-        assert chunks == list(PARTS)
+        assert chunks == [*ON_WIRE, b"data: [DONE]\n\n"]
         writer.close()
     assert app.fast == [True, True]
-    # Set by the listener on every event loop (this one is asyncio's, which leaves it off): each
+    # Set by the listener on every event loop (asyncio's leaves it off on an accepted socket): each
     # chunk goes out at once, not after the client's ACK of the one before.
-    assert all(app.nodelay) and app.nodelay
+    assert app.nodelay == [1, 1]
 
 
+@on_both_loops
+async def test_a_cut_after_short_way_chunks_closes_the_connection_without_the_last_chunk() -> None:
+    app = App()
+    async with listening(app) as port:
+        reader, writer = await ask(port, HEAD.replace(b"/a", b"/cut"))
+        answer = await asyncio.wait_for(reader.read(), 5)  # EOF: hypercorn closed it
+        assert answer.endswith(b"".join(b"%x\r\n%b\r\n" % (len(p), p) for p in ON_WIRE))
+        assert not answer.endswith(b"0\r\n\r\n")  # the client can tell the answer is cut
+        writer.close()
+    assert app.fast == [True]
+
+
+@on_both_loops
 async def test_an_http10_client_a_sized_answer_and_a_test_send_take_the_ordinary_way() -> None:
     app = App()
     async with listening(app) as port:
         reader, writer = await ask(port, b"POST /a HTTP/1.0\r\nContent-Length: 2\r\n\r\n{}")
         answer = await asyncio.wait_for(reader.read(), 5)  # HTTP/1.0: no chunks, the close ends it
-        assert answer.endswith(b"\r\n\r\n" + b"".join(PARTS))
+        assert answer.endswith(b"\r\n\r\n" + b"".join(PARTS) + b"data: [DONE]\n\n")
         writer.close()
-        reader, writer = await ask(port, b"POST /sized HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}")
+        reader, writer = await ask(port, HEAD.replace(b"/a", b"/sized"))
         head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
         body = await asyncio.wait_for(reader.readexactly(sum(map(len, PARTS))), 5)
         assert b"content-length" in head.lower()
@@ -128,34 +165,36 @@ async def test_an_http10_client_a_sized_answer_and_a_test_send_take_the_ordinary
     assert chunk_sender(collect) is None  # type: ignore[arg-type]
 
 
+@on_both_loops
 async def test_a_client_that_does_not_read_holds_the_stream_back() -> None:
     """Flow control as hypercorn's: what waits for a slow client is bounded, not the whole stream."""
     part = b"x" * 65536
-    app = App((part,) * 400)  # 25 MiB
+    app = App((part,) * 1000)  # 64 MiB
     async with listening(app) as port:
-        rcvbuf = 4096
         sock = socket.socket()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         sock.connect(("127.0.0.1", port))
         sock.setblocking(False)
         reader, writer = await asyncio.open_connection(sock=sock)
         try:
-            writer.write(b"POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}")
+            writer.write(HEAD)
             await asyncio.sleep(1.0)
             held_back = app.sent
-            assert held_back < 100, f"{held_back} parts of 64 KiB sent to a client that read nothing"
-            _, chunks = await asyncio.wait_for(read_chunked(reader), 30)
-            assert chunks == [part] * 400
+            # The kernel's buffers take a few MiB; without flow control all 1,000 parts were gone at once.
+            assert held_back < 250, f"{held_back} parts of 64 KiB sent to a client that read nothing"
+            _, chunks = await asyncio.wait_for(read_chunked(reader), 60)
+            assert chunks == [part] * 1000 + [b"data: [DONE]\n\n"]
         finally:
             writer.transport.abort()  # or the server would wait on what it holds for this client
     assert app.fast == [True]
 
 
+@on_both_loops
 async def test_a_client_gone_mid_stream_ends_the_app_without_an_error() -> None:
     part = b"x" * 65536
     app = App((part,) * 400)
     async with listening(app) as port:
-        reader, writer = await ask(port, b"POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}")
+        reader, writer = await ask(port, HEAD)
         await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
         await reader.readexactly(65536)
         writer.transport.abort()
