@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parent.parent
 TARGETS = {"direct", "bare_relay", "sluicegate", "sluicegate_nolimits"}
 STREAM_COLUMNS = {
     "ok", "errors", "ttfb_p50_ms", "ttfb_p99_ms", "ttfb_p50_delta_ms", "ttfb_p99_delta_ms", "total_p99_ms",
-    "cpu_pct", "load_cpu_pct", "peak_rss_mib",
+    "cpu_pct", "load_cpu_pct", "peak_rss_mib", "steal_pct",
 }  # fmt: skip
 
 

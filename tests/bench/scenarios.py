@@ -29,7 +29,19 @@ from typing import Any
 
 import aiohttp
 import redis
-from common import HOST, ROOT, Child, free_port, loop_factory, machine_busy_s, no_nan, our_cpu_s, pct, proc_status
+from common import (
+    HOST,
+    ROOT,
+    Child,
+    free_port,
+    loop_factory,
+    machine_busy_s,
+    no_nan,
+    our_cpu_s,
+    pct,
+    proc_status,
+    stolen_s,
+)
 
 GATEWAYS = ("sluicegate", "sluicegate_nolimits")
 PATH = "/v1/chat/completions"
@@ -102,20 +114,21 @@ class Phase:
     cpu_s: float = 0.0  # the target's processes
     load_cpu_s: float = 0.0  # the mock and this client
     peak_rss_mib: float = 0.0
+    steal_s: float = 0.0  # taken by the hypervisor from the whole machine meanwhile
 
     def __add__(self, other: Phase) -> Phase:
         return Phase(
             total=self.total + other.total, ttfb=self.ttfb + other.ttfb, errors=self.errors + other.errors,
             elapsed_s=self.elapsed_s + other.elapsed_s, cpu_s=self.cpu_s + other.cpu_s,
             load_cpu_s=self.load_cpu_s + other.load_cpu_s,
-            peak_rss_mib=max(self.peak_rss_mib, other.peak_rss_mib),
+            peak_rss_mib=max(self.peak_rss_mib, other.peak_rss_mib), steal_s=self.steal_s + other.steal_s,
         )  # fmt: skip
 
     def summary(self, stream: bool) -> dict[str, float]:
         per_wall = (lambda s: 100 * s / self.elapsed_s) if self.elapsed_s else (lambda _s: math.nan)
         out = {"ok": len(self.total), "errors": self.errors, "cpu_pct": per_wall(self.cpu_s),
                "load_cpu_pct": per_wall(self.load_cpu_s), "peak_rss_mib": self.peak_rss_mib,
-               "elapsed_s": self.elapsed_s}  # fmt: skip
+               "elapsed_s": self.elapsed_s, "steal_pct": per_wall(self.steal_s) / (os.cpu_count() or 1)}  # fmt: skip
         if stream:
             return out | {"ttfb_p50_ms": pct(self.ttfb, 0.50), "ttfb_p99_ms": pct(self.ttfb, 0.99),
                           "total_p50_ms": pct(self.total, 0.50), "total_p99_ms": pct(self.total, 0.99)}  # fmt: skip
@@ -308,7 +321,7 @@ async def measure(
     the mock's and the client's."""
     phase = Phase()
     grace_s = sc.ramp_s + sc.chunks * sc.chunk_delay_ms / 1000 + GRACE_S
-    cpu, load, started = cpu_s(target.pids), load_cpu_s(mock_pid), time.monotonic()
+    cpu, load, stolen, started = cpu_s(target.pids), load_cpu_s(mock_pid), stolen_s(), time.monotonic()
     sampler = asyncio.ensure_future(sample_memory(target, phase, started + sc.duration_s + grace_s))
     try:
         await closed_loop(session, target, request, phase, concurrency=sc.concurrency, duration_s=sc.duration_s,
@@ -318,6 +331,7 @@ async def measure(
     phase.elapsed_s = time.monotonic() - started
     phase.cpu_s = cpu_s(target.pids) - cpu
     phase.load_cpu_s = load_cpu_s(mock_pid) - load
+    phase.steal_s = stolen_s() - stolen
     return phase
 
 
@@ -390,13 +404,15 @@ def against_relays(rows: dict[str, dict[str, float]]) -> None:
 S1_ROWS = (
     ("req/s", "rps", 0), ("× bare relay", "x_bare_relay", 2), ("× sluicegate_nolimits", "x_nolimits", 2),
     ("latency p50, ms", "p50_ms", 2), ("latency p99, ms", "p99_ms", 2), ("CPU % of its core", "cpu_pct", 0),
-    ("mock + client CPU %", "load_cpu_pct", 0), ("requests", "ok", 0), ("errors", "errors", 0),
+    ("mock + client CPU %", "load_cpu_pct", 0), ("hypervisor steal, % of the machine", "steal_pct", 1),
+    ("requests", "ok", 0), ("errors", "errors", 0),
 )  # fmt: skip
 STREAM_ROWS = (
     ("ΔTTFB p50 vs direct, ms", "ttfb_p50_delta_ms", 2), ("ΔTTFB p99 vs direct, ms", "ttfb_p99_delta_ms", 2),
     ("TTFB p50, ms", "ttfb_p50_ms", 2), ("TTFB p99, ms", "ttfb_p99_ms", 2), ("stream total p99, ms", "total_p99_ms", 0),
     ("CPU % of its core", "cpu_pct", 0), ("peak RSS, MiB", "peak_rss_mib", 0),
-    ("mock + client CPU %", "load_cpu_pct", 0), ("streams completed", "ok", 0), ("errors", "errors", 0),
+    ("mock + client CPU %", "load_cpu_pct", 0), ("hypervisor steal, % of the machine", "steal_pct", 1),
+    ("streams completed", "ok", 0), ("errors", "errors", 0),
 )  # fmt: skip
 
 
