@@ -230,21 +230,22 @@ def chunk_sender(send: Send) -> ChunkSend | None:
 
 
 class _ChunkSender:
-    __slots__ = ("connection", "lock", "send_message", "transport", "writer")
+    __slots__ = ("connection", "send_message", "transport", "writer")
 
     def __init__(self, send: Send, connection: TCPServer) -> None:
         self.send_message = send
         self.connection = connection
         self.writer = connection.writer
         self.transport = connection.writer.transport
-        self.lock = connection.send_lock
 
     async def send(self, chunk: bytes) -> None:
         """One part, more to come. A closing socket takes hypercorn's own way, which knows what to do."""
         if not chunk:
             return  # framed, an empty part would be the body's end (h11 skips them too)
         transport = self.transport
-        if transport.is_closing() or self.lock.locked():
+        # hypercorn writes nothing else while the body is ours (its send lock is never held here),
+        # and each part is one transport.write: parts cannot interleave with other bytes.
+        if transport.is_closing():
             await self.send_message({"type": "http.response.body", "body": chunk, "more_body": True})
             return
         transport.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))

@@ -42,8 +42,8 @@ class Child:
             full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
             self.proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env=full_env)
 
-    def wait_ready(self) -> Child:
-        deadline = time.monotonic() + START_TIMEOUT_S
+    def wait_ready(self, timeout_s: float = START_TIMEOUT_S) -> Child:
+        deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n{self.log.read_text()}")
@@ -52,7 +52,7 @@ class Child:
                     return self
             except OSError:
                 time.sleep(0.05)
-        raise RuntimeError(f"{self.name} did not open port {self.port} in {START_TIMEOUT_S}s:\n{self.log.read_text()}")
+        raise RuntimeError(f"{self.name} did not open port {self.port} in {timeout_s:g}s:\n{self.log.read_text()}")
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -64,18 +64,22 @@ class Child:
                 self.proc.wait(timeout=5)
 
 
+def _all_cpus() -> list[int]:
+    """/proc/stat's first line, in clock ticks since boot: user nice system idle iowait irq softirq steal."""
+    with open("/proc/stat") as f:
+        return list(map(int, f.readline().split()[1:9]))
+
+
 def machine_busy_s() -> float:
     """CPU seconds every process on the machine has used since boot (/proc/stat, all CPUs)."""
-    with open("/proc/stat") as f:
-        user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, f.readline().split()[1:9])
+    user, nice, system, _idle, _iowait, irq, softirq, steal = _all_cpus()
     return (user + nice + system + irq + softirq + steal) / CLOCK_TICK
 
 
 def stolen_s() -> float:
     """CPU seconds the hypervisor took from this VM since boot, all CPUs (/proc/stat). On a shared VM it moves
     every target's latency more than a build does: a phase is read beside the steal during it."""
-    with open("/proc/stat") as f:
-        return int(f.readline().split()[8]) / CLOCK_TICK
+    return _all_cpus()[7] / CLOCK_TICK
 
 
 def our_cpu_s(pids: dict[str, int]) -> float:

@@ -35,60 +35,41 @@ from typing import Any
 
 import aiohttp
 from common import HOST, ROOT, Child, free_port
-from scenarios import PATH, UPSTREAM_KEY, chat_request, gateway_config, pinning
+from scenarios import PATH, UPSTREAM_KEY, Phase, Target, chat_request, closed_loop, gateway_config, pinning
 
 START_TIMEOUT_S = 120.0  # a Python under valgrind starts about 50 times slower
+REQUEST_TIMEOUT_S = 600.0
+RUN_MAX_S = 1800.0
 WARMUP_REQUESTS = 6
 CONCURRENCY = 2
 TOTALS = re.compile(rb"^(?:summary|totals): (\d+)", re.MULTILINE)
 
 
 @dataclass(frozen=True)
-class Target:
+class Build:
+    """A target as callgrind runs it."""
+
     name: str
     command: list[str]  # run under valgrind
     headers: dict[str, str]
     env: dict[str, str]
 
 
-async def wait_serving(url: str, proc: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + START_TIMEOUT_S
-    async with aiohttp.ClientSession() as session:
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise RuntimeError(f"exited with {proc.returncode} before it served")
-            try:
-                async with session.get(url, timeout=aiohttp.ClientTimeout(total=2)) as resp:
-                    await resp.read()
-                    return
-            except (aiohttp.ClientError, OSError, TimeoutError):
-                await asyncio.sleep(0.5)
-    raise RuntimeError(f"did not serve within {START_TIMEOUT_S:g}s")
-
-
-async def send_requests(url: str, headers: dict[str, str], body: bytes, count: int) -> int:
-    """`count` requests, CONCURRENCY at a time; returns how many came back whole."""
-    done = 0
-    todo = iter(range(count))
-
-    async def worker(session: aiohttp.ClientSession) -> None:
-        nonlocal done
-        for _ in todo:
-            async with session.post(url, data=body, headers=headers) as resp:
-                data = await resp.read()
-                done += resp.status == 200 and (b"[DONE]" in data or b'"choices"' in data)
-
-    timeout = aiohttp.ClientTimeout(total=600)
-    async with aiohttp.ClientSession(timeout=timeout) as session:
-        await asyncio.gather(*(worker(session) for _ in range(CONCURRENCY)))
-    return done
+async def send_requests(url: str, headers: dict[str, str], stream: bool, count: int) -> Phase:
+    """`count` requests, CONCURRENCY at a time, as overhead.py's closed loop sends them."""
+    phase = Phase()
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S)) as session:
+        await closed_loop(session, Target(url, headers, ()), chat_request(stream), phase, concurrency=CONCURRENCY,
+                          duration_s=RUN_MAX_S, ramp_s=0, grace_s=REQUEST_TIMEOUT_S,
+                          deadline_at=time.monotonic() + RUN_MAX_S, count=count)  # fmt: skip
+    return phase
 
 
 def callgrind_control(flag: str, pid: int) -> None:
     subprocess.run(["callgrind_control", flag, str(pid)], check=True, capture_output=True, timeout=120)
 
 
-def measure(target: Target, port: int, tmp: Path, args: argparse.Namespace, cpu: str | None) -> dict[str, Any]:
+def measure(target: Build, port: int, tmp: Path, args: argparse.Namespace, cpu: str | None) -> dict[str, Any]:
     out = tmp / f"{target.name}.callgrind"
     command = [
         "valgrind", "--tool=callgrind", f"--callgrind-out-file={out}.%p", *target.command,
@@ -98,12 +79,11 @@ def measure(target: Target, port: int, tmp: Path, args: argparse.Namespace, cpu:
         command = ["taskset", "-c", cpu, *command]
     child = Child(target.name, command, port, tmp, target.env)
     try:
+        child.wait_ready(START_TIMEOUT_S)
         url = f"http://{HOST}:{port}{PATH}"
-        asyncio.run(wait_serving(f"http://{HOST}:{port}/healthz", child.proc))
-        body = chat_request(args.stream).body
-        asyncio.run(send_requests(url, target.headers, body, WARMUP_REQUESTS))
+        asyncio.run(send_requests(url, target.headers, args.stream, WARMUP_REQUESTS))
         callgrind_control("-z", child.proc.pid)
-        done = asyncio.run(send_requests(url, target.headers, body, args.requests))
+        done = len(asyncio.run(send_requests(url, target.headers, args.stream, args.requests)).total)
         callgrind_control("-d", child.proc.pid)
         dumps = sorted(tmp.glob(f"{out.name}.{child.proc.pid}.*"), key=lambda p: p.stat().st_mtime)
         if not dumps:
@@ -117,7 +97,7 @@ def measure(target: Target, port: int, tmp: Path, args: argparse.Namespace, cpu:
     return {"requests": args.requests, "completed": done, "instructions": total, "per_request": total / args.requests}
 
 
-def targets(args: argparse.Namespace, mock_url: str, redis_url: str, tmp: Path) -> list[Target]:
+def targets(args: argparse.Namespace, mock_url: str, redis_url: str, tmp: Path) -> list[Build]:
     sys.path.insert(0, str(ROOT))
     from proxy.auth import key_digest, new_key
 
@@ -128,16 +108,16 @@ def targets(args: argparse.Namespace, mock_url: str, redis_url: str, tmp: Path) 
     bare = [sys.executable, str(Path(__file__).with_name("bare_relay.py")), "--upstream", mock_url]
     gateway = [sys.executable, "-m", "proxy", "serve", "--config", str(config)]
     found = [
-        Target("bare_relay", bare, plain, {}),
-        Target("sluicegate", gateway, plain | {"Authorization": f"Bearer {keys['sluicegate']}"}, env),
-        Target("sluicegate_nolimits", gateway, plain | {"Authorization": f"Bearer {keys['sluicegate_nolimits']}"}, env),
+        Build("bare_relay", bare, plain, {}),
+        Build("sluicegate", gateway, plain | {"Authorization": f"Bearer {keys['sluicegate']}"}, env),
+        Build("sluicegate_nolimits", gateway, plain | {"Authorization": f"Bearer {keys['sluicegate_nolimits']}"}, env),
     ]
     if args.python:
         # Another build, installed in its own venv: run from a neutral folder, so this checkout is not imported.
         other = [args.python, "-c", "import sys; from proxy.cli import main; sys.exit(main())", "serve", "--config",
                  str(config)]  # fmt: skip
         env_other = env | {"PYTHONPATH": "", "PYTHONSAFEPATH": "1"}
-        found.append(Target(args.label, other, plain | {"Authorization": f"Bearer {keys['sluicegate']}"}, env_other))
+        found.append(Build(args.label, other, plain | {"Authorization": f"Bearer {keys['sluicegate']}"}, env_other))
     return [t for t in found if t.name in args.targets or t.name == args.label]
 
 
