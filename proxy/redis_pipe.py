@@ -5,7 +5,9 @@ connection taken and given back under a lock, a task for the write timeout, a
 timer for the read, a socket write and a wakeup of Redis per call. Here the
 calls queued while the event loop runs one turn go out together on one
 connection that stays open, and its replies are handed back as they come off
-the socket, in the order the calls were sent. Each call is still its own
+the socket, in the order the calls were sent. A call that finds nothing on its
+way goes out at once instead: a turn of a busy loop is milliseconds, and there
+is nothing to share the trip with yet. Each call is still its own
 EVALSHA, so every decision is as atomic and exact as before; only the trips are
 shared.
 
@@ -154,8 +156,12 @@ class Pipe:
         self._queued.append(packed)
         self._queued_futures.append(future)
         if not lazy:
-            if self._flush_soon is None:
-                # At the end of this turn of the loop, with whatever else this turn asks.
+            if not self._sent and self._flush_soon is None:
+                # Nothing on its way: waiting for the loop's turn would only make this call a turn
+                # later, and a turn is long when the worker is busy. Out now, with any lazy calls.
+                self._flush()
+            elif self._flush_soon is None:
+                # Replies are awaited: the rest of this turn's calls go together after it.
                 self._flush_soon = self._loop.call_soon(self._flush)
         elif self._lazy is None and self._flush_soon is None:
             self._lazy = self._loop.call_later(self._lazy_s, self._flush)

@@ -70,13 +70,33 @@ async def test_calls_of_one_tick_go_out_in_one_write_and_come_back_in_order(load
         futures = [pipe.call(call.pack()) for call in calls]  # all within one turn of the loop
         replies = await asyncio.gather(*futures)
         assert replies == [[f"k{i}".encode(), str(i).encode()] for i in range(100)]
-        # The 100 calls were one write, so one read for Redis; the second INFO question is the other.
-        assert await reads_by_redis(admin) - reads == 2
+        # The first call found the pipe idle and went at once; the other 99 were one write after it.
+        # So two reads for Redis; the second INFO question is the third.
+        assert await reads_by_redis(admin) - reads == 3
         # Later calls reuse the connection.
         assert await pipe.call(Prepared(ECHO, ["x"], [1], more=1).pack("more")) == [b"x", b"1", b"more"]
         assert factory.made == 1
     finally:
         await admin.aclose()
+        await pipe.close()
+
+
+async def test_a_call_on_an_idle_pipe_is_written_at_once_and_one_behind_a_reply_waits_for_the_turn(
+    loaded: RedisServer,
+) -> None:
+    """An admission on a quiet pipe does not wait for the end of a busy loop's turn; later ones batch."""
+    pipe = Pipe(Counted(loaded.url), 1.0, lazy_s=60.0)
+    try:
+        await pipe.call(Prepared(ECHO, ["x"], [0]).pack())  # connected
+        lazy = pipe.call(Prepared(ECHO, ["settle"], [1]).pack(), lazy=True)
+        first = pipe.call(Prepared(ECHO, ["admit"], [2]).pack())
+        assert not pipe._queued  # written before this turn of the loop went on, the lazy call with it
+        second = pipe.call(Prepared(ECHO, ["admit"], [3]).pack())
+        third = pipe.call(Prepared(ECHO, ["admit"], [4]).pack())
+        assert len(pipe._queued) == 2  # a reply is awaited: these two go together at the turn's end
+        results = await asyncio.gather(lazy, first, second, third)
+        assert [r[1] for r in results] == [b"1", b"2", b"3", b"4"]
+    finally:
         await pipe.close()
 
 
