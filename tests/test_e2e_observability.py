@@ -57,7 +57,9 @@ name = "main"
 sha256 = "{key_digest(keys["main"])}"
 
 [[keys]]
-name = "tight"
+# Its own name: the Redis server is shared by the session, and test_e2e_secrets.py's "tight" spends
+# the same bucket when it runs first.
+name = "obs-tight"
 sha256 = "{key_digest(keys["tight"])}"
 rpm = 1
 """
