@@ -1,5 +1,5 @@
 """Connections for hypercorn: a cap per worker, a deadline for each request head, a drain,
-and a short way out for a stream's chunks.
+and a short way out for an answer's head and a stream's chunks.
 
 hypercorn's own worker_serve accepts without bound and runs one idle timer for an
 idle keep-alive connection and a request head still arriving alike, so a client
@@ -13,16 +13,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import resource
 import socket
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Iterable
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from typing import Any, SupportsIndex
+from wsgiref.handlers import format_date_time
 
+import h11
 from hypercorn.asyncio.tcp_server import TCPServer
 from hypercorn.asyncio.worker_context import WorkerContext
 from hypercorn.config import Config
 from hypercorn.events import Closed
+from hypercorn.protocol.events import StreamClosed
 from hypercorn.protocol.h11 import H11Protocol
 from hypercorn.protocol.http_stream import ASGIHTTPState, HTTPStream
 from hypercorn.typing import AppWrapper, LifespanState
@@ -35,6 +39,8 @@ try:  # h11's own module, not its public API: without it, every chunk takes hype
     from h11._writers import ChunkedWriter as CHUNKED_WRITER
 except ImportError:  # pragma: no cover
     CHUNKED_WRITER = None
+# h11's state machine without its writer and its header checks (the short way for a head, below).
+H11_PROCESS_EVENT = hasattr(h11.Connection, "_process_event")
 
 log = logging.getLogger("sluicegate")
 
@@ -214,19 +220,170 @@ def chunk_sender(send: Send) -> ChunkSend | None:
     body (HTTP/2, an HTTP/1.0 client, a Content-Length answer, a test's send): the
     caller then sends ASGI messages as usual.
     """
+    found = _h11_stream(send)
+    if (
+        found is None
+        or CHUNKED_WRITER is None
+        or found[0].state is not ASGIHTTPState.RESPONSE
+        or type(getattr(found[1].connection, "_writer", None)) is not CHUNKED_WRITER
+    ):
+        return None
+    return _ChunkSender(send, found[2]).send
+
+
+def _h11_stream(send: Send) -> tuple[HTTPStream, H11Protocol, TCPServer] | None:
+    """hypercorn 0.18's HTTP/1.1 stream behind an ASGI `send`, its protocol and connection, or None."""
     stream = getattr(send, "__self__", None)
     protocol = getattr(getattr(stream, "send", None), "__self__", None)
     connection = getattr(getattr(protocol, "send", None), "__self__", None)
-    if not (
-        CHUNKED_WRITER is not None
-        and isinstance(stream, HTTPStream)
-        and stream.state is ASGIHTTPState.RESPONSE
-        and isinstance(protocol, H11Protocol)
-        and type(getattr(protocol.connection, "_writer", None)) is CHUNKED_WRITER
-        and isinstance(connection, TCPServer)
+    if isinstance(stream, HTTPStream) and isinstance(protocol, H11Protocol) and isinstance(connection, TCPServer):
+        return stream, protocol, connection
+    return None
+
+
+# A head's header lines as h11 would let them out: a token, ": ", a value without CR, LF,
+# NUL or other controls and without space at either end.
+_HEADER_LINES = re.compile(
+    rb"(?:[-!#$%&'*+.^_`|~0-9A-Za-z]+: (?:[\x21-\x7e\x80-\xff](?:[\t\x20-\x7e\x80-\xff]*[\x21-\x7e\x80-\xff])?)?\r\n)*"
+)
+# Names whose meaning h11 acts on beyond framing a body of known or unknown length: hypercorn's way.
+_FRAMING_NAMES = frozenset({b"connection", b"transfer-encoding"})
+_CHUNKED = (b"Transfer-Encoding", b"chunked")  # as h11 adds it, after the others
+_NO_BODY = frozenset({204, 304})
+
+
+class _Date:
+    """hypercorn's date header, formatted once a second rather than for every answer."""
+
+    second = -1
+    line = b""
+
+    @classmethod
+    def now(cls) -> bytes:
+        second = int(time.time())
+        if second != cls.second:
+            cls.line = b"date: " + format_date_time(second).encode("ascii") + b"\r\n"
+            cls.second = second
+        return cls.line
+
+
+async def send_head(send: Send, status: int, headers: Sequence[tuple[bytes, bytes]]) -> bool:
+    """Write an answer's head on an HTTP/1.1 keep-alive connection of hypercorn 0.18, or return False.
+
+    hypercorn and h11 check every header of a head three or four times (hypercorn's strip,
+    h11's Response, then twice more as h11 adds Transfer-Encoding and builds the Response
+    again): 60 µs for the dozen headers of a stream, twice the bare relay's head, at every
+    request. Here the lines are built and checked once, with one regular expression for all
+    of them; h11's state machine takes the same Response event (with the framing h11 would
+    add, headers marked parsed) and hypercorn's stream the same state, so the body, the end
+    and the next request on the connection go on as if hypercorn had sent the head. The
+    bytes are the ones h11 writes. False, with nothing changed, for whatever h11 would treat
+    otherwise or refuse: HTTP/1.0, HEAD, a connection closing after this answer, a header
+    about connection or framing, 204 and 304, a line h11's checks would refuse (hypercorn's
+    way then raises as before), a closing socket.
+    """
+    found = _h11_stream(send)
+    head = None if found is None else _head(found, status, headers)
+    if found is None or head is None:
+        return False
+    _, protocol, connection = found
+    await _write(protocol, connection, head)
+    return True
+
+
+async def send_answer(send: Send, status: int, headers: Sequence[tuple[bytes, bytes]], body: bytes) -> bool:
+    """A whole answer of known length (its headers hold its Content-Length) in one write, or False.
+
+    hypercorn's way writes the head, the body and the body's empty end one by one, each
+    through its connection's lock and a drain. Here h11's state machine and writer take
+    the body and its end as there (so they count the length as always), the bytes go out
+    together, and the stream closes as hypercorn closes it: the access log, then the
+    connection ready for the next request. False, with nothing changed, where send_head
+    would say so or the headers hold no Content-Length.
+    """
+    found = _h11_stream(send)
+    head = None if found is None else _head(found, status, headers, sized=True)
+    if found is None or head is None:
+        return False
+    stream, protocol, connection = found
+    conn = protocol.connection
+    if body:
+        conn.send(h11.Data(data=body))  # checks the length against the head's; the bytes are ours
+    conn.send(h11.EndOfMessage())
+    await _write(protocol, connection, head + body)
+    stream.state = ASGIHTTPState.CLOSED
+    await stream.config.log.access(stream.scope, stream.response, time.time() - stream.start_time)
+    await stream.send(StreamClosed(stream_id=stream.stream_id))
+    return True
+
+
+def _head(
+    found: tuple[HTTPStream, H11Protocol, TCPServer],
+    status: int,
+    headers: Sequence[tuple[bytes, bytes]],
+    sized: bool = False,
+) -> bytes | None:
+    """The head's bytes, with h11 and the stream moved on as if hypercorn had sent it; None if it may not."""
+    if not H11_PROCESS_EVENT:
+        return None
+    stream, protocol, connection = found
+    conn = protocol.connection
+    config = protocol.config
+    if (
+        type(conn) is not h11.Connection
+        or stream.state is not ASGIHTTPState.REQUEST
+        or conn.our_state is not h11.SEND_RESPONSE
+        or conn.their_http_version != b"1.1"
+        or conn._request_method == b"HEAD"
+        or not conn._cstate.keep_alive
+        or protocol.keep_alive_requests >= config.keep_alive_max_requests
+        or config.alt_svc_headers
+        or getattr(config, "_quic_addresses", None)  # hypercorn then adds alt-svc headers itself
+        or status < 200
+        or status in _NO_BODY
+        or connection.writer.transport.is_closing()
     ):
         return None
-    return _ChunkSender(send, connection).send
+    has_length = False
+    for name, value in headers:
+        lowered = name.lower()
+        if lowered in _FRAMING_NAMES:
+            return None
+        if lowered == b"content-length":
+            if has_length or not value.isdigit():
+                return None  # h11 would check or normalise it: hypercorn's way
+            has_length = True
+    if sized and not has_length:
+        return None
+    lines = b"".join([b"%s: %s\r\n" % header for header in headers])
+    if _HEADER_LINES.fullmatch(lines) is None:
+        return None
+    framed = list(headers) if has_length else [*headers, _CHUNKED]
+    try:
+        event = h11.Response(status_code=status, headers=framed, _parsed=True)
+    except h11.LocalProtocolError:
+        return None  # a Content-Length h11 refuses: it says so on hypercorn's way
+    if config.include_date_header:  # hypercorn's own headers, after the answer's
+        lines += _Date.now()
+    if config.include_server_header:
+        lines += b"server: hypercorn-h11\r\n"
+    if not has_length:
+        lines += b"Transfer-Encoding: chunked\r\n"
+    conn._process_event(h11.SERVER, event)  # SEND_BODY, with the writer for this framing
+    stream.response = {"type": "http.response.start", "status": status, "headers": list(headers)}
+    stream.state = ASGIHTTPState.RESPONSE
+    return b"HTTP/1.1 %d \r\n%b\r\n" % (status, lines)
+
+
+async def _write(protocol: H11Protocol, connection: TCPServer, data: bytes) -> None:
+    """As hypercorn's connection writes: at once, then a drain while the client lags; a broken socket closes."""
+    transport = connection.writer.transport
+    transport.write(data)
+    if transport.get_write_buffer_size():
+        try:
+            await connection.writer.drain()
+        except (OSError, RuntimeError):
+            await protocol.handle(Closed())
 
 
 class _ChunkSender:

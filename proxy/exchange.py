@@ -15,7 +15,7 @@ from enum import Enum, auto
 from prometheus_client import Gauge
 from starlette.types import Send
 
-from .connections import ChunkSend, chunk_sender
+from .connections import ChunkSend, chunk_sender, send_answer, send_head
 from .errors import GatewayError, Header
 from .record import RequestRecord
 
@@ -72,7 +72,9 @@ class Exchange:
             raise UnexpectedMessage(self.state, "http.response.start")
         self.state = _RESPONSE
         self.record.status = status
-        await self.send({"type": "http.response.start", "status": status, "headers": [*headers, *self.extra_headers]})
+        headers = [*headers, *self.extra_headers]
+        if not await send_head(self.send, status, headers):
+            await self.send({"type": "http.response.start", "status": status, "headers": headers})
 
     async def body(self, chunk: bytes) -> None:
         """A part of the answer, more to come."""
@@ -114,7 +116,17 @@ class Exchange:
         self.state = _CUT
 
     async def respond(self, status: int, headers: Sequence[Header], body: bytes) -> None:
-        await self.start(status, [*headers, (b"content-length", str(len(body)).encode())])
+        """A whole answer of known length: one write where the server allows (connections.send_answer)."""
+        if self.state is not _REQUEST:
+            raise UnexpectedMessage(self.state, "http.response.start")
+        sized = [*headers, (b"content-length", str(len(body)).encode())]
+        if await send_answer(self.send, status, [*sized, *self.extra_headers], body):
+            self.state = _CLOSED
+            self.record.status = status
+            if body and self.record.first_byte_at is None:
+                self.record.first_byte_at = time.perf_counter()
+            return
+        await self.start(status, sized)
         await self.end(body)
 
     async def error(self, err: GatewayError) -> None:

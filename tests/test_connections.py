@@ -1,4 +1,5 @@
-"""The short way out for a stream's chunks (connections.chunk_sender), under hypercorn's own connection in-process.
+"""The short ways out for an answer's head and a stream's chunks (connections.send_head and chunk_sender),
+under hypercorn's own connection in-process.
 
 A small ASGI app stands in for the gateway and answers through the gateway's own
 Exchange, so each case can choose its answer's framing and ending; the client is a raw
@@ -11,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Sequence
 from typing import Any
 
 import pytest
@@ -20,6 +21,7 @@ from hypercorn.config import Config
 from hypercorn.utils import wrap_app
 from prometheus_client import CollectorRegistry, Gauge
 
+from proxy import connections, exchange
 from proxy.connections import Listener, _ChunkSender, chunk_sender
 from proxy.exchange import Exchange
 from proxy.record import RequestRecord
@@ -27,6 +29,8 @@ from proxy.settings import ServerSettings
 
 PARTS = (b"data: one\n\n", b"", b"data: two\n\n", b"data: three\n\n")  # an empty part is no chunk
 ON_WIRE = [part for part in PARTS if part]
+DONE = b"data: [DONE]\n\n"
+WHOLE = b'{"id": "x", "choices": []}'
 HEAD = b"POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}"
 
 
@@ -57,10 +61,17 @@ class App:
             return
         while (await receive()).get("more_body"):
             pass
-        ex = Exchange(send, RequestRecord.start("req_test", scope["method"]), [], self.active)
-        headers = [(b"content-type", b"text/event-stream")]
+        ex = Exchange(
+            send, RequestRecord.start("req_test", scope["method"]), [(b"x-request-id", b"req_test")], self.active
+        )
+        if scope["path"] == "/whole":
+            await ex.respond(200, [(b"content-type", b"application/json")], WHOLE)
+            return
+        headers = [(b"content-type", b"text/event-stream"), (b"x-ratelimit-reset-requests", b"1ms")]
         if scope["path"] == "/sized":
-            headers.append((b"content-length", str(sum(map(len, self.parts))).encode()))
+            headers.append((b"content-length", str(sum(map(len, self.parts)) + len(DONE)).encode()))
+        if scope["path"] == "/padded":
+            headers.append((b"x-note", b"padded "))  # h11 refuses the space; hypercorn's way strips it
         await ex.start(200, headers)
         part_sender = ex.body_sender()
         fast = isinstance(getattr(part_sender, "__self__", None), _ChunkSender)
@@ -74,8 +85,29 @@ class App:
         if scope["path"] == "/cut":
             ex.cut()
         else:
-            await ex.end(b"data: [DONE]\n\n")
+            await ex.end(DONE)
         self.finished.set()
+
+
+@contextlib.contextmanager
+def recording_heads(short_way: bool = True) -> Iterator[list[bool]]:
+    """Whether each head took the short way; with short_way=False, none may (hypercorn's way, to compare)."""
+    taken: list[bool] = []
+    head, whole = exchange.send_head, exchange.send_answer
+
+    async def recorded_head(send: Any, status: int, headers: Sequence[tuple[bytes, bytes]]) -> bool:
+        taken.append(short_way and await head(send, status, headers))
+        return taken[-1]
+
+    async def recorded_whole(send: Any, status: int, headers: Sequence[tuple[bytes, bytes]], body: bytes) -> bool:
+        taken.append(short_way and await whole(send, status, headers, body))
+        return taken[-1]
+
+    exchange.send_head, exchange.send_answer = recorded_head, recorded_whole  # type: ignore[assignment]
+    try:
+        yield taken
+    finally:
+        exchange.send_head, exchange.send_answer = head, whole
 
 
 @contextlib.asynccontextmanager
@@ -201,3 +233,82 @@ async def test_a_client_gone_mid_stream_ends_the_app_without_an_error() -> None:
         # hypercorn's way on a broken socket: the parts still sent go nowhere, the app runs to its end.
         await asyncio.wait_for(app.finished.wait(), 10)
     assert app.fast == [True]
+
+
+async def read_sized(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = next(
+        int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")
+    )
+    return head, await reader.readexactly(length)
+
+
+def undated(head: bytes) -> bytes:
+    return b"\r\n".join(line for line in head.split(b"\r\n") if not line.startswith(b"date: "))
+
+
+async def four_answers(short_way: bool) -> list[bytes]:
+    """A chunked, a sized, a whole and a chunked answer on one keep-alive connection: their heads."""
+    app = App()
+    with recording_heads(short_way) as taken:
+        async with listening(app) as port:
+            reader, writer = await ask(port, HEAD)
+            first, chunks = await asyncio.wait_for(read_chunked(reader), 5)
+            assert chunks == [*ON_WIRE, b"data: [DONE]\n\n"]
+            writer.write(HEAD.replace(b"/a", b"/sized"))
+            second, body = await asyncio.wait_for(read_sized(reader), 5)
+            assert body == b"".join(PARTS) + b"data: [DONE]\n\n"
+            writer.write(HEAD.replace(b"/a", b"/whole"))
+            third, body = await asyncio.wait_for(read_sized(reader), 5)
+            assert body == WHOLE
+            writer.write(HEAD.replace(b"/a", b"/b"))
+            fourth, chunks = await asyncio.wait_for(read_chunked(reader), 5)
+            assert chunks == [*ON_WIRE, b"data: [DONE]\n\n"]
+            writer.close()
+    # A whole answer is one choice: send_answer; without it (short_way=False) start, then end.
+    assert taken == ([True] * 4 if short_way else [False] * 5)
+    assert app.fast == [True, False, True]  # the sized answer's parts go hypercorn's way
+    return [first, second, third, fourth]
+
+
+@on_both_loops
+async def test_a_head_takes_the_short_way_with_the_bytes_hypercorns_way_writes() -> None:
+    """The connection stays in step for the body, the end and the next request, chunked or sized."""
+    short = await four_answers(short_way=True)
+    ordinary = await four_answers(short_way=False)
+    assert [undated(head) for head in short] == [undated(head) for head in ordinary]
+    assert short[0].startswith(b"HTTP/1.1 200 \r\ncontent-type: text/event-stream\r\n")
+    assert short[0].endswith(b"\r\nTransfer-Encoding: chunked\r\n\r\n") and b"\r\ndate: " in short[0]
+    assert b"content-length: 49\r\n" in short[1] and b"Transfer-Encoding" not in short[1]
+    assert short[2].startswith(b"HTTP/1.1 200 \r\ncontent-type: application/json\r\ncontent-length: 26\r\n")
+
+
+@on_both_loops
+async def test_heads_h11_would_treat_otherwise_take_hypercorns_way() -> None:
+    """HTTP/1.0, HEAD, a client closing after this answer, a header h11 refuses as it stands."""
+    app = App()
+    with recording_heads() as taken:
+        async with listening(app) as port:
+            reader, writer = await ask(port, b"POST /a HTTP/1.0\r\nContent-Length: 2\r\n\r\n{}")
+            answer = await asyncio.wait_for(reader.read(), 5)
+            assert answer.startswith(b"HTTP/1.1 200 ") and answer.endswith(b"data: [DONE]\n\n")
+            writer.close()
+            reader, writer = await ask(port, b"HEAD /a HTTP/1.1\r\nHost: x\r\n\r\n")
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            assert head.startswith(b"HTTP/1.1 200 ")
+            writer.write(HEAD.replace(b"/a", b"/padded").replace(b"Host: x", b"Host: x\r\nConnection: close"))
+            answer = await asyncio.wait_for(reader.read(), 5)  # the HEAD answer had no body; then EOF
+            assert b"\r\nx-note: padded\r\n" in answer and b"connection: close" in answer.lower()
+            writer.close()
+            reader, writer = await ask(port, HEAD.replace(b"/a", b"/padded"))
+            head, _ = await asyncio.wait_for(read_chunked(reader), 5)
+            assert b"\r\nx-note: padded\r\n" in head
+            writer.close()
+    assert taken == [False, False, False, False]
+
+
+def test_a_send_that_is_not_hypercorns_gets_no_short_way() -> None:
+    async def collect(message: dict[str, Any]) -> None:
+        pass
+
+    assert asyncio.run(connections.send_head(collect, 200, [])) is False  # type: ignore[arg-type]
