@@ -250,6 +250,7 @@ _HEADER_LINES = re.compile(
 _FRAMING_NAMES = frozenset({b"connection", b"transfer-encoding"})
 _CHUNKED = (b"Transfer-Encoding", b"chunked")  # as h11 adds it, after the others
 _NO_BODY = frozenset({204, 304})
+JOIN_UP_TO = 64 * 1024  # a whole answer's body up to this size goes out in one write with its head
 
 
 class _Date:
@@ -310,7 +311,8 @@ async def send_answer(send: Send, status: int, headers: Sequence[tuple[bytes, by
     if body:
         conn.send(h11.Data(data=body))  # checks the length against the head's; the bytes are ours
     conn.send(h11.EndOfMessage())
-    await _write(protocol, connection, head + body)
+    # Together when small, in one send; a large body is not copied just to join its head.
+    await _write(protocol, connection, *((head + body,) if len(body) <= JOIN_UP_TO else (head, body)))
     stream.state = ASGIHTTPState.CLOSED
     await stream.config.log.access(stream.scope, stream.response, time.time() - stream.start_time)
     await stream.send(StreamClosed(stream_id=stream.stream_id))
@@ -375,10 +377,11 @@ def _head(
     return b"HTTP/1.1 %d \r\n%b\r\n" % (status, lines)
 
 
-async def _write(protocol: H11Protocol, connection: TCPServer, data: bytes) -> None:
+async def _write(protocol: H11Protocol, connection: TCPServer, *parts: bytes) -> None:
     """As hypercorn's connection writes: at once, then a drain while the client lags; a broken socket closes."""
     transport = connection.writer.transport
-    transport.write(data)
+    for part in parts:
+        transport.write(part)
     if transport.get_write_buffer_size():
         try:
             await connection.writer.drain()

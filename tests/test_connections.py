@@ -31,6 +31,7 @@ PARTS = (b"data: one\n\n", b"", b"data: two\n\n", b"data: three\n\n")  # an empt
 ON_WIRE = [part for part in PARTS if part]
 DONE = b"data: [DONE]\n\n"
 WHOLE = b'{"id": "x", "choices": []}'
+LARGE = b'{"pad": "' + b"x" * (connections.JOIN_UP_TO + 1) + b'"}'  # written apart from its head
 HEAD = b"POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}"
 
 
@@ -64,8 +65,9 @@ class App:
         ex = Exchange(
             send, RequestRecord.start("req_test", scope["method"]), [(b"x-request-id", b"req_test")], self.active
         )
-        if scope["path"] == "/whole":
-            await ex.respond(200, [(b"content-type", b"application/json")], WHOLE)
+        if scope["path"] in ("/whole", "/large"):
+            body = WHOLE if scope["path"] == "/whole" else LARGE
+            await ex.respond(200, [(b"content-type", b"application/json")], body)
             return
         headers = [(b"content-type", b"text/event-stream"), (b"x-ratelimit-reset-requests", b"1ms")]
         if scope["path"] == "/sized":
@@ -248,7 +250,7 @@ def undated(head: bytes) -> bytes:
 
 
 async def four_answers(short_way: bool) -> list[bytes]:
-    """A chunked, a sized, a whole and a chunked answer on one keep-alive connection: their heads."""
+    """A chunked, a sized, a whole, a large whole and a chunked answer on one keep-alive connection: four heads."""
     app = App()
     with recording_heads(short_way) as taken:
         async with listening(app) as port:
@@ -261,12 +263,15 @@ async def four_answers(short_way: bool) -> list[bytes]:
             writer.write(HEAD.replace(b"/a", b"/whole"))
             third, body = await asyncio.wait_for(read_sized(reader), 5)
             assert body == WHOLE
+            writer.write(HEAD.replace(b"/a", b"/large"))
+            _, body = await asyncio.wait_for(read_sized(reader), 5)
+            assert body == LARGE
             writer.write(HEAD.replace(b"/a", b"/b"))
             fourth, chunks = await asyncio.wait_for(read_chunked(reader), 5)
             assert chunks == [*ON_WIRE, b"data: [DONE]\n\n"]
             writer.close()
     # A whole answer is one choice: send_answer; without it (short_way=False) start, then end.
-    assert taken == ([True] * 4 if short_way else [False] * 5)
+    assert taken == ([True] * 5 if short_way else [False] * 7)
     assert app.fast == [True, False, True]  # the sized answer's parts go hypercorn's way
     return [first, second, third, fourth]
 
