@@ -283,12 +283,11 @@ async def send_head(send: Send, status: int, headers: Sequence[tuple[bytes, byte
     about connection or framing, 204 and 304, a line h11's checks would refuse (hypercorn's
     way then raises as before), a closing socket.
     """
-    found = _h11_stream(send)
-    head = None if found is None else _head(found, status, headers)
-    if found is None or head is None:
+    started = _head(send, status, headers)
+    if started is None:
         return False
-    _, protocol, connection = found
-    await _write(protocol, connection, head)
+    (_, _, connection), head = started
+    await _write(connection, head)
     return True
 
 
@@ -302,17 +301,16 @@ async def send_answer(send: Send, status: int, headers: Sequence[tuple[bytes, by
     connection ready for the next request. False, with nothing changed, where send_head
     would say so or the headers hold no Content-Length.
     """
-    found = _h11_stream(send)
-    head = None if found is None else _head(found, status, headers, sized=True)
-    if found is None or head is None:
+    started = _head(send, status, headers, sized=True)
+    if started is None:
         return False
-    stream, protocol, connection = found
+    (stream, protocol, connection), head = started
     conn = protocol.connection
     if body:
         conn.send(h11.Data(data=body))  # checks the length against the head's; the bytes are ours
     conn.send(h11.EndOfMessage())
     # Together when small, in one send; a large body is not copied just to join its head.
-    await _write(protocol, connection, *((head + body,) if len(body) <= JOIN_UP_TO else (head, body)))
+    await _write(connection, *((head + body,) if len(body) <= JOIN_UP_TO else (head, body)))
     stream.state = ASGIHTTPState.CLOSED
     await stream.config.log.access(stream.scope, stream.response, time.time() - stream.start_time)
     await stream.send(StreamClosed(stream_id=stream.stream_id))
@@ -320,13 +318,12 @@ async def send_answer(send: Send, status: int, headers: Sequence[tuple[bytes, by
 
 
 def _head(
-    found: tuple[HTTPStream, H11Protocol, TCPServer],
-    status: int,
-    headers: Sequence[tuple[bytes, bytes]],
-    sized: bool = False,
-) -> bytes | None:
-    """The head's bytes, with h11 and the stream moved on as if hypercorn had sent it; None if it may not."""
-    if not H11_PROCESS_EVENT:
+    send: Send, status: int, headers: Sequence[tuple[bytes, bytes]], sized: bool = False
+) -> tuple[tuple[HTTPStream, H11Protocol, TCPServer], bytes] | None:
+    """hypercorn's stream behind `send` and the head's bytes, with h11 and the stream moved on as if
+    hypercorn had sent it; None, with nothing changed, where it may not."""
+    found = _h11_stream(send) if H11_PROCESS_EVENT else None
+    if found is None:
         return None
     stream, protocol, connection = found
     conn = protocol.connection
@@ -374,28 +371,34 @@ def _head(
     conn._process_event(h11.SERVER, event)  # SEND_BODY, with the writer for this framing
     stream.response = {"type": "http.response.start", "status": status, "headers": list(headers)}
     stream.state = ASGIHTTPState.RESPONSE
-    return b"HTTP/1.1 %d \r\n%b\r\n" % (status, lines)
+    return found, b"HTTP/1.1 %d \r\n%b\r\n" % (status, lines)
 
 
-async def _write(protocol: H11Protocol, connection: TCPServer, *parts: bytes) -> None:
-    """As hypercorn's connection writes: at once, then a drain while the client lags; a broken socket closes."""
+async def _write(connection: TCPServer, *parts: bytes) -> None:
+    """As hypercorn's connection writes: at once, then a drain while the client lags."""
     transport = connection.writer.transport
     for part in parts:
         transport.write(part)
     if transport.get_write_buffer_size():
-        try:
-            await connection.writer.drain()
-        except (OSError, RuntimeError):
-            await protocol.handle(Closed())
+        await _drain(connection)
+
+
+async def _drain(connection: TCPServer) -> None:
+    """The client reads slower than the answer comes: wait as hypercorn would (asyncio's flow
+    control), so what waits for it stays bounded by the transport's high-water mark."""
+    try:
+        await connection.writer.drain()
+    except (OSError, RuntimeError):
+        # A reset, or a client gone without one (ETIMEDOUT): the client's loss, never the provider's.
+        await connection.protocol.handle(Closed())
 
 
 class _ChunkSender:
-    __slots__ = ("connection", "send_message", "transport", "writer")
+    __slots__ = ("connection", "send_message", "transport")
 
     def __init__(self, send: Send, connection: TCPServer) -> None:
         self.send_message = send
         self.connection = connection
-        self.writer = connection.writer
         self.transport = connection.writer.transport
 
     async def send(self, chunk: bytes) -> None:
@@ -410,13 +413,7 @@ class _ChunkSender:
             return
         transport.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
         if transport.get_write_buffer_size():
-            # The client reads slower than the stream comes: wait as hypercorn would (asyncio's
-            # flow control), so what waits for it stays bounded by the transport's high-water mark.
-            try:
-                await self.writer.drain()
-            except (OSError, RuntimeError):
-                # A reset, or a client gone without one (ETIMEDOUT): the client's loss, never the provider's.
-                await self.connection.protocol.handle(Closed())
+            await _drain(self.connection)
 
 
 def _raise_fd_limit(needed: int) -> None:

@@ -156,13 +156,14 @@ class Pipe:
         self._queued.append(packed)
         self._queued_futures.append(future)
         if not lazy:
-            if not self._sent and self._flush_soon is None:
-                # Nothing on its way: waiting for the loop's turn would only make this call a turn
-                # later, and a turn is long when the worker is busy. Out now, with any lazy calls.
-                self._flush()
-            elif self._flush_soon is None:
-                # Replies are awaited: the rest of this turn's calls go together after it.
-                self._flush_soon = self._loop.call_soon(self._flush)
+            if self._flush_soon is None:  # else it goes with this turn's others
+                if self._sent:
+                    # Replies are awaited: the rest of this turn's calls go together after it.
+                    self._flush_soon = self._loop.call_soon(self._flush)
+                else:
+                    # Nothing on its way: waiting for the loop's turn would only make this call a
+                    # turn later, and a turn is long when the worker is busy. Out now, with any lazy calls.
+                    self._flush()
         elif self._lazy is None and self._flush_soon is None:
             self._lazy = self._loop.call_later(self._lazy_s, self._flush)
         return future
