@@ -92,7 +92,7 @@ def open_clients(settings: RedisSettings) -> RedisClients:
             pipe_pool=None,
             connect_node=node_connector(settings.url, pipe_options),
         )
-    sentinel = Sentinel(  # type: ignore[no-untyped-call]
+    sentinel = Sentinel(  # type: ignore[no-untyped-call, unused-ignore]
         settings.sentinels,
         # A sentinel that does not answer is skipped for the next one: no retries.
         sentinel_kwargs={
