@@ -18,6 +18,7 @@ from starlette.types import Receive, Scope, Send
 from . import billing
 from .admin import key_usage
 from .auth import CREDENTIAL_HEADERS, authenticate, extract_key, key_digest, mask_key, two_credentials
+from .connections import discarding_body
 from .endpoints import MODEL_ROUTES, model_request, passthrough
 from .errors import (
     GatewayError,
@@ -278,7 +279,13 @@ class Gateway:
         path: str = scope["path"]
         method: str = scope["method"]
         server = runtime.settings.server
-        # The body is read before any answer, even a 401: a response sent while the client is
+        if refused is not None and CLOSE[0] in refused.headers:
+            # The body is read first only so that the connection outlives the answer; this answer
+            # ends it, and a body framed two ways may never end (Transfer-Encoding with Content-Length).
+            async with discarding_body(receive):
+                await ex.error(refused)
+            return
+        # The body is read before any other answer, even a 401: a response sent while the client is
         # still sending makes hypercorn close the keep-alive connection under its next request.
         # Content-Length means nothing next to Transfer-Encoding (RFC 9112 6.3), and h11 ignores it.
         length = wanted.get(b"content-length") if b"transfer-encoding" not in wanted else None

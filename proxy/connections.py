@@ -1,5 +1,6 @@
 """Connections for hypercorn: a cap per worker, a deadline for each request head, a drain,
-and a short way out for an answer's head and a stream's chunks.
+the error envelope for a head hypercorn's parser refuses, and a short way out for an
+answer's head and a stream's chunks.
 
 hypercorn's own worker_serve accepts without bound and runs one idle timer for an
 idle keep-alive connection and a request head still arriving alike, so a client
@@ -12,12 +13,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 import re
 import resource
+import secrets
 import socket
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Sequence
 from typing import Any, SupportsIndex
 from wsgiref.handlers import format_date_time
 
@@ -30,8 +33,9 @@ from hypercorn.protocol.events import StreamClosed
 from hypercorn.protocol.h11 import H11Protocol
 from hypercorn.protocol.http_stream import ASGIHTTPState, HTTPStream
 from hypercorn.typing import AppWrapper, LifespanState
-from starlette.types import Send
+from starlette.types import Receive, Send
 
+from .errors import HeadersTooLarge, InvalidRequest, error_body
 from .settings import ServerSettings
 
 CHUNKED_WRITER: type | None
@@ -62,6 +66,56 @@ class _Reader(asyncio.StreamReader):
         self.arrived.set()
 
 
+# What a client gets for a request h11 refuses to parse, by the status h11 hints: hypercorn would
+# answer that status with an empty body. Fixed texts: h11's own message may quote the bad line,
+# and a malformed Authorization line would put its key in the answer.
+_MALFORMED = (
+    InvalidRequest.code,
+    "The request is not valid HTTP/1.1: its request line, a header or its chunked framing is malformed.",
+)
+_REFUSED_BY_PARSER: dict[int, tuple[str, str]] = {
+    400: _MALFORMED,
+    431: (HeadersTooLarge.code, "The request head is too large to read; send fewer or shorter headers."),
+    501: (
+        "not_implemented",
+        "The request's Transfer-Encoding is not supported: only one 'Transfer-Encoding: chunked' header is.",
+    ),
+}
+
+
+class _EnvelopeH11Protocol(H11Protocol):
+    """hypercorn's HTTP/1.1 protocol, answering a request its parser refuses in the gateway's error envelope."""
+
+    async def _send_error_response(self, status_code: int) -> None:
+        code, message = _REFUSED_BY_PARSER.get(status_code, _MALFORMED)
+        request_id = "req_" + secrets.token_hex(12)
+        body = error_body(message, InvalidRequest.type, code, request_id)
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", b"%d" % len(body)),
+            (b"connection", b"close"),
+            (b"x-request-id", request_id.encode()),
+            *self.config.response_headers("h11"),
+        ]
+        await self._send_h11_event(h11.Response(status_code=status_code, headers=headers))
+        await self._send_h11_event(h11.Data(data=body))
+        await self._send_h11_event(h11.EndOfMessage())
+
+
+def _check_error_response() -> None:
+    """hypercorn 0.18 answers a request its parser refuses through this method. Renamed, it would be
+    overridden in vain and every such answer go out bare again without a sound: so the import fails."""
+    method = getattr(H11Protocol, "_send_error_response", None)
+    if method is None or list(inspect.signature(method).parameters) != ["self", "status_code"]:
+        raise RuntimeError(
+            "hypercorn's H11Protocol has no _send_error_response(self, status_code): "
+            "proxy/connections.py needs the hypercorn version pinned in pyproject.toml"
+        )
+
+
+_check_error_response()
+
+
 class _Connection(TCPServer):
     """hypercorn's connection, with a head deadline apart from the keep-alive wait.
 
@@ -79,6 +133,14 @@ class _Connection(TCPServer):
         self.first = True
 
     async def _read_data(self) -> None:
+        # hypercorn's run() builds the protocol and calls this next, before a byte is read: the one
+        # point between the two, in a method already ours (a property over the attribute run()
+        # assigns would catch the same moment with more machinery). The class is changed in place:
+        # a protocol built anew would repeat ProtocolWrapper's construction and its choice of HTTP
+        # version. A ProtocolWrapper without `protocol` fails here, on the first connection.
+        protocol = self.protocol.protocol
+        if type(protocol) is H11Protocol:
+            protocol.__class__ = _EnvelopeH11Protocol
         await super()._read_data()
         # The client is gone. hypercorn would keep the idle timer, and with it this task and
         # its socket (and here a connection slot), until the timer ran out.
@@ -202,6 +264,31 @@ class Listener:
             task.cancel()
         # Cancelled requests still leave their event records on the way out.
         await asyncio.gather(*cut, return_exceptions=True)
+
+
+@contextlib.asynccontextmanager
+async def discarding_body(receive: Receive) -> AsyncIterator[None]:
+    """For an answer sent before its request's body was read: meanwhile the body is taken and dropped.
+
+    hypercorn 0.18 queues at most config.max_app_queue_size (10) messages for the app, and its
+    reader waits for room; at the answer's end the stream queues one more (http.disconnect) and
+    waits likewise. A client sending fast can fill the queue before the answer is out: with nobody
+    taking from it, the answer's last send and hypercorn's reader then wait for each other for
+    good, and the client has its answer on a connection that never closes, the worker a slot it
+    never frees. Once the answer is out the stream is closed and hypercorn queues no more of it.
+    """
+    task = asyncio.create_task(_discard(receive))
+    try:
+        yield
+    finally:
+        task.cancel()
+
+
+async def _discard(receive: Receive) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect" or not message.get("more_body", False):
+            return
 
 
 ChunkSend = Callable[[bytes], Awaitable[None]]
