@@ -158,7 +158,10 @@ class Gateway:
         settings = self.runtime.settings
         self.sessions = Sessions(on_wait=self.pool_waited)
         self.limiter = Limiter(
-            settings.redis, on_error=self.metrics.limiter_errors.inc, on_circuit=self.circuit_changed
+            settings.redis,
+            on_error=self.metrics.limiter_errors.inc,
+            on_circuit=self.circuit_changed,
+            on_lost=self.metrics.settles_lost.inc,
         )
         self.events = EventSink(settings.events, latency_bucket, self.metrics.events_dropped.inc, self.limiter.client)
         self.events.start()
@@ -184,7 +187,10 @@ class Gateway:
 
     def sample_runtime(self) -> None:
         if self.sessions is not None and self.events is not None:
-            self.metrics.sample_runtime(self.sessions.pool_stats(), len(asyncio.all_tasks()), self.events.queue.qsize())
+            owed = self.limiter.owed if self.limiter is not None else 0
+            self.metrics.sample_runtime(
+                self.sessions.pool_stats(), len(asyncio.all_tasks()), self.events.queue.qsize(), owed
+            )
 
     def pool_waited(self, provider: str) -> None:
         self.metrics.pool_waits.labels(provider if provider in self.runtime.clients else "other").inc()

@@ -1,17 +1,19 @@
--- Settle one answer, on Redis server time: charge its real usage and release its holds.
+-- Settle one answer, on Redis server time: charge its real usage and release its holds, once.
 --
 -- KEYS[1..n]          token bucket hashes {t = level, ts = seconds}
 -- KEYS[n+1]           the key's spent tokens, a counter
 -- KEYS[n+2], KEYS[n+3] the key's and its group's spent money in micro-units: hashes
 --                     {total = lifetime, month = this month's, period = "YYYY-MM" that month}
 -- KEYS[n+2+2b..n+3+2b] per budget b: its holds ZSET and their running total
+-- KEYS[n+4+2m]        with budgets: the ids settled lately, a ZSET scored by when each is forgotten (ms)
 -- ARGV[1], ARGV[2]    n, and m the number of budgets
 -- ARGV[3]             seconds added to the clock for budget periods (tests only; else 0)
--- ARGV[4..2n+3]       per bucket: capacity, refill per second
--- ARGV[2n+4]          tokens used (0 when nothing was billed)
--- ARGV[2n+5]          their cost in micro-units (0 when nothing was billed or no price is known)
--- ARGV[2n+6]          the holds' id, or ""
--- ARGV[2n+7..2n+6+m]  per budget: the amount held, "0" for none, "?" when admission's answer was lost
+-- ARGV[4]             how long a settled id is remembered, ms
+-- ARGV[5..2n+4]       per bucket: capacity, refill per second
+-- ARGV[2n+5]          tokens used (0 when nothing was billed)
+-- ARGV[2n+6]          their cost in micro-units (0 when nothing was billed or no price is known)
+-- ARGV[2n+7]          the holds' id, or ""
+-- ARGV[2n+8..2n+7+m]  per budget: the amount held, "0" for none, "?" when admission's answer was lost
 --
 -- Spending is counted for every key, with or without a budget. A bucket may go
 -- into debt here; it refuses until it has refilled. The real usage is spent
@@ -20,9 +22,22 @@
 -- total then, so it is not taken off twice. A month's spend starts again from
 -- nothing once the clock is in a later month than the one stored with it: the
 -- renewal is this atomic reset, whichever process gets there first.
+--
+-- With an id, a settle counts once: the id is remembered, and a settle sent again (its first
+-- answer was lost in a Redis stall, so the gateway cannot know whether it ran) does nothing.
+-- An admission that arrives after its settle finds the id here and takes nothing (token_bucket.lua).
+-- Returns 0, or 1 for a settle that had already run.
 local n, m = tonumber(ARGV[1]), tonumber(ARGV[2])
-local tokens = tonumber(ARGV[2 * n + 4])
-local micros = tonumber(ARGV[2 * n + 5])
+local tokens = tonumber(ARGV[2 * n + 5])
+local micros = tonumber(ARGV[2 * n + 6])
+local id = ARGV[2 * n + 7]
+local settled = nil
+if id ~= '' then
+  settled = KEYS[n + 4 + 2 * m]
+  if redis.call('ZSCORE', settled, id) then
+    return 1
+  end
+end
 local clock = redis.call('TIME')
 
 -- month_of(seconds): from month.lua, which limits.py puts in front of this script.
@@ -30,7 +45,7 @@ local clock = redis.call('TIME')
 if tokens > 0 then
   local now = tonumber(clock[1]) + tonumber(clock[2]) / 1000000
   for i = 1, n do
-    local cap, rate = tonumber(ARGV[2 * i + 2]), tonumber(ARGV[2 * i + 3])
+    local cap, rate = tonumber(ARGV[2 * i + 3]), tonumber(ARGV[2 * i + 4])
     local state = redis.call('HMGET', KEYS[i], 't', 'ts')
     local level = cap
     if state[1] then
@@ -56,13 +71,12 @@ if micros > 0 then
   end
 end
 
-local id = ARGV[2 * n + 6]
 if id == '' then
   return 0
 end
 for b = 1, m do
   local holds, held_key = KEYS[n + 2 + 2 * b], KEYS[n + 3 + 2 * b]
-  local amount = ARGV[2 * n + 6 + b]
+  local amount = ARGV[2 * n + 7 + b]
   local member = ''
   if amount == '?' then
     -- Admission's answer never came back (a timeout, a client gone): its hold, if the
@@ -87,4 +101,9 @@ for b = 1, m do
     end
   end
 end
+local now_ms = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+local remember = tonumber(ARGV[4])
+redis.call('ZREMRANGEBYSCORE', settled, '-inf', now_ms)
+redis.call('ZADD', settled, now_ms + remember, id)
+redis.call('PEXPIRE', settled, remember + 1000)
 return 0

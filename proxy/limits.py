@@ -17,9 +17,11 @@ import contextlib
 import functools
 import inspect
 import itertools
+import logging
 import math
 import secrets
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from importlib.resources import files
@@ -34,11 +36,19 @@ from .redis_cluster import ASKING, PrimaryDown, redirection
 from .redis_pipe import Prepared, Script, pack_command
 from .settings import GroupSettings, KeySettings, LimitSettings, RedisSettings
 
+log = logging.getLogger("sluicegate")
+
 _MONTH_LUA = files("proxy").joinpath("month.lua").read_text()  # month_of(), shared by both scripts
 ADMIT = Script(_MONTH_LUA + files("proxy").joinpath("token_bucket.lua").read_text())
 SETTLE = Script(_MONTH_LUA + files("proxy").joinpath("charge.lua").read_text())
 REDIS_ERRORS = (RedisError, RedisClusterException, OSError, TimeoutError)  # the cluster's: no node reachable
 UNKNOWN_HOLD = "?"  # a hold whose amount admission never heard back (charge.lua finds it by id)
+RELEASED = -3  # token_bucket.lua's verdict for an admission that arrived after its request's settle
+# How long Redis remembers a settled hold id (charge.lua): a settle sent again, or an admission that comes
+# after its settle, within this long does nothing. Both follow a Redis stall by seconds, not minutes.
+SETTLED_MEMORY_S = 120.0
+OWED_LIMIT = 100_000  # settles kept for when Redis answers again; past this the oldest are given up
+REPAY_EVERY_S = 0.5  # how often owed settles are tried while Redis does not answer
 MICROS = 1_000_000  # money is counted in micro-units of the currency, as integers, to stay exact
 MAX_TRIES = 4  # one script load, one redirection, TRYAGAINs of a slot half-way through a migration
 TRYAGAIN_S = 0.02
@@ -103,6 +113,10 @@ class Circuit:
             if not was_open and self.on_change is not None:
                 self.on_change(True)
 
+    def ready(self) -> bool:
+        """Whether allow() would let a call through now; nothing changes."""
+        return self.failures < self.threshold or (not self.probing and time.monotonic() >= self.open_until)
+
     def abandon(self) -> None:
         """A call ended without an answer either way (its request was cancelled): free the probe slot."""
         self.probing = False
@@ -137,6 +151,11 @@ def key_prefix(key: KeySettings) -> str:
 
 def group_prefix(group: str) -> str:
     return f"sg:{{g:{group}}}:g"
+
+
+def settled_key(key: KeySettings) -> str:
+    """The hold ids the key's settles counted lately (charge.lua), so none counts twice."""
+    return key_prefix(key) + ":settled"
 
 
 def budget_keys(key: KeySettings) -> tuple[str, str, str]:
@@ -222,19 +241,25 @@ class Plan:
     top_up: str = ""  # [limits] budget_message, for a spent budget's 402
     # Per bucket kind with buckets here: its three x-ratelimit-* names, and (index, limit as text) of each bucket.
     header_rows: tuple[tuple[tuple[bytes, bytes, bytes], tuple[tuple[int, bytes], ...]], ...] = ()
+    money_scope: Scope | None = None  # whose budget in money this request draws on, if any: "key" before "group"
 
     @property
     def budgeted(self) -> bool:
         return bool(self.budgets)
 
     @classmethod
-    def build(cls, buckets: tuple[Bucket, ...], budgets: tuple[Budget, ...], limits: LimitSettings) -> Plan:
+    def build(
+        cls, buckets: tuple[Bucket, ...], budgets: tuple[Budget, ...], limits: LimitSettings, settled: str = ""
+    ) -> Plan:
+        """settled: with budgets, the key's settled hold ids (settled_key), which an admission checks first."""
         args: list[Any] = [len(buckets), len(budgets), math.ceil(limits.hold_ttl_s * 1000), limits.clock_offset_s]
         for b in buckets:
             args += [b.capacity, b.rate_per_s, 1 if b.at_admission else 0]
         for budget in budgets:
             args += [budget.amount, budget.counted]
         keys = [b.redis_key for b in buckets] + [k for budget in budgets for k in budget.keys]
+        if budgets:
+            keys.append(settled)
         call = Prepared(ADMIT, keys, args, more=len(budgets) + 1 if budgets else 0)
         rows = []
         for kind in BUCKET_KINDS:
@@ -247,7 +272,8 @@ class Plan:
                     b"x-ratelimit-reset-" + label,
                 )
                 rows.append((names, members))
-        return cls(buckets, budgets, tuple(keys), tuple(args), call, limits.budget_message, tuple(rows))
+        money = next((b.scope for b in budgets if b.in_money), None)
+        return cls(buckets, budgets, tuple(keys), tuple(args), call, limits.budget_message, tuple(rows), money)
 
 
 @dataclass(frozen=True, slots=True)
@@ -268,20 +294,22 @@ class KeyLimits:
         budgets = budgets_for(key, group)
         admitted = tuple(b for b in buckets if b.at_admission)
         charged = tuple(b for b in buckets if not b.at_admission)
-        args: list[Any] = [len(charged), len(budgets), limits.clock_offset_s]
+        args: list[Any] = [len(charged), len(budgets), limits.clock_offset_s, math.ceil(SETTLED_MEMORY_S * 1000)]
         for b in charged:
             args += [b.capacity, b.rate_per_s]
         # Spending is counted for every key, so `keys usage` and the billing routes show it without a budget too.
         spent = (budget_keys(key)[0], money_keys(key_prefix(key))[0], money_keys(group_prefix(group.name))[0])
+        settled = settled_key(key)
         charge_keys = (
             *(b.redis_key for b in charged),
             *spent,
             *(k for budget in budgets for k in budget.keys[1:]),
+            *((settled,) if budgets else ()),
         )
         return cls(
             key=key,
-            model=Plan.build(buckets, budgets, limits) if buckets or budgets else None,
-            passthrough=Plan.build(admitted, budgets, limits) if admitted or budgets else None,
+            model=Plan.build(buckets, budgets, limits, settled) if buckets or budgets else None,
+            passthrough=Plan.build(admitted, budgets, limits, settled) if admitted or budgets else None,
             reserve_tokens=limits.reserve_tokens,
             budgets=budgets,
             token_buckets=charged,
@@ -357,7 +385,10 @@ class Limiter:
         settings: RedisSettings,
         on_error: Callable[[], object] | None = None,
         on_circuit: Callable[[bool], object] | None = None,
+        on_lost: Callable[[int], object] | None = None,
     ) -> None:
+        """on_error: a call failed or was skipped; on_circuit: it opened (True) or closed; on_lost: this many
+        owed settles were given up."""
         self.settings = settings
         self.timeout_s = settings.timeout_s
         self.clients = open_clients(settings)
@@ -367,12 +398,94 @@ class Limiter:
         self.on_error = on_error
         self._background: set[asyncio.Task[None]] = set()
         self.circuit = Circuit(settings.circuit_failures, settings.circuit_cooldown_s, on_circuit)
+        # Settles Redis has not taken yet: sent again until it does (see owe()).
+        self._owed: deque[tuple[Prepared, tuple[Any, ...]]] = deque()
+        self._repaying: asyncio.Task[None] | None = None
+        self.given_up = 0  # owed settles dropped: past OWED_LIMIT, refused by Redis, or still owed at close
+        self._on_lost = on_lost
+
+    @property
+    def owed(self) -> int:
+        return len(self._owed)
 
     async def close(self) -> None:
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
+        if self._repaying is not None:
+            self._repaying.cancel()
+            self._repaying = None
+        if self._owed:
+            # One last try, bounded: a worker that stops with Redis away cannot wait for it.
+            with contextlib.suppress(TimeoutError, LimiterFailure):
+                async with asyncio.timeout(self.timeout_s * 4):
+                    await self._repay_all()
+            if self._owed:
+                self._lose(len(self._owed))
+                log.error("stopping with %d settles Redis never took: their spend and holds are lost", len(self._owed))
+                self._owed.clear()
         await self.pipes.close()
         await self.clients.close()
+
+    def owe(self, call: Prepared, more: tuple[Any, ...]) -> None:
+        """Keep a settle that did not reach Redis, and send it again once Redis answers.
+
+        Safe only for a settle that cannot count twice: one with a hold id (charge.lua remembers
+        the ids it settled), or one that was never sent. The oldest go first past OWED_LIMIT.
+        """
+        self._owed.append((call, more))
+        if len(self._owed) > OWED_LIMIT:
+            self._owed.popleft()
+            self._lose(1)
+            if self.given_up % 1000 == 1:
+                log.error("%d settles given up: Redis has been away too long to keep them all", self.given_up)
+        if self._repaying is None:
+            self._repaying = asyncio.create_task(self._repay())
+
+    def _lose(self, count: int) -> None:
+        self.given_up += count
+        if self._on_lost is not None:
+            self._on_lost(count)
+
+    async def _repay(self) -> None:
+        """While anything is owed: every REPAY_EVERY_S, the oldest settle is sent (through the circuit,
+        which makes it the probe once the cool-down is over); when Redis takes it, all the rest follow."""
+        try:
+            while self._owed:
+                await asyncio.sleep(REPAY_EVERY_S)
+                if self.circuit.ready():  # else nothing is sent, and nothing counted as a failure
+                    with contextlib.suppress(LimiterFailure):
+                        await self._repay_all()
+        finally:
+            self._repaying = None
+
+    async def _repay_all(self) -> None:
+        """Send what is owed, oldest first: one alone (the probe), then the rest a thousand at a time,
+        until all is taken or Redis stops answering (LimiterFailure; what it did not take is still owed)."""
+        size = 1
+        while self._owed:
+            batch = [self._owed.popleft() for _ in range(min(len(self._owed), size))]
+            try:
+                replies = await asyncio.gather(*(self.run(c, *m) for c, m in batch), return_exceptions=True)
+            except asyncio.CancelledError:  # the worker stops: close() tries them once more
+                self._owed.extendleft(reversed(batch))
+                raise
+            self._settle_replies(batch, replies)
+            size = 1000
+
+    def _settle_replies(self, batch: list[tuple[Prepared, tuple[Any, ...]]], replies: list[Any]) -> None:
+        """Keep what Redis did not take, and stop; drop what it refused as a command (it never will take it)."""
+        again = []
+        for entry, reply in zip(batch, replies, strict=True):
+            if not isinstance(reply, BaseException):
+                continue
+            if isinstance(reply, LimiterFailure) and isinstance(reply.__cause__, ResponseError):
+                log.error("an owed settle was refused by Redis and is dropped: %s", failure_name(reply.__cause__))
+                self._lose(1)
+            else:
+                again.append(entry)
+        if again:
+            self._owed.extendleft(reversed(again))
+            raise LimiterFailure("Redis stopped answering while owed settles were sent")
 
     def in_background(self, settle: Awaitable[None]) -> None:
         """A settle nobody waits for; kept referenced until done, and awaited at close."""
@@ -452,6 +565,9 @@ class Limiter:
         try:
             more = (*wanted, hold_id) if budgets else ()
             result: list[int] = await self.run(plan.call, *more)
+            if result[0] == RELEASED:
+                # Only an admission nobody waits for can meet its own settle; defensive all the same.
+                raise LimiterFailure("the admission came after its settle")
         except LimiterFailure as exc:
             if self.settings.on_error == "deny":
                 raise LimiterUnavailable("The rate limiter is unavailable; retry shortly.") from exc
@@ -499,27 +615,30 @@ class Limiter:
     ) -> asyncio.Future[Any] | None:
         """The same settle, queued now without a task of its own: it goes out with this tick's calls.
 
-        Its outcome feeds the circuit and on_error as any call's does. None when the circuit is
-        open (counted, as a skipped call is).
+        Its outcome feeds the circuit and on_error as any call's does. None when it could not be
+        queued (the circuit is open: it is owed, and sent once Redis answers again).
         """
+        more = (max(tokens, 0), max(micros, 0), hold_id, *held)
+        call = limits.settle_call
         if not self.circuit.allow():
             if self.on_error is not None:
                 self.on_error()
+            self.owe(call, more)  # never sent, so it cannot count twice
             return None
-        more = (max(tokens, 0), max(micros, 0), hold_id, *held)
-        pipe = self.pipes.now(limits.settle_call.slot)
+        pipe = self.pipes.now(call.slot)
         if pipe is None:  # cluster mode, before the slot map is read (no admission went before)
-            self.in_background(self._settle_again(limits.settle_call, more))
+            self.in_background(self._settle_again(call, more))
             return None
         # Lazy: it goes out with the next admission's write, or within 10 ms. Calls keep their order
         # on the pipe, so this worker's next admission for the key still comes after it.
-        future = pipe.call(limits.settle_call.pack(*more), lazy=True)
-        future.add_done_callback(functools.partial(self._settled, limits.settle_call, more))
+        future = pipe.call(call.pack(*more), lazy=True)
+        future.add_done_callback(functools.partial(self._settled, call, more))
         return future
 
     def _settled(self, call: Prepared, more: tuple[Any, ...], future: asyncio.Future[Any]) -> None:
         if future.cancelled():
             self.circuit.abandon()
+            self._owe_if_safe(call, more)
             return
         failure = future.exception()
         reply = future.result() if failure is None else failure
@@ -532,12 +651,22 @@ class Limiter:
             self.circuit.failure()
             if self.on_error is not None:
                 self.on_error()
+            self._owe_if_safe(call, more)
         else:
             self.circuit.success()
 
+    def _owe_if_safe(self, call: Prepared, more: tuple[Any, ...]) -> None:
+        """A settle that may or may not have run: sent again only if it carries a hold id (charge.lua
+        counts an id once). One without (a key with no budget) may have been counted: it is not."""
+        if _hold_id(more):
+            self.owe(call, more)
+
     async def _settle_again(self, call: Prepared, more: tuple[Any, ...]) -> None:
-        with contextlib.suppress(LimiterFailure):
+        try:
             await self.run(call, *more)
+        except LimiterFailure as exc:
+            if _hold_id(more) or isinstance(exc, CircuitOpen):
+                self.owe(call, more)
 
     async def ping(self) -> str | None:
         """None when Redis answers (in cluster mode, every primary), else the reason."""
@@ -546,6 +675,12 @@ class Limiter:
         except LimiterFailure as exc:
             return f"redis: {exc.__cause__ if isinstance(exc.__cause__, PrimaryDown) else exc}"
         return None
+
+
+def _hold_id(settle_args: tuple[Any, ...]) -> str:
+    """The hold id among a settle's own arguments (tokens, micros, hold id, what each budget held)."""
+    hold_id: str = settle_args[2]
+    return hold_id
 
 
 class Settlement:

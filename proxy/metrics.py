@@ -86,6 +86,10 @@ class Metrics:
             "sluicegate_limiter_circuit_open", "1 while Redis calls are skipped after repeated failures, per worker",
             registry=r, multiprocess_mode="livesum",
         )  # fmt: skip
+        self.settles_lost = Counter(
+            "sluicegate_limiter_settles_lost", "Settles given up: Redis away past the owed limit, or at a stop",
+            registry=r,
+        )  # fmt: skip
         self.pool_waits = Counter(
             "sluicegate_upstream_pool_waits", "Requests that waited for a free connection to their provider",
             ["provider"], registry=r,
@@ -104,6 +108,10 @@ class Metrics:
         )
         self.event_queue = Gauge(
             "sluicegate_event_queue_depth", "Event records waiting to be written (sampled)",
+            registry=r, multiprocess_mode="livesum",
+        )  # fmt: skip
+        self.settles_owed = Gauge(
+            "sluicegate_limiter_settles_owed", "Settles waiting for Redis to answer again (sampled)",
             registry=r, multiprocess_mode="livesum",
         )  # fmt: skip
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
@@ -141,13 +149,14 @@ class Metrics:
             if reason == UpstreamAuthError.reason:
                 child(self.upstream_auth_errors, label).inc()
 
-    def sample_runtime(self, pools: Mapping[str, PoolStats], tasks: int, queued: int) -> None:
+    def sample_runtime(self, pools: Mapping[str, PoolStats], tasks: int, queued: int, owed: int = 0) -> None:
         for provider, pool in pools.items():
             self._child(self.upstream_connections, provider, "in_use").set(pool.in_use)
             self._child(self.upstream_connections, provider, "idle").set(pool.idle)
             self._child(self.pool_waiting, provider).set(pool.waiting)
         self.loop_tasks.set(tasks)
         self.event_queue.set(queued)
+        self.settles_owed.set(owed)
 
     def exposition(self) -> bytes:
         if multiprocess():

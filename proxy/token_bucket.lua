@@ -3,6 +3,7 @@
 -- KEYS[1..n]          bucket hashes {t = level, ts = seconds}
 -- KEYS[n+3b-2..n+3b]  per budget b: what is spent (a counter, or a money hash {total, month, period}),
 --                     its holds (a ZSET of "id:amount" scored by expiry in ms) and the running total they hold
+-- KEYS[n+3m+1]        with budgets: the key's settled hold ids (charge.lua)
 -- ARGV[1], ARGV[2]    n, the number of buckets; m, the number of budgets
 -- ARGV[3]             how long a hold lives, ms
 -- ARGV[4]             seconds added to the clock for budget periods (tests only; else 0)
@@ -24,10 +25,17 @@
 -- O(1) amortised in the number of holds. A month's spend counts only while its
 -- period is the current one: a new month starts from nothing (charge.lua resets it).
 --
+-- An admission whose request has already been settled (the gateway gave up waiting for it in a
+-- Redis stall, and released its hold by id before this arrived) takes nothing: no phantom hold.
+--
 -- Returns {verdict, refusing bucket or budget (0 = none), wait ms, per budget: the amount held,
 --          then per bucket: floor(level), ms until full}
--- verdict: 1 admitted, 0 refused by a bucket (429), -1 budget spent (402), -2 budget held (429).
+-- verdict: 1 admitted, 0 refused by a bucket (429), -1 budget spent (402), -2 budget held (429),
+--          -3 settled already (nobody waits for this answer).
 local n, m = tonumber(ARGV[1]), tonumber(ARGV[2])
+if m > 0 and redis.call('ZSCORE', KEYS[n + 3 * m + 1], ARGV[3 * n + 3 * m + 5]) then
+  return {-3, 0, 0}
+end
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) + tonumber(clock[2]) / 1000000
 local now_ms = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)

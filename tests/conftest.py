@@ -232,6 +232,7 @@ enabled = false
 GATEWAY_COMMANDS = (
     "+ping +evalsha +script|load +xadd +xrange +time +get +hmget +zrangebyscore "
     "+decrby +del +hget +hincrby +hset +incrby +pexpire +pexpireat +zadd +zcard +zrange +zrem +zremrangebyscore +zscan "
+    "+zscore "
     "+cluster|slots +command +asking"
 )
 GATEWAY_ACL = f"on >{{password}} resetchannels ~sg:* ~sluicegate:events -@all {GATEWAY_COMMANDS}"

@@ -14,7 +14,7 @@ import pytest
 import redis
 
 from proxy.errors import InsufficientQuota, RateLimited
-from proxy.limits import Circuit, HoldIds, KeyLimits, Limiter, LimiterFailure
+from proxy.limits import SETTLED_MEMORY_S, Circuit, HoldIds, KeyLimits, Limiter, LimiterFailure
 from proxy.settings import GroupSettings, KeySettings, LimitSettings, RedisSettings
 from tests.conftest import RedisServer, free_port
 
@@ -66,10 +66,16 @@ def test_plans_precompute_the_budget_keys_in_the_groups_slot() -> None:
         "sg:{g:default}:k:k:spent",
         "sg:{g:default}:k:k:holds",
         "sg:{g:default}:k:k:held",
+        "sg:{g:default}:k:k:settled",
     )
     assert budgeted.model.args == (1, 1, 600_000, 0, 5, 5 / 60, 1, 100, "")
     spent = ("sg:{g:default}:k:k:spent", "sg:{g:default}:k:k:money", "sg:{g:default}:g:money")
-    assert budgeted.charge_keys == (*spent, "sg:{g:default}:k:k:holds", "sg:{g:default}:k:k:held")
+    assert budgeted.charge_keys == (
+        *spent,
+        "sg:{g:default}:k:k:holds",
+        "sg:{g:default}:k:k:held",
+        "sg:{g:default}:k:k:settled",
+    )
     plain = limits_for(None, rpm=5)
     assert plain.model is not None and not plain.model.budgeted
     assert plain.model.keys == ("sg:{g:default}:k:k:rpm",)
@@ -148,6 +154,78 @@ async def test_a_settle_without_a_hold_or_usage_writes_nothing(limiter: Limiter,
     limits = limits_for(100)
     await limiter.settle(limits, "", limits.nothing_held, 0)
     assert view.keys("*") == []
+
+
+async def test_a_settle_counts_once_however_often_it_is_sent(limiter: Limiter, view: redis.Redis) -> None:
+    """A settle whose answer was lost in a Redis stall is sent again: the second one finds its id and does nothing."""
+    limits = limits_for(1000)
+    assert limits.model is not None
+    admitted = await limiter.admit(limits.model, (100,), "once")
+    for _ in range(3):
+        await limiter.settle(limits, "once", admitted.held, 40)
+    assert int(view.get("sg:{g:default}:k:k:spent") or 0) == 40
+    assert held(view) == 0
+    remembered_ms = view.pttl("sg:{g:default}:k:k:settled")
+    assert 0 < remembered_ms <= (SETTLED_MEMORY_S + 1) * 1000
+
+
+async def test_an_admission_that_comes_after_its_release_takes_nothing(limiter: Limiter, view: redis.Redis) -> None:
+    """The gateway gave up on an admission (a stall) and released its hold by id ("?") before the script ran:
+    when it runs, it finds the id settled and holds nothing, so no phantom hold is left for hold_ttl_s."""
+    limits = limits_for(1000, rpm=10)
+    assert limits.model is not None
+    await limiter.settle(limits, "late", ("?",), 0)
+    # Nobody waits for this answer in the gateway; were it heard, it would count as a limiter failure.
+    assert (await limiter.admit(limits.model, (100,), "late")).held == ("?",)
+    assert held(view) == 0
+    assert view.zcard("sg:{g:default}:k:k:holds") == 0
+    assert view.hget("sg:{g:default}:k:k:rpm", "t") is None  # not even the request's rpm was taken
+
+
+async def test_a_release_by_id_finds_an_admission_whose_answer_was_lost(limiter: Limiter, view: redis.Redis) -> None:
+    limits = limits_for(1000)
+    assert limits.model is not None
+    await limiter.admit(limits.model, (300,), "lost")  # ran, but the gateway never heard back
+    assert held(view) == 300
+    await limiter.settle(limits, "lost", ("?",), 12)  # served under on_error = "allow": its usage comes with it
+    assert held(view) == 0
+    assert int(view.get("sg:{g:default}:k:k:spent") or 0) == 12
+
+
+async def test_settles_redis_could_not_take_are_sent_once_it_answers_again(own_redis: RedisServer) -> None:
+    """A stall: one settle times out after it was sent (it may have run), one is never sent (the circuit is open).
+    Both are owed and sent again once Redis answers; each is counted exactly once."""
+    settings = RedisSettings(url=own_redis.url, timeout_s=0.2, circuit_failures=1, circuit_cooldown_s=0.3)
+    limiter = Limiter(settings)
+    view = redis.Redis.from_url(own_redis.url)
+    limits = limits_for(1000)
+    assert limits.model is not None and own_redis.proc is not None
+    try:
+        own_redis.flush()
+        first = await limiter.admit(limits.model, (100,), "a")
+        second = await limiter.admit(limits.model, (100,), "b")
+        own_redis.proc.send_signal(signal.SIGSTOP)
+        sent = limiter.settle_soon(limits, "a", first.held, 30, 0)
+        assert sent is not None
+        with pytest.raises(TimeoutError):
+            await sent
+        await asyncio.sleep(0.01)  # the done-callback: the failure opens the circuit
+        assert limiter.circuit.is_open
+        assert limiter.settle_soon(limits, "b", second.held, 20, 0) is None
+        assert limiter.owed == 2
+        await asyncio.sleep(0.5)
+        own_redis.proc.send_signal(signal.SIGCONT)  # the first settle, queued in Redis' socket, runs now
+        for _ in range(100):  # 5 s at most
+            if not limiter.owed:
+                break
+            await asyncio.sleep(0.05)
+        assert limiter.owed == 0
+        assert int(view.get("sg:{g:default}:k:k:spent") or 0) == 50
+        assert int(view.get("sg:{g:default}:k:k:held") or 0) == 0
+    finally:
+        own_redis.proc.send_signal(signal.SIGCONT)
+        view.close()
+        await limiter.close()
 
 
 def test_circuit_opens_after_consecutive_failures_only() -> None:
