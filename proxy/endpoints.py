@@ -6,7 +6,10 @@ import asyncio
 
 import orjson
 
-from .errors import InvalidRequest, NotFound
+from .bodies import json_object, maybe_json_object
+from .charges import charge_for
+from .errors import InvalidRequest, NotFound, RouteNotBillable
+from .limit_kinds import Scope
 from .limits import Plan, Settlement
 from .prices import Price
 from .redact import clip
@@ -14,7 +17,7 @@ from .relay import BodyFor, DisconnectWatcher, Kind, relay
 from .settings import ProviderSettings
 from .types import Call
 from .upstream import ProviderClient
-from .usage import Usage, prompt_estimate
+from .usage import Usage, prompt_bound
 
 MODEL_ROUTES = frozenset({"/chat/completions", "/completions", "/embeddings"})
 STREAMING_ROUTES = frozenset({"/chat/completions", "/completions"})
@@ -25,10 +28,14 @@ COMPLETION_CAPS = {
     "/completions": ("max_tokens",),
     "/embeddings": (),
 }
+# Answers generated at once, each up to the cap: chat's n choices; completions generate (and bill) best_of.
+CHOICES = {"/chat/completions": ("n",), "/completions": ("best_of", "n"), "/embeddings": ()}
+# A passthrough JSON body's own cap, under the names the APIs use: the Responses API's first.
+PASSTHROUGH_CAPS = ("max_output_tokens", "max_completion_tokens", "max_tokens")
 
 
 async def model_request(call: Call) -> None:
-    payload = _json_object(call.body)
+    payload = json_object(call.body)
     record = call.ex.record
     model = payload.get("model")
     if model is None or model == "":
@@ -49,33 +56,43 @@ async def model_request(call: Call) -> None:
     plan = call.limits.model
     wanted = (0, 0)
     if plan is not None and plan.budgeted:
-        wanted = hold_wanted(call.route, payload, len(call.body), call.limits.reserve_tokens)
+        wanted = hold_wanted(call.route, payload, call.limits.reserve_tokens)
     kind: Kind = "stream" if stream and call.route in STREAMING_ROUTES else "json"
     bodies = _BodyVariants(payload, call.body, chosen.upstream_model, kind)
     await _relay(call, plan, wanted, chosen.providers, bodies.body_for, kind, price)
 
 
-def hold_wanted(route: str, payload: dict[str, object], request_bytes: int, reserve_tokens: int) -> tuple[int, int]:
-    """What a model request may use of a budget: its prompt, and its completion cap or the reserve.
-
-    Embeddings have no completion.
-    """
+def hold_wanted(route: str, payload: dict[str, object], reserve_tokens: int) -> tuple[int, int]:
+    """What a model request may use of a budget: its prompt's upper bound (usage.prompt_bound), and its
+    completion cap or the reserve, times the answers it asks for at once. Embeddings have no completion."""
     caps = COMPLETION_CAPS[route]
+    prompt = prompt_bound(payload)
     if not caps:
-        return prompt_estimate(request_bytes), 0
-    for field in caps:
-        cap = payload.get(field)
-        if isinstance(cap, int) and not isinstance(cap, bool) and cap > 0:
-            return prompt_estimate(request_bytes), cap
-    return prompt_estimate(request_bytes), reserve_tokens
+        return prompt, 0
+    return prompt, _cap(payload, caps, reserve_tokens) * _choices(payload, CHOICES[route])
+
+
+def _cap(payload: dict[str, object], fields: tuple[str, ...], reserve_tokens: int) -> int:
+    """The first of `fields` that is a positive whole number, else the reserve."""
+    return next((n for n in map(_whole, map(payload.get, fields)) if n), reserve_tokens)
+
+
+def _choices(payload: dict[str, object], fields: tuple[str, ...]) -> int:
+    return max(map(_whole, map(payload.get, fields)), default=1) or 1
+
+
+def _whole(value: object) -> int:
+    """A positive whole number's value, else 0 (booleans, floats, text and nulls are not counts)."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
 
 
 async def passthrough(call: Call) -> None:
     record = call.ex.record
     body = call.body
-    payload, model = _model_field(body)
+    payload = maybe_json_object(body)
+    model = payload.get("model") if payload is not None else None
     price = None
-    if payload is not None and model is not None:
+    if payload is not None and isinstance(model, str) and model:
         record.model = model
         chosen = call.runtime.router.route(model, call.key, call.pinned)
         providers = chosen.providers
@@ -88,10 +105,13 @@ async def passthrough(call: Call) -> None:
     else:
         path = clip(call.scope["path"])
         raise NotFound(f"Cannot route {path}: the body has no 'model' field and there is no X-AI-Provider header.")
-    # A body here may be audio or an image: no prompt estimate, the reserve alone is held
-    # (of a money budget, at the output price).
+    plan = call.limits.passthrough
     wanted = (0, call.limits.reserve_tokens)
-    await _relay(call, call.limits.passthrough, wanted, providers, lambda _c: (body, False), "raw", price)
+    if plan is not None and plan.budgeted and payload is not None:
+        # A JSON body (the Responses API, images): its text bounds the prompt, its own cap the answer. Other
+        # bodies (audio, multipart) hold the reserve alone; their answers' usage is charged when it comes.
+        wanted = (prompt_bound(payload), _cap(payload, PASSTHROUGH_CAPS, call.limits.reserve_tokens))
+    await _relay(call, plan, wanted, providers, lambda _c: (body, False), "raw", price)
 
 
 async def _relay(
@@ -105,39 +125,40 @@ async def _relay(
 ) -> None:
     """Admit, relay, settle: everything after the admission is inside the one `finally` that settles it.
 
-    The record's cost stays 0 unless usage comes: only the attempt that answered reports it
-    (a failed one never does), a stream cut short reports what was delivered, and an upstream
-    error, a 429 or 402 of ours or a client gone before the answer bill nothing. Usage of a
-    model with no price leaves the cost unknown (None). `wanted` is what the request may use,
-    (prompt, completion) tokens: a token budget holds their sum, a money budget their cost.
+    Only the attempt whose answer went to the client reports it (a failed one never does): its usage
+    at its price, else its price per request, else the gateway's estimate (charges.py). An upstream
+    error, a 429 or 402 of ours or a client gone before the answer bill nothing. `wanted` is what the
+    request may use, (prompt, completion) tokens: a token budget holds their sum, a money budget the
+    most they can cost. A money budget never pays for what has no price: such a request is refused.
     """
     ex = call.ex
     record = ex.record
     attempts = [call.runtime.clients[p.name] for p in call.runtime.router.attempt_order(providers)]
+    if price is None and plan is not None and plan.money_scope is not None:
+        _refuse_unpriced(call, plan.money_scope, attempts)
     settlement = Settlement(call.limiter, call.limits)
 
-    def on_usage(usage: Usage) -> None:
-        record.prompt_tokens = usage.prompt_tokens
-        record.completion_tokens = usage.completion_tokens
-        record.total_tokens = usage.total_tokens
-        micros = 0
-        if price is not None:
-            record.cost = price.cost(usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens)
-            micros = price.micros(usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens)
-        else:
-            record.cost = None
-        settlement.settle(usage.total_tokens, micros)
+    def on_answer(status: int, usage: Usage | None, estimate: Usage | None) -> None:
+        charge = charge_for(price, status, usage, estimate)
+        record.usage_source = charge.source
+        record.cost = charge.cost
+        tokens = 0
+        if charge.usage is not None:
+            tokens = charge.usage.total_tokens
+            record.prompt_tokens = charge.usage.prompt_tokens
+            record.completion_tokens = charge.usage.completion_tokens
+            record.total_tokens = tokens
+        settlement.settle(tokens, charge.micros)
 
     # Watching from before admission: a client that leaves while Redis is slow is not sent upstream.
     watcher = DisconnectWatcher(call.receive)
     try:
         if plan is not None:
-            # Without a price a money budget holds nothing (check-config warns of such models).
-            hold_micros = price.micros(*wanted) if price is not None and plan.budgeted else 0
+            hold_micros = price.hold_micros(*wanted) if price is not None and plan.budgeted else 0
             ex.extra_headers += await settlement.admit(plan, sum(wanted), hold_micros)
         await relay(
             ex, call.sessions, attempts, call.scope["method"], call.path_and_query, call.scope["headers"],
-            body_for, kind, watcher, on_usage, len(call.body),
+            body_for, kind, watcher, on_answer, len(call.body),
         )  # fmt: skip
     except asyncio.CancelledError:
         if not watcher.disconnected:
@@ -149,6 +170,22 @@ async def _relay(
     finally:
         watcher.stop()
         settlement.close()
+
+
+def _refuse_unpriced(call: Call, payer: Scope, attempts: list[ProviderClient]) -> None:
+    """403 for a request a money budget would pay for without a price to charge it by, unless every
+    provider it may go to lets such requests through (unpriced_routes = "allow")."""
+    refusing = next((c.settings.name for c in attempts if c.settings.unpriced_routes == "refuse"), None)
+    if refusing is None:
+        return
+    model = call.ex.record.model
+    what = f"model {clip(model)!r}" if model is not None else "this request (it names no model)"
+    owner = "This API key's" if payer == "key" else "This key's group's"
+    raise RouteNotBillable(
+        f"{owner} budget is in money, and {clip(call.route)} for {what} has no price, so what it costs could not "
+        f"be charged. The gateway's operators can price it in [[prices]] (per million tokens, or per_request) "
+        f'or set unpriced_routes = "allow" on provider {refusing!r}.'
+    )
 
 
 class _BodyVariants:
@@ -186,27 +223,3 @@ class _BodyVariants:
                 body = orjson.dumps(payload)
             self._cache[inject] = body
         return body, inject
-
-
-def _json_object(body: bytes) -> dict[str, object]:
-    try:
-        payload = orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        raise InvalidRequest("The request body is not valid JSON.", code="invalid_json") from exc
-    if not isinstance(payload, dict):
-        raise InvalidRequest("Expected the request body to be a JSON object.")
-    return payload
-
-
-def _model_field(body: bytes) -> tuple[dict[str, object] | None, str | None]:
-    """A passthrough body's JSON object and its `model`, when it has them (it may be multipart, audio...)."""
-    if not body.lstrip().startswith(b"{"):
-        return None, None
-    try:
-        payload = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        return None, None
-    if not isinstance(payload, dict):
-        return None, None
-    model = payload.get("model")
-    return payload, model if isinstance(model, str) and model else None

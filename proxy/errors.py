@@ -148,3 +148,11 @@ class UpstreamTimeout(GatewayError):
     status = 504
     code = "upstream_timeout"
     type = "api_error"
+
+
+class RouteNotBillable(GatewayError):
+    """A money budget would pay for a request whose cost cannot be known: no price for what it asks."""
+
+    status = 403
+    code = "route_not_billable"
+    type = "permission_error"

@@ -1,4 +1,5 @@
-"""[[prices]]: what a model's tokens cost, per million, in the deployment's one currency.
+"""[[prices]]: what a model's tokens cost, per million, in the deployment's one currency, and what an
+answered request costs where its answer reports no usage (`per_request`).
 
 Compiled once per config (settings.py): exact names in a dict, globs in file
 order. A request looks its model up once, and its cost is worked out once from
@@ -30,6 +31,8 @@ class Price:
     input: float  # per million prompt tokens
     output: float  # per million completion tokens
     cached_input: float | None = None  # per million prompt tokens the provider served from its cache
+    per_request: float | None = None  # an answered request that reports no usage (speech, images) costs this
+    by_tokens: bool = True  # input and output were given; a per_request-only price counts no tokens
 
     def cost(self, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> float:
         """The cost of one answer's usage. Cached tokens are part of the prompt tokens, as OpenAI counts them."""
@@ -39,6 +42,15 @@ class Price:
         """The same cost in micro-units of the currency, as Redis counts spend: rounded up, so a budget
         is never undercounted (a price per million tokens times tokens is micro-units already)."""
         return math.ceil(round(self._per_million(prompt_tokens, completion_tokens, cached_tokens), MICRO_DIGITS))
+
+    def hold_micros(self, prompt_tokens: int, completion_tokens: int) -> int:
+        """The most one request may cost: its tokens at this price, or the price per request if larger."""
+        by_tokens = self.micros(prompt_tokens, completion_tokens) if self.by_tokens else 0
+        return max(by_tokens, self.request_micros())
+
+    def request_micros(self) -> int:
+        """per_request in micro-units, rounded up as micros() rounds."""
+        return math.ceil(round((self.per_request or 0.0) * PER_MILLION, MICRO_DIGITS))
 
     def _per_million(self, prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> float:
         cached = min(max(cached_tokens, 0), prompt_tokens)

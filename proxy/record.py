@@ -37,9 +37,10 @@ class RequestRecord:
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     total_tokens: int | None = None
-    # Nothing billed costs 0; usage with no price for its model, None. See endpoints.py.
+    # Nothing billed costs 0; usage with no price for its model, None. See charges.py.
     cost: float | None = 0.0
     currency: str | None = None  # the deployment's, from [[prices]]
+    usage_source: str = "none"  # where the charged tokens came from: "provider", "estimated" or "none"
     attempts: int = 0
     client_disconnected: bool = False
     ratelimit: tuple[str, str] | None = None  # (scope, limit) of a 429
@@ -77,6 +78,7 @@ class RequestRecord:
             "total_tokens": self.total_tokens,
             "cost": self.cost,
             "currency": self.currency,
+            "usage_source": self.usage_source,
             "attempts": self.attempts,
             "client_disconnected": self.client_disconnected,
         }

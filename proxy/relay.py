@@ -14,6 +14,7 @@ from starlette.types import Receive
 from .errors import GatewayError, Header, RequestTimeout, RequestTooLarge, UpstreamError
 from .exchange import Exchange
 from .record import RequestRecord
+from .scrub import NEWLINE
 from .upstream import (
     REASON_429,
     AttemptFailed,
@@ -26,10 +27,13 @@ from .upstream import (
     raise_for_status,
     response_headers,
 )
-from .usage import Inflater, StreamUsageScanner, Usage, usage_from_answer
+from .usage import PASSTHROUGH_TAIL_BYTES, Inflater, StreamUsageScanner, Usage, usage_from_answer
 
 Kind = Literal["json", "stream", "raw"]
 BodyFor = Callable[["ProviderClient"], tuple[bytes, bool]]
+# What the answer that went to the client reported: its status, the provider's usage (None when it gave
+# none) and the gateway's estimate for a 2xx answer without it (None where there is nothing to estimate).
+OnAnswer = Callable[[int, "Usage | None", "Usage | None"], None]
 STREAM_HEADERS: tuple[Header, ...] = (
     (b"content-type", b"text/event-stream"),
     (b"cache-control", b"no-cache"),
@@ -131,13 +135,14 @@ async def relay(
     body_for: BodyFor,
     kind: Kind,
     watcher: DisconnectWatcher,
-    on_usage: Callable[[Usage], None],
+    on_answer: OnAnswer,
     request_bytes: int,
 ) -> None:
     """Try each provider in order until one answers something to pass on.
 
     body_for(provider) gives the body to send and whether the gateway itself
     added include_usage (so the usage-only event is withheld from the client).
+    on_answer hears once from the attempt whose answer went to the client; failed attempts never report.
     """
     record = ex.record
     forwarded = forwarded_headers(client_headers, record.request_id)
@@ -155,11 +160,15 @@ async def relay(
             async with open_upstream(session, client, method, client.base_url + path_and_query, headers, body) as resp:
                 raise_for_status(resp.status, client.settings, last_attempt=final)
                 is_sse = resp.content_type == "text/event-stream"
-                if kind == "raw" or (is_sse and resp.status == 200 and kind == "stream"):
+                if kind == "raw":
+                    # Any shape, so a longer tail: a passthrough answer's usage may sit kilobytes from its end.
+                    scanner = StreamUsageScanner(False, PASSTHROUGH_TAIL_BYTES)
+                    await _forward_stream(ex, resp, client, watcher, scanner, on_answer, request_bytes)
+                elif is_sse and resp.status == 200 and kind == "stream":
                     scanner = StreamUsageScanner(injected)
-                    await _forward_stream(ex, resp, client, watcher, scanner, on_usage, request_bytes)
+                    await _forward_stream(ex, resp, client, watcher, scanner, on_answer, request_bytes)
                 else:
-                    await _forward_whole(ex, resp, client, watcher, on_usage)
+                    await _forward_whole(ex, resp, client, watcher, on_answer, request_bytes)
                 return
         except Retryable as exc:
             last = exc.error
@@ -172,20 +181,26 @@ async def _forward_whole(
     resp: aiohttp.ClientResponse,
     client: ProviderClient,
     watcher: DisconnectWatcher,
-    on_usage: Callable[[Usage], None],
+    on_answer: OnAnswer,
+    request_bytes: int,
 ) -> None:
     watch = IdleWatch(resp.content, client.settings.idle_timeout_s)
+    status = resp.status
     try:
         with client.read_errors:
             body = await resp.read()
-            usage = usage_from_answer(body, resp.headers.get("Content-Encoding")) if resp.status == 200 else None
+            usage = usage_from_answer(body, resp.headers.get("Content-Encoding")) if status == 200 else None
     finally:
         watch.stop()
     _count_refusal(ex.record, resp, client)
-    if usage is not None:
-        on_usage(usage)
+    # A JSON answer's completion is about its bytes / 4, if the provider did not say.
+    estimate = Usage.estimate(request_bytes, len(body) // 4) if usage is None and 200 <= status < 300 else None
+    on_answer(status, usage, estimate)
     watcher.stop()
-    await ex.respond(resp.status, response_headers(resp), body)
+    scrub = client.scrub
+    if scrub is not None and status >= 400:  # an error's text may quote the key; an answer's is the model's
+        body = scrub.whole(body)
+    await ex.respond(status, response_headers(resp, scrub), body)
 
 
 async def _forward_stream(
@@ -194,10 +209,10 @@ async def _forward_stream(
     client: ProviderClient,
     watcher: DisconnectWatcher,
     scanner: StreamUsageScanner,
-    on_usage: Callable[[Usage], None],
+    on_answer: OnAnswer,
     request_bytes: int,
 ) -> None:
-    headers = response_headers(resp)
+    headers = response_headers(resp, client.scrub)
     is_sse = resp.content_type == "text/event-stream"
     if is_sse:
         headers = [h for h in headers if h[0] not in STREAM_HEADER_NAMES]
@@ -207,11 +222,16 @@ async def _forward_stream(
     if inflater is not None:
         # Compressed bytes go out as they came: usage is read from a copy, nothing is withheld.
         scanner.strip_usage_event = False
-    await ex.start(resp.status, headers)
+    status = resp.status
+    await ex.start(status, headers)
     failure: GatewayError | None = None
     ex.active_streams.inc()
     send = ex.body_sender()
     record = ex.record
+    # An error body, or an event stream (where an error event may come): not an image's or audio's bytes.
+    scrub = client.scrub.stream() if client.scrub is not None and (status >= 400 or is_sse) else None
+    rare = scrub.rare if scrub is not None else NEWLINE
+    leaked = False  # the provider's key inside a compressed answer, where it cannot be replaced
     watch = IdleWatch(resp.content, client.settings.idle_timeout_s)
     try:
         with client.stream_errors:
@@ -219,8 +239,19 @@ async def _forward_stream(
                 watch.waiting = False  # until the chunk is out: a slow client is not an idle provider
                 if inflater is None:
                     out = scanner.feed(chunk)
+                    # StreamScrub.may_hold, written out: a call per chunk would cost more than the test.
+                    if (
+                        scrub is not None
+                        and out
+                        and (scrub.held or out[-1] != NEWLINE or (rare in out and scrub.within(out)))
+                    ):
+                        out = scrub.feed(out)
                 else:
-                    scanner.feed(inflater.feed(chunk))
+                    inflated = inflater.feed(chunk)
+                    scanner.feed(inflated)
+                    if scrub is not None and scrub.within(inflated):
+                        leaked = True
+                        break
                     out = chunk
                 if out:
                     if record.first_byte_at is None:
@@ -233,14 +264,22 @@ async def _forward_stream(
     finally:
         watch.stop()
         ex.active_streams.dec()
-        # Runs on a client disconnect too: a stream cut short still charges what is known.
-        if scanner.usage is not None:
-            on_usage(scanner.usage)
-        elif scanner.events and resp.status == 200:
-            on_usage(Usage.estimate(request_bytes, scanner.events))
+        # Runs on a client disconnect too: a stream cut short still charges what is known. An answer
+        # without usage is estimated: its prompt, and one token an event (none for a body that is not SSE).
+        estimate = None
+        if scanner.usage is None and 200 <= status < 300 and (scanner.events or not is_sse):
+            estimate = Usage.estimate(request_bytes, scanner.events)
+        on_answer(status, scanner.usage, estimate)
     watcher.stop()
+    if leaked:
+        ex.record.error = "upstream_error"
+        ex.cut()  # what is left of a compressed answer cannot be cleaned: the client sees it cut short
+        return
     if failure is None:
-        await ex.end(scanner.flush() if inflater is None else b"")
+        rest = scanner.flush() if inflater is None else b""
+        if scrub is not None:
+            rest = scrub.feed(rest) + scrub.flush()
+        await ex.end(rest)
         return
     ex.record.error = failure.code
     if not is_sse or inflater is not None:
@@ -253,7 +292,7 @@ async def _forward_stream(
     event["error"]["request_id"] = ex.record.request_id
     # Held bytes of an unfinished event are dropped; one cut off mid-way gets its end first,
     # or the error would be glued onto it and clients could not parse either.
-    fresh_line = b"\n\n" if scanner.mid_event else b""
+    fresh_line = b"\n\n" if scanner.mid_event or (scrub is not None and scrub.flush()) else b""
     await ex.end(fresh_line + b"data: " + orjson.dumps(event) + b"\n\n")
 
 

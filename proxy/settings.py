@@ -121,6 +121,9 @@ class ProviderSettings:
     first_byte_timeout_s: float = 120.0
     idle_timeout_s: float = 120.0
     stream_usage: bool = True
+    # A key or group with a money budget calling a route that cannot be priced (no [[prices]] for its model):
+    # "refuse" answers 403 route_not_billable; "allow" relays it, charged nothing.
+    unpriced_routes: Literal["refuse", "allow"] = "refuse"
     pool_connections: int = 4096  # open connections to this provider at most, per worker
     models_cache_s: float = 300.0  # a glob-only provider's own model list is fetched again after this
 
@@ -446,7 +449,7 @@ def _providers(
             {
                 "name", "base_url", "api_key_env", "models", "priority", "weight",
                 "connect_timeout_s", "first_byte_timeout_s", "idle_timeout_s", "stream_usage", "pool_connections",
-                "models_cache_s",
+                "models_cache_s", "unpriced_routes",
             }
         )  # fmt: skip
         name = r.text("name") or ""
@@ -493,6 +496,7 @@ def _providers(
                 first_byte_timeout_s=r.number("first_byte_timeout_s", 120.0, minimum=0.001),
                 idle_timeout_s=r.number("idle_timeout_s", 120.0, minimum=0.001),
                 stream_usage=r.boolean("stream_usage", True),
+                unpriced_routes=r.choice("unpriced_routes", "refuse", ("refuse", "allow")),
                 pool_connections=r.count("pool_connections", 4096, minimum=1) or 4096,
                 models_cache_s=r.number("models_cache_s", 300.0, minimum=0.1),
             )
@@ -590,7 +594,7 @@ def _prices(raw: Mapping[str, Any], problems: list[str]) -> Prices:
     seen: dict[str, str] = {}  # model -> where it is priced
     currency: tuple[str, str] | None = None  # the first one named, and where
     for r in _array_of_tables(raw, "prices", problems):
-        r.unknown({"model", "input", "output", "cached_input", "currency"})
+        r.unknown({"model", "input", "output", "cached_input", "per_request", "currency"})
         model = r.text("model") or ""
         if not model and isinstance(r.table.get("model", ""), str):
             problems.append(f"{r.where}.model: expected a model name or glob")
@@ -598,9 +602,13 @@ def _prices(raw: Mapping[str, Any], problems: list[str]) -> Prices:
             problems.append(f"{r.where}.model: {model!r} is priced already by {seen[model]}")
         else:
             seen[model] = r.where
-        for side in ("input", "output"):
+        per_request = r.amount("per_request")
+        by_tokens = "input" in r.table or "output" in r.table or per_request is None
+        for side in ("input", "output") if by_tokens else ():
             if side not in r.table:
-                problems.append(f"{r.where}.{side}: required (the price per million {side} tokens)")
+                neither = "input" not in r.table and "output" not in r.table
+                also = " (or only per_request, the price of an answered request)" if neither else ""
+                problems.append(f"{r.where}.{side}: required (the price per million {side} tokens){also}")
         code = r.text("currency")
         if code is not None and not CURRENCY_RE.match(code):
             problems.append(f"{r.where}.currency: expected a three-letter code such as USD, got {code!r}")
@@ -616,6 +624,8 @@ def _prices(raw: Mapping[str, Any], problems: list[str]) -> Prices:
                 input=r.number("input", 0.0),
                 output=r.number("output", 0.0),
                 cached_input=r.number("cached_input", 0.0) if "cached_input" in r.table else None,
+                per_request=per_request,
+                by_tokens=by_tokens,
             )
         )
     if not prices:
@@ -669,8 +679,8 @@ def unserved(settings: Settings) -> list[str]:
 
 def _unpriced_models(settings: Settings) -> list[str]:
     """Models a key with a money budget (its own or its group's) may use but that have no price: their
-    requests would spend nothing of it. Provider globs are checked as written ("deepseek-*" is priced by
-    a price for "deepseek-*" or a glob that matches that text)."""
+    requests are refused, or with unpriced_routes = "allow" spend nothing of it. Provider globs are checked
+    as written ("deepseek-*" is priced by a price for "deepseek-*" or a glob that matches that text)."""
     served = sorted({m for p in settings.providers for m in p.models} | set(settings.aliases))
     warnings: list[str] = []
     for key in settings.keys.values():
@@ -685,7 +695,8 @@ def _unpriced_models(settings: Settings) -> list[str]:
             shown = ", ".join(repr(m) for m in missing)
             warnings.append(
                 f"key {key.name!r} has a budget in money, but these models it may use have no [[prices]]: {shown}; "
-                "their requests spend nothing of it"
+                'their requests get 403 route_not_billable (with unpriced_routes = "allow" on their provider, '
+                "they spend nothing of it)"
             )
     return warnings
 

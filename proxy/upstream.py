@@ -13,6 +13,7 @@ import aiohttp
 from yarl import URL
 
 from .errors import Header, UpstreamAuthError, UpstreamError, UpstreamTimeout
+from .scrub import Scrubber
 from .settings import ProviderSettings
 from .usage import NotJson
 
@@ -127,6 +128,7 @@ class ProviderClient:
     settings: ProviderSettings
     base_url: str
     auth: dict[str, str]  # the provider's credential, added to every request
+    scrub: Scrubber | None  # ... and kept out of every answer
     timeout: aiohttp.ClientTimeout
     connect_errors: ErrorMap
     read_errors: ErrorMap
@@ -138,6 +140,7 @@ class ProviderClient:
             settings=provider,
             base_url=provider.base_url,
             auth={"Authorization": f"Bearer {provider.api_key}"} if provider.api_key else {},
+            scrub=Scrubber.of(provider.api_key),
             # aiohttp starts sock_read once the request is written: until the headers
             # are in it is the first-byte limit, then stop_read_timer() ends it (IdleWatch).
             # `connect` also bounds the wait for a free pooled connection.
@@ -223,9 +226,11 @@ def create_session(pool_connections: int) -> aiohttp.ClientSession:
     )
 
 
-def response_headers(resp: aiohttp.ClientResponse) -> list[Header]:
+def response_headers(resp: aiohttp.ClientResponse, scrub: Scrubber | None) -> list[Header]:
+    """The provider's headers fit to pass on: none about the connection, none of ours, none quoting its key."""
     headers = [(k.lower(), v) for k, v in resp.raw_headers]
-    return [(k, v) for k, v in headers if k not in RESPONSE_DROP]
+    kept = [(k, v) for k, v in headers if k not in RESPONSE_DROP]
+    return kept if scrub is None else scrub.headers(kept)
 
 
 def stop_read_timer(resp: aiohttp.ClientResponse) -> None:

@@ -28,6 +28,9 @@ USAGE_OBJECT = re.compile(rb'"usage"\s*:\s*\{')
 FINISHED = re.compile(rb'"finish_reason"\s*:\s*"')
 MAX_TAIL_BYTES = 1 << 20  # an event larger than this is not scanned
 TAIL_BYTES = 8 * 1024  # without stripping, usage is read from at least the last this many bytes
+# Of a passthrough answer (any shape: a Responses API object, an image's JSON, a stream): its usage
+# sits before the fields that close it, which may be kilobytes (a Responses object's metadata).
+PASSTHROUGH_TAIL_BYTES = 64 * 1024
 FULL_PARSE_BYTES = 64 * 1024  # non-stream answers up to this size are parsed whole
 INFLATE_LIMIT_BYTES = 16 << 20  # a compressed answer is inflated this far at most to read its usage
 INFLATABLE = frozenset({"gzip", "x-gzip", "deflate"})
@@ -42,29 +45,87 @@ class Usage:
 
     @classmethod
     def estimate(cls, request_bytes: int, content_events: int) -> Usage:
-        """For a stream cut short before its usage event: one token an event."""
+        """For an answer without usage: the prompt at about 4 bytes a token, one token an event."""
         prompt = prompt_estimate(request_bytes)
         return cls(prompt, content_events, prompt + content_events)
 
     @classmethod
     def from_json(cls, usage: Any) -> Usage | None:
+        """OpenAI's usage object in either of its shapes: chat, completions and embeddings count
+        prompt_tokens / completion_tokens, the Responses API (and image and audio answers) input_tokens /
+        output_tokens. None when it holds no token count at all (an audio answer's {"seconds": 12})."""
         if not isinstance(usage, dict):
             return None
-        prompt = _int(usage.get("prompt_tokens"))
-        completion = _int(usage.get("completion_tokens"))
-        total = _int(usage.get("total_tokens")) or prompt + completion
-        details = usage.get("prompt_tokens_details")
+        if "input_tokens" in usage or "output_tokens" in usage:
+            prompt, completion = usage.get("input_tokens"), usage.get("output_tokens")
+            details = usage.get("input_tokens_details")
+        else:
+            prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
+            details = usage.get("prompt_tokens_details")
+        total = usage.get("total_tokens")
+        # Written out, not in a loop over the three: this runs for every answer. -1: not a count (bools neither).
+        prompt = prompt if type(prompt) is int and prompt >= 0 else -1
+        completion = completion if type(completion) is int and completion >= 0 else -1
+        total = total if type(total) is int and total >= 0 else -1
+        if prompt < 0 and completion < 0 and total < 0:
+            return None
+        prompt, completion = max(prompt, 0), max(completion, 0)
         cached = _int(details.get("cached_tokens")) if isinstance(details, dict) else 0
-        return cls(prompt, completion, total, cached)
+        # A total below its parts is not believed: a budget is charged at least the parts.
+        return cls(prompt, completion, max(total, prompt + completion), cached)
 
 
 def prompt_estimate(request_bytes: int) -> int:
-    """Prompt tokens of a request without reading it: about 4 bytes a token."""
+    """Prompt tokens of a request without reading it: about 4 bytes a token. What is charged when a provider
+    reports no usage; never what is held (see prompt_bound)."""
     return max(1, request_bytes // 4)
 
 
+# What a provider adds around each message, content part or tool beyond their text: OpenAI's chat
+# format puts 3-4 special tokens around a message and renders a tool's schema with a few words of
+# syntax per parameter. Counted per JSON object or array of the body, which is at least that often.
+STRUCTURE_TOKENS = 4
+BASE_TOKENS = 16  # the tokens that start the answer, and slack
+
+
+def prompt_bound(payload: Any) -> int:
+    """An upper bound of the prompt tokens any provider's tokenizer can count for this body.
+
+    Every token is at least one byte of UTF-8 text, so the bytes of the text bound the tokens made
+    of it: every string of the body counts (keys too, since a tool's parameter names are rendered
+    into the prompt; the few that are settings, such as "model", only add slack), numbers as their
+    digits, and each object or array STRUCTURE_TOKENS. Not an average (bytes / 4 is one for English
+    and too low for code, CJK or emoji): what a budget holds must cover what the answer can cost.
+    Images and audio given by URL are the exception: their tokens come from pixels and seconds.
+    """
+    total = BASE_TOKENS
+    stack = [payload]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, str):
+            total += len(value) if value.isascii() else len(value.encode())
+        elif isinstance(value, dict):
+            total += STRUCTURE_TOKENS
+            for key, item in value.items():
+                total += len(key) if key.isascii() else len(key.encode())
+                if isinstance(item, str):  # most values: no trip through the stack
+                    total += len(item) if item.isascii() else len(item.encode())
+                else:
+                    stack.append(item)
+        elif isinstance(value, list):
+            total += STRUCTURE_TOKENS
+            stack.extend(value)
+        elif value is not None:
+            total += len(str(value))
+    return total
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 def _int(value: Any) -> int:
-    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
+    return value if _is_count(value) else 0
 
 
 class NotJson(ValueError):
@@ -190,8 +251,9 @@ class StreamUsageScanner:
     count and an append: at thousands of chunks a second the scan was a few points of a core.
     """
 
-    def __init__(self, strip_usage_event: bool) -> None:
+    def __init__(self, strip_usage_event: bool, tail_bytes: int = TAIL_BYTES) -> None:
         self.strip_usage_event = strip_usage_event
+        self.tail_limit = tail_bytes
         self._usage: Usage | None = None
         self.events = 0  # data: lines seen, for an estimate when no usage arrives
         self._pending = b""  # the unfinished event at the end of what came so far
@@ -230,7 +292,7 @@ class StreamUsageScanner:
                 tail = self._tail
                 tail.append(chunk)
                 self._tail_bytes += len(chunk)
-                while self._tail_bytes - len(tail[0]) >= TAIL_BYTES:
+                while self._tail_bytes - len(tail[0]) >= self.tail_limit:
                     self._tail_bytes -= len(tail.popleft())
                 self._tail_read = False
             return chunk
@@ -293,18 +355,23 @@ class StreamUsageScanner:
 
 
 def _last_usage(tail: bytes) -> Usage | None:
-    """The last usage object among the whole events of a stream's tail, looked for from the end.
+    """The last whole usage object in a stream's or an answer's tail, looked for from the end.
 
-    The tail may begin inside an event: that part does not parse, and is skipped.
+    Read as an object, wherever it sits: at the top of a chat chunk, inside the `response` of a
+    Responses API `response.completed` event (an event that repeats the whole answer, so its start
+    may be long gone from the tail), at the end of a JSON answer. One cut off at the end is skipped.
     """
-    end = _last_event_end(tail)
-    at = tail.rfind(USAGE_MARK, 0, end)
+    at = tail.rfind(USAGE_MARK)
     while at >= 0:
-        if USAGE_OBJECT.match(tail, at):
-            stop = EVENT_END.search(tail, at, end)
-            payload = _event_json(tail[_last_event_end(tail, at) : stop.end() if stop is not None else end])
-            if isinstance(payload, dict):
-                usage = Usage.from_json(payload.get("usage"))
+        found = USAGE_OBJECT.match(tail, at)
+        if found is not None:
+            start = found.end() - 1
+            end = _object_end(tail, start)
+            if end > 0:
+                try:
+                    usage = Usage.from_json(orjson.loads(tail[start:end]))
+                except orjson.JSONDecodeError:
+                    usage = None
                 if usage is not None:
                     return usage
         at = tail.rfind(USAGE_MARK, 0, at)

@@ -305,7 +305,8 @@ def test_check_config_flags_a_model_a_money_budget_may_use_without_a_price(tmp_p
     assert out.returncode == 0, out.stderr
     assert out.stderr == (
         "warning: key 'm' has a budget in money, but these models it may use have no [[prices]]: 'free-chat'; "
-        "their requests spend nothing of it\n"
+        'their requests get 403 route_not_billable (with unpriced_routes = "allow" on their provider, '
+        "they spend nothing of it)\n"
     )
 
 

@@ -28,6 +28,7 @@ import pytest
 import redis
 
 from proxy.auth import key_digest, new_key
+from proxy.usage import prompt_bound
 from tests.conftest import Mocks, Proc, RedisServer, free_port, send_raw, start_gateway
 
 ELEVEN_WORDS = "one two three four five six seven eight nine ten eleven"
@@ -207,18 +208,18 @@ async def test_thirty_concurrent_requests_over_two_processes_stay_within_the_bud
 async def test_a_small_reserve_admits_several_at_once_and_the_holds_cap_them(
     budgets_factory: Callable[..., Budgets],
 ) -> None:
-    """reserve_tokens = 4: each request holds its prompt estimate + 4 and overruns it when it is answered.
+    """reserve_tokens = 4: each request holds its prompt's bound + 4 and overruns it when it is answered.
 
     Requests in flight together each add their own excess, so spent can pass the
     budget by more than one answer's excess here; what the holds bound is how
     many get in.
     """
     budgets = budgets_factory({"b300": "budget_tokens = 300"}, "[limits]\nreserve_tokens = 4\n")
-    hold = len(CHAT_BYTES) // 4 + 4
-    usage = 11 + 40
+    hold = prompt_bound(CHAT) + 4
+    usage = 11 + 200
     assert hold < usage
     # Answers wait half a second, so the whole burst meets holds still outstanding.
-    results = await burst(budgets, "b300", 30, **{"x-mock-chunks": "40", "x-mock-ttfb-ms": "500"})
+    results = await burst(budgets, "b300", 30, **{"x-mock-chunks": "200", "x-mock-ttfb-ms": "500"})
     for status, headers, body in results:
         assert status in (200, 402, 429), (status, body)
         if status == 429:
@@ -315,7 +316,7 @@ def test_every_way_an_answer_ends_settles_its_hold_once(budgets_factory: Callabl
         with httpx.stream("POST", budgets.url(), content=orjson.dumps(capped), headers=headers, timeout=15) as resp:
             chunks = resp.iter_raw()
             next(chunks)
-            assert budgets.held("big") == len(orjson.dumps(capped)) // 4 + 7
+            assert budgets.held("big") == prompt_bound(capped) + 7
             for _ in chunks:
                 pass
 
@@ -326,7 +327,7 @@ def test_every_way_an_answer_ends_settles_its_hold_once(budgets_factory: Callabl
     before = budgets.spent("big")
     sock = send_raw(port, stream_body, {**budgets.auth("big"), "x-mock-chunks": "200", "x-mock-chunk-delay-ms": "50"})
     read_until(sock, b"tok", 3)
-    assert budgets.held("big") == estimate + 1024
+    assert budgets.held("big") == prompt_bound(stream_body) + 1024
     sock.close()
     budgets.settled("big")
     assert estimate + 3 <= budgets.spent("big") - before <= estimate + 200 + 2
@@ -354,13 +355,15 @@ def test_every_way_an_answer_ends_settles_its_hold_once(budgets_factory: Callabl
         with ThreadPoolExecutor(1) as pool:
             answer = pool.submit(budgets.post, "big", embed, 0, "/embeddings", **{"x-mock-ttfb-ms": "1000"})
             wait_for(lambda: budgets.held("big") > 0)
-            assert budgets.held("big") == len(orjson.dumps(embed)) // 4
+            assert budgets.held("big") == prompt_bound(embed)
             assert answer.result().status_code == 200
 
     moved(3, embeddings)
 
-    # Passthrough holds the reserve; an answer without usage releases it whole.
-    moved(0, lambda: budgets.post("big", {"model": "mock-chat", "input": "hi"}, 0, "/responses").raise_for_status())
+    # Passthrough holds its bound and the reserve; an answer without usage is charged the estimate of its
+    # prompt (bytes / 4), and the rest of the hold is released.
+    echo = {"model": "mock-chat", "input": "hi"}
+    moved(len(orjson.dumps(echo)) // 4, lambda: budgets.post("big", echo, 0, "/responses").raise_for_status())
 
 
 def test_a_killed_worker_leaks_its_hold_only_until_it_expires(budgets_factory: Callable[..., Budgets]) -> None:

@@ -26,7 +26,7 @@ CHAT: dict[str, Any] = {"model": "mock-chat", "messages": [{"role": "user", "con
 EVENT_FIELDS = [
     "ts", "request_id", "key", "key_name", "group", "route", "method", "model", "provider", "upstream_model",
     "stream", "status", "error", "latency_ms", "latency_bucket", "ttfb_ms", "prompt_tokens", "completion_tokens",
-    "total_tokens", "cost", "currency", "attempts", "client_disconnected",
+    "total_tokens", "cost", "currency", "usage_source", "attempts", "client_disconnected",
 ]  # fmt: skip
 
 
@@ -259,6 +259,7 @@ def test_event_records_fields_and_types(obs: Observed) -> None:
     assert (event["model"], event["provider"], event["upstream_model"]) == ("mock-chat", "alpha", "mock-chat")
     assert (event["stream"], event["status"], event["error"], event["attempts"]) == (False, 200, None, 1)
     assert (event["prompt_tokens"], event["completion_tokens"], event["total_tokens"]) == (2, 6, 8)
+    assert event["usage_source"] == "provider"
     assert isinstance(event["latency_ms"], float) and isinstance(event["ttfb_ms"], float)
     assert event["client_disconnected"] is False
     seconds = event["latency_ms"] / 1000

@@ -600,15 +600,20 @@ def test_a_model_a_money_budget_may_use_without_a_price_is_flagged() -> None:
     assert settings.warnings == (
         # Its own exact name, that the provider's glob serves; not the glob itself, which it may not use.
         "key 'narrow' has a budget in money, but these models it may use have no [[prices]]: 'deepseek-chat'; "
-        "their requests spend nothing of it",
+        'their requests get 403 route_not_billable (with unpriced_routes = "allow" on their provider, '
+        "they spend nothing of it)",
         "key 'member' has a budget in money, but these models it may use have no [[prices]]: 'other'; "
-        "their requests spend nothing of it",
+        'their requests get 403 route_not_billable (with unpriced_routes = "allow" on their provider, '
+        "they spend nothing of it)",
     )
     priced = {**raw, "prices": [*raw["prices"], {"model": "deepseek-*", "input": 1, "output": 2}]}
     assert (
         parse_settings(priced, env={})
         .warnings[0]
-        .endswith("no [[prices]]: 'other'; their requests spend nothing of it")
+        .endswith(
+            "no [[prices]]: 'other'; their requests get 403 route_not_billable (with unpriced_routes = "
+            '"allow" on their provider, they spend nothing of it)'
+        )
     )
 
 

@@ -326,9 +326,19 @@ def test_crlf_event_ends(strip: bool) -> None:
         ({"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}, Usage(3, 4, 7)),
         ({"prompt_tokens": 3, "completion_tokens": 4}, Usage(3, 4, 7)),
         ({"prompt_tokens": 8, "total_tokens": 8}, Usage(8, 0, 8)),
-        ({"prompt_tokens": True, "completion_tokens": -2, "total_tokens": "9"}, Usage(0, 0, 0)),
+        # No token count in it at all: not usage (so a price per request applies, not a cost of 0).
+        ({"prompt_tokens": True, "completion_tokens": -2, "total_tokens": "9"}, None),
         ({"prompt_tokens": 1.5, "completion_tokens": 2}, Usage(0, 2, 2)),
-        ({}, Usage(0, 0, 0)),
+        ({}, None),
+        ({"type": "duration", "seconds": 12}, None),
+        # The Responses API's shape (and images', audio's): input and output tokens.
+        (
+            {"input_tokens": 9, "input_tokens_details": {"cached_tokens": 4}, "output_tokens": 5, "total_tokens": 14},
+            Usage(9, 5, 14, cached_tokens=4),
+        ),
+        ({"type": "tokens", "input_tokens": 7, "output_tokens": 2}, Usage(7, 2, 9)),
+        # A total below its parts is not believed.
+        ({"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 3}, Usage(10, 5, 15)),
         (None, None),
         ("12", None),
         ([1, 2], None),
