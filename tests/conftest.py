@@ -22,6 +22,7 @@ import pytest
 import redis
 
 from proxy.auth import key_digest, new_key
+from tests.hostile_upstream import Hostile, start_hostile
 
 START_TIMEOUT_S = 15.0
 ROOT = Path(__file__).resolve().parent.parent
@@ -273,6 +274,21 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
         yield server
     finally:
         server.stop()
+
+
+# The hostile upstream's own key (tests/hostile_upstream.py), shaped like OpenAI's keys. A constant: pytest
+# loads this file as `conftest`, and tests import it again as `tests.conftest`.
+HOSTILE_KEY = "sk-hostile-Qz7vR2tXpLm9KzN4wYb8HcJ3sFd6Ga1UeT5oWq0iBn4Mx8Ck"
+
+
+@pytest.fixture(scope="session")
+def hostile(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hostile]:
+    """An upstream that reports usage on every route and quotes HOSTILE_KEY wherever it can."""
+    upstream = start_hostile(tmp_path_factory.mktemp("hostile"), HOSTILE_KEY)
+    try:
+        yield upstream
+    finally:
+        upstream.stop()
 
 
 @dataclass

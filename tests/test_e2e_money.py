@@ -30,11 +30,13 @@ from hypothesis import strategies as st
 
 from proxy.auth import key_digest, new_key
 from proxy.usage import prompt_bound
-from tests.conftest import Mocks, Proc, RedisServer, event_records, free_port, start_gateway
-from tests.hostile_upstream import Hostile, start_hostile
+from tests.conftest import HOSTILE_KEY, Mocks, Proc, RedisServer, event_records, free_port, start_gateway
+from tests.hostile_upstream import Hostile
 
 PER_TOKEN_MICROS = 100_000  # $0.10
-PROVIDER_KEY = "sk-hostile-" + new_key()[3:]
+# For exact counts on a loaded machine: a Redis call that outlasts its timeout is refused, never let through.
+EXACT = '[redis]\non_error = "deny"\ntimeout_s = 2\n'
+PROVIDER_KEY = HOSTILE_KEY
 SPEECH_PRICE = 0.5
 
 
@@ -132,15 +134,6 @@ def micros(cost: float | None) -> int:
 
 
 @pytest.fixture(scope="module")
-def hostile(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hostile]:
-    upstream = start_hostile(tmp_path_factory.mktemp("hostile"), PROVIDER_KEY)
-    try:
-        yield upstream
-    finally:
-        upstream.stop()
-
-
-@pytest.fixture(scope="module")
 def money_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
     server = RedisServer(free_port(), tmp_path_factory.mktemp("money-redis") / "redis.log").start()
     try:
@@ -186,7 +179,7 @@ RESPONSES_BODY = {"model": "h-1", "input": "x" * 5990, "max_output_tokens": 10} 
 
 def test_the_responses_api_is_charged_from_its_usage(money_factory: Callable[..., Money]) -> None:
     """The reported case: five /v1/responses calls of $600 each on a $10 key all got 200 and spent $0."""
-    money = money_factory({"ten": "budget = 10"})
+    money = money_factory({"ten": "budget = 10"}, EXACT)
     statuses = [money.post("ten", "/responses", RESPONSES_BODY).status_code for _ in range(5)]
     money.at_rest("ten")
     assert statuses == [200, 402, 402, 402, 402]
@@ -323,7 +316,7 @@ async def test_fifty_concurrent_prompts_never_overspend(
     """The reported case: 50 requests of "a " x 500 with max_tokens = 1 on a $1,000 budget held bytes / 4 each
     (267 tokens) and cost 500 or more: 37 got in and spent $1,853.70. The hold is now an upper bound of any
     tokenizer's count, so at most one request (the last, whose hold was cut to what was left) can go over."""
-    money = money_factory({"k": "budget = 1000"}, processes=processes)
+    money = money_factory({"k": "budget = 1000"}, EXACT, processes=processes)
     body = {"model": "h-1", "messages": [{"role": "user", "content": text}], "max_tokens": 1}
     raw = orjson.dumps(body)
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:

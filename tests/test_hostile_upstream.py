@@ -11,20 +11,11 @@ import httpx
 import orjson
 import pytest
 
+from tests.conftest import HOSTILE_KEY as KEY
 from tests.hostile_upstream import Hostile, start_hostile
 
-KEY = "sk-hostile-0123456789abcdef"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
-
-
-@pytest.fixture(scope="module")
-def hostile(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hostile]:
-    server = start_hostile(tmp_path_factory.mktemp("hostile"), KEY)
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="module")
