@@ -139,6 +139,9 @@ async def _relay(
     settlement = Settlement(call.limiter, call.limits)
 
     def on_answer(status: int, usage: Usage | None, estimate: Usage | None) -> None:
+        if estimate is not None and call.route == "/embeddings":
+            # The relay estimates a JSON answer's completion by its size; an embedding's vectors are no completion.
+            estimate = Usage(estimate.prompt_tokens, 0, estimate.prompt_tokens)
         charge = charge_for(price, status, usage, estimate)
         record.usage_source = charge.source
         record.cost = charge.cost

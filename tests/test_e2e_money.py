@@ -225,13 +225,18 @@ def test_an_answer_without_usage_is_charged_its_price_per_request_or_the_estimat
     assert speech.status_code == 200
     body = {"model": "h-1", "input": "no usage here"}
     assert money.post("k", "/responses", body, **no_usage).status_code == 200
+    embed = {"model": "h-embed", "input": ["x" * 300] * 4}
+    assert money.post("k", "/embeddings", embed, **no_usage).status_code == 200
     money.at_rest("k")
-    speech_record, estimated = money.records("k")
+    speech_record, estimated, embedded = money.records("k")
     assert (speech_record["usage_source"], speech_record["cost"]) == ("none", SPEECH_PRICE)
     # No usage and no price per request: the prompt at bytes / 4 is charged, and the record says so.
     estimate = len(orjson.dumps(body)) // 4
     assert (estimated["usage_source"], estimated["prompt_tokens"]) == ("estimated", estimate)
-    assert money.spent("k") == micros(SPEECH_PRICE) + estimate * PER_TOKEN_MICROS
+    # An embedding's vectors are no completion: its estimate is its input alone.
+    embed_estimate = len(orjson.dumps(embed)) // 4
+    assert (embedded["usage_source"], embedded["total_tokens"]) == ("estimated", embed_estimate)
+    assert money.spent("k") == micros(SPEECH_PRICE) + (estimate + embed_estimate) * PER_TOKEN_MICROS
 
 
 def test_a_money_budget_never_pays_for_a_route_without_a_price(money_factory: Callable[..., Money]) -> None:
