@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections import Counter
 
 import orjson
 
@@ -55,15 +56,20 @@ def maybe_json_object(body: bytes) -> dict[str, object] | None:
 
 def refuse_duplicates(body: bytes, payload: dict[str, object]) -> None:
     """400 when a key the gateway reads is at the top level twice. `payload` is what orjson read of `body`."""
-    if orjson.dumps(payload) == body:
-        return  # the object written back is the body: nothing in it was dropped (a quarter of the search's cost)
+    try:
+        if orjson.dumps(payload) == body:
+            return  # the object written back is the body: nothing in it was dropped (a quarter of the search's cost)
+    except orjson.JSONEncodeError:
+        pass  # nested deeper than orjson writes (255): the search below still looks
     found = _AS_KEYS.findall(body)
     # A backslash is one memchr to look for (an int: `bytes in bytes` costs five times as much even for
     # one byte); most bodies have none, or no escaped letter.
     if len(set(found)) == len(found) and not (BACKSLASH in body and _ESCAPED_LETTER.search(body)):
         return
     # A name twice as a key, at some depth (a tool's parameter may be called "model"): look properly.
-    twice = sorted(_top_level_duplicates(body) & set(READ_KEYS))
+    # A body too deep for that look is taken at its word: each read key found twice is refused.
+    top = _top_level_duplicates(body)
+    twice = sorted((top if top is not None else {name.decode() for name in found}) & set(READ_KEYS))
     if twice:
         name = twice[0]
         raise InvalidRequest(
@@ -73,8 +79,9 @@ def refuse_duplicates(body: bytes, payload: dict[str, object]) -> None:
         )
 
 
-def _top_level_duplicates(body: bytes) -> set[str]:
-    """The keys that appear more than once in the top-level object (the rare, careful look)."""
+def _top_level_duplicates(body: bytes) -> set[str] | None:
+    """The keys that appear more than once in the top-level object (the rare, careful look); None for a
+    body the standard library's parser cannot read (nested deeper than its recursion limit)."""
     top: list[list[tuple[str, object]]] = []
 
     def pairs(items: list[tuple[str, object]]) -> dict[str, object]:
@@ -84,7 +91,7 @@ def _top_level_duplicates(body: bytes) -> set[str]:
 
     try:
         json.loads(body, object_pairs_hook=pairs)
-    except ValueError:  # orjson took it; the standard library may be stricter somewhere
-        return set()
-    names = [name for name, _ in top[-1]]
-    return {name for name in names if names.count(name) > 1}
+    except (ValueError, RecursionError):  # orjson took it; the standard library is stricter on depth
+        return None
+    counts = Counter(name for name, _ in top[-1])
+    return {name for name, count in counts.items() if count > 1}

@@ -33,7 +33,9 @@ def charge_for(price: Price | None, status: int, usage: Usage | None, estimate: 
         if price is None:
             return Charge(usage, "provider", None, 0)
         if price.by_tokens:
-            prompt, completion, cached = usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens
+            prompt, cached = usage.prompt_tokens, usage.cached_tokens
+            # Tokens the total counts beyond its parts are not left out: they are charged as completion.
+            completion = max(usage.completion_tokens, usage.total_tokens - prompt)
             return Charge(
                 usage, "provider", price.cost(prompt, completion, cached), price.micros(prompt, completion, cached)
             )

@@ -102,18 +102,15 @@ class _EnvelopeH11Protocol(H11Protocol):
         await self._send_h11_event(h11.EndOfMessage())
 
 
-def _check_error_response() -> None:
-    """hypercorn 0.18 answers a request its parser refuses through this method. Renamed, it would be
-    overridden in vain and every such answer go out bare again without a sound: so the import fails."""
+def _error_response_hook() -> bool:
+    """Whether hypercorn answers a request its parser refuses through the method overridden above (0.18's
+    H11Protocol._send_error_response(self, status_code)). Without it those answers stay hypercorn's own,
+    bare: the listener says so once at start-up, and serves on."""
     method = getattr(H11Protocol, "_send_error_response", None)
-    if method is None or list(inspect.signature(method).parameters) != ["self", "status_code"]:
-        raise RuntimeError(
-            "hypercorn's H11Protocol has no _send_error_response(self, status_code): "
-            "proxy/connections.py needs the hypercorn version pinned in pyproject.toml"
-        )
+    return method is not None and list(inspect.signature(method).parameters) == ["self", "status_code"]
 
 
-_check_error_response()
+ENVELOPE_FOR_REFUSED_HEADS = _error_response_hook()
 
 
 class _Connection(TCPServer):
@@ -139,7 +136,7 @@ class _Connection(TCPServer):
         # a protocol built anew would repeat ProtocolWrapper's construction and its choice of HTTP
         # version. A ProtocolWrapper without `protocol` fails here, on the first connection.
         protocol = self.protocol.protocol
-        if type(protocol) is H11Protocol:
+        if ENVELOPE_FOR_REFUSED_HEADS and type(protocol) is H11Protocol:
             protocol.__class__ = _EnvelopeH11Protocol
         await super()._read_data()
         # The client is gone. hypercorn would keep the idle timer, and with it this task and
@@ -186,6 +183,11 @@ class Listener:
 
     def start(self, sockets: list[socket.socket]) -> None:
         _raise_fd_limit(self.max_connections * FDS_PER_CONNECTION + FDS_SPARE)
+        if not ENVELOPE_FOR_REFUSED_HEADS:
+            log.warning(
+                "this hypercorn has no H11Protocol._send_error_response(self, status_code): requests its "
+                "parser refuses get its bare answers, not the error envelope (pin hypercorn as pyproject.toml does)"
+            )
         for sock in sockets:
             sock.setblocking(False)
             sock.listen(self.backlog)

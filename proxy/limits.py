@@ -48,6 +48,9 @@ RELEASED = -3  # token_bucket.lua's verdict for an admission that arrived after 
 # after its settle, within this long does nothing. Both follow a Redis stall by seconds, not minutes.
 SETTLED_MEMORY_S = 120.0
 OWED_LIMIT = 100_000  # settles kept for when Redis answers again; past this the oldest are given up
+# Error replies that mean the call itself is wrong (a script error): sending it again would never help.
+# Others (LOADING after a restart, BUSY, OOM, MASTERDOWN, READONLY in a failover) pass.
+PERMANENT_ERRORS = ("ERR", "WRONGTYPE")
 REPAY_EVERY_S = 0.5  # how often owed settles are tried while Redis does not answer
 MICROS = 1_000_000  # money is counted in micro-units of the currency, as integers, to stay exact
 MAX_TRIES = 4  # one script load, one redirection, TRYAGAINs of a slot half-way through a migration
@@ -402,7 +405,9 @@ class Limiter:
         self._owed: deque[tuple[Prepared, tuple[Any, ...]]] = deque()
         self._repaying: asyncio.Task[None] | None = None
         self.given_up = 0  # owed settles dropped: past OWED_LIMIT, refused by Redis, or still owed at close
+        self._log_lost_at = 1
         self._on_lost = on_lost
+        self._closed = False
 
     @property
     def owed(self) -> int:
@@ -412,8 +417,10 @@ class Limiter:
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
         if self._repaying is not None:
-            self._repaying.cancel()
-            self._repaying = None
+            repaying, self._repaying = self._repaying, None
+            repaying.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await repaying  # its batch back in the queue before the last try below
         if self._owed:
             # One last try, bounded: a worker that stops with Redis away cannot wait for it.
             with contextlib.suppress(TimeoutError, LimiterFailure):
@@ -423,6 +430,7 @@ class Limiter:
                 self._lose(len(self._owed))
                 log.error("stopping with %d settles Redis never took: their spend and holds are lost", len(self._owed))
                 self._owed.clear()
+        self._closed = True
         await self.pipes.close()
         await self.clients.close()
 
@@ -432,11 +440,15 @@ class Limiter:
         Safe only for a settle that cannot count twice: one with a hold id (charge.lua remembers
         the ids it settled), or one that was never sent. The oldest go first past OWED_LIMIT.
         """
+        if self._closed:  # the pipes' last calls, failed as they close: nobody is left to send them
+            self._lose(1)
+            return
         self._owed.append((call, more))
         if len(self._owed) > OWED_LIMIT:
             self._owed.popleft()
             self._lose(1)
-            if self.given_up % 1000 == 1:
+            if self.given_up >= self._log_lost_at:
+                self._log_lost_at = self.given_up + 1000
                 log.error("%d settles given up: Redis has been away too long to keep them all", self.given_up)
         if self._repaying is None:
             self._repaying = asyncio.create_task(self._repay())
@@ -473,16 +485,20 @@ class Limiter:
             size = 1000
 
     def _settle_replies(self, batch: list[tuple[Prepared, tuple[Any, ...]]], replies: list[Any]) -> None:
-        """Keep what Redis did not take, and stop; drop what it refused as a command (it never will take it)."""
+        """Keep what Redis did not take, and stop. Given up: what Redis refused for good (a script error),
+        and what may have run without a hold id to stop it counting twice (it was sent: not a CircuitOpen)."""
         again = []
         for entry, reply in zip(batch, replies, strict=True):
             if not isinstance(reply, BaseException):
                 continue
-            if isinstance(reply, LimiterFailure) and isinstance(reply.__cause__, ResponseError):
-                log.error("an owed settle was refused by Redis and is dropped: %s", failure_name(reply.__cause__))
+            cause = reply.__cause__ if isinstance(reply, LimiterFailure) else reply
+            if isinstance(cause, ResponseError) and str(cause).startswith(PERMANENT_ERRORS):
+                log.error("an owed settle was refused by Redis and is given up: %s", failure_name(cause))
                 self._lose(1)
+            elif not _hold_id(entry[1]) and not isinstance(reply, CircuitOpen):
+                self._lose(1)  # it may have run: sent again, it could count twice
             else:
-                again.append(entry)
+                again.append(entry)  # LOADING, BUSY, a timeout...: Redis will take it later
         if again:
             self._owed.extendleft(reversed(again))
             raise LimiterFailure("Redis stopped answering while owed settles were sent")
@@ -731,7 +747,9 @@ class Settlement:
         held = self._held != self._limits.nothing_held
         if held or tokens > 0 or micros > 0:
             self._sent = True
-            self._limiter.settle_soon(self._limits, self._hold_id if held else "", self._held, tokens, micros)
+            # The hold id goes even with nothing held (admitted unchecked while Redis was away): it is what
+            # makes the settle count once if it has to be sent again.
+            self._limiter.settle_soon(self._limits, self._hold_id, self._held, tokens, micros)
 
     def close(self) -> None:
         """In the request's one `finally`: settle with nothing billed if no usage came."""

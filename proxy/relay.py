@@ -14,7 +14,7 @@ from starlette.types import Receive
 from .errors import GatewayError, Header, RequestTimeout, RequestTooLarge, UpstreamError
 from .exchange import Exchange
 from .record import RequestRecord
-from .scrub import NEWLINE
+from .scrub import NEWLINE, Scrubber
 from .upstream import (
     REASON_429,
     AttemptFailed,
@@ -160,9 +160,10 @@ async def relay(
             async with open_upstream(session, client, method, client.base_url + path_and_query, headers, body) as resp:
                 raise_for_status(resp.status, client.settings, last_attempt=final)
                 is_sse = resp.content_type == "text/event-stream"
-                if kind == "raw":
+                if kind == "raw" and (resp.status < 400 or is_sse):
                     # Any shape, so a longer tail: a passthrough answer's usage may sit kilobytes from its end.
-                    scanner = StreamUsageScanner(False, PASSTHROUGH_TAIL_BYTES)
+                    # (An error is read whole, as on the model routes: so its text can be cleaned of our key.)
+                    scanner = StreamUsageScanner(False, PASSTHROUGH_TAIL_BYTES, sse=is_sse)
                     await _forward_stream(ex, resp, client, watcher, scanner, on_answer, request_bytes)
                 elif is_sse and resp.status == 200 and kind == "stream":
                     scanner = StreamUsageScanner(injected)
@@ -198,9 +199,24 @@ async def _forward_whole(
     on_answer(status, usage, estimate)
     watcher.stop()
     scrub = client.scrub
+    headers = response_headers(resp, scrub)
     if scrub is not None and status >= 400:  # an error's text may quote the key; an answer's is the model's
-        body = scrub.whole(body)
-    await ex.respond(status, response_headers(resp, scrub), body)
+        body, headers = _scrub_error(scrub, body, headers, resp.headers.get("Content-Encoding"))
+    await ex.respond(status, headers, body)
+
+
+def _scrub_error(
+    scrub: Scrubber, body: bytes, headers: list[Header], encoding: str | None
+) -> tuple[bytes, list[Header]]:
+    """An error body without the provider's key. Compressed bytes cannot be edited: one that holds the key
+    goes out inflated, without its Content-Encoding (one that cannot be read here goes as it came)."""
+    inflater = Inflater.of(encoding)
+    if inflater is None:
+        return scrub.whole(body), headers
+    plain = inflater.feed(body)
+    if inflater.whole and scrub.within(plain):
+        return scrub.whole(plain), [h for h in headers if h[0] != b"content-encoding"]
+    return body, headers
 
 
 async def _forward_stream(
@@ -232,6 +248,7 @@ async def _forward_stream(
     scrub = client.scrub.stream() if client.scrub is not None and (status >= 400 or is_sse) else None
     rare = scrub.rare if scrub is not None else NEWLINE
     leaked = False  # the provider's key inside a compressed answer, where it cannot be replaced
+    inflated_tail = b""
     watch = IdleWatch(resp.content, client.settings.idle_timeout_s)
     try:
         with client.stream_errors:
@@ -249,9 +266,13 @@ async def _forward_stream(
                 else:
                     inflated = inflater.feed(chunk)
                     scanner.feed(inflated)
-                    if scrub is not None and scrub.within(inflated):
-                        leaked = True
-                        break
+                    if scrub is not None:
+                        # With the end of what came before: the key may start in one piece and end in the next.
+                        seen = inflated_tail + inflated
+                        if scrub.within(seen):
+                            leaked = True
+                            break
+                        inflated_tail = seen[-scrub.overlap :] if scrub.overlap else b""
                     out = chunk
                 if out:
                     if record.first_byte_at is None:
@@ -292,7 +313,9 @@ async def _forward_stream(
     event["error"]["request_id"] = ex.record.request_id
     # Held bytes of an unfinished event are dropped; one cut off mid-way gets its end first,
     # or the error would be glued onto it and clients could not parse either.
-    fresh_line = b"\n\n" if scanner.mid_event or (scrub is not None and scrub.flush()) else b""
+    # Bytes the scrub kept back are the start of an unfinished event, dropped like the scanner's.
+    held_back = scrub.flush() if scrub is not None else b""
+    fresh_line = b"\n\n" if scanner.mid_event or held_back else b""
     await ex.end(fresh_line + b"data: " + orjson.dumps(event) + b"\n\n")
 
 

@@ -90,12 +90,13 @@ class StreamScrub:
     loop over chunks, where a call would cost more than the test.
     """
 
-    __slots__ = ("_scrubber", "held", "rare", "within")
+    __slots__ = ("_scrubber", "held", "overlap", "rare", "within")
 
     def __init__(self, scrubber: Scrubber) -> None:
         self._scrubber = scrubber
         self.rare = scrubber.rare
         self.within = scrubber.within
+        self.overlap = len(scrubber.secret) - 1  # what of one piece the next one's key may have begun in
         self.held = b""  # the end of the last chunk, kept back: it may be the key's beginning
 
     def may_hold(self, chunk: bytes) -> bool:

@@ -67,8 +67,10 @@ class Usage:
         prompt = prompt if type(prompt) is int and prompt >= 0 else -1
         completion = completion if type(completion) is int and completion >= 0 else -1
         total = total if type(total) is int and total >= 0 else -1
-        if prompt < 0 and completion < 0 and total < 0:
-            return None
+        if prompt < 0 and completion < 0:
+            if total < 0:
+                return None
+            prompt = total  # a total alone (rerank, some embeddings): what was sent in
         prompt, completion = max(prompt, 0), max(completion, 0)
         cached = _int(details.get("cached_tokens")) if isinstance(details, dict) else 0
         # A total below its parts is not believed: a budget is charged at least the parts.
@@ -86,6 +88,10 @@ def prompt_estimate(request_bytes: int) -> int:
 # syntax per parameter. Counted per JSON object or array of the body, which is at least that often.
 STRUCTURE_TOKENS = 4
 BASE_TOKENS = 16  # the tokens that start the answer, and slack
+# A request whose prompt lives at the provider (a Responses API conversation continued by id, a stored
+# prompt, an uploaded file) has no bound in its body: it holds all that is left of a budget.
+SERVER_SIDE_CONTEXT = ("previous_response_id", "conversation")
+UNBOUNDED_TOKENS = 10**12
 
 
 def prompt_bound(payload: Any) -> int:
@@ -97,7 +103,12 @@ def prompt_bound(payload: Any) -> int:
     digits, and each object or array STRUCTURE_TOKENS. Not an average (bytes / 4 is one for English
     and too low for code, CJK or emoji): what a budget holds must cover what the answer can cost.
     Images and audio given by URL are the exception: their tokens come from pixels and seconds.
+    A prompt kept at the provider (SERVER_SIDE_CONTEXT, a stored prompt, a file by id) is unbounded.
     """
+    if isinstance(payload, dict) and (
+        any(payload.get(name) for name in SERVER_SIDE_CONTEXT) or isinstance(payload.get("prompt"), dict)
+    ):
+        return UNBOUNDED_TOKENS
     total = BASE_TOKENS
     stack = [payload]
     while stack:
@@ -107,6 +118,8 @@ def prompt_bound(payload: Any) -> int:
         elif isinstance(value, dict):
             total += STRUCTURE_TOKENS
             for key, item in value.items():
+                if key == "file_id":
+                    return UNBOUNDED_TOKENS
                 total += len(key) if key.isascii() else len(key.encode())
                 if isinstance(item, str):  # most values: no trip through the stack
                     total += len(item) if item.isascii() else len(item.encode())
@@ -251,9 +264,11 @@ class StreamUsageScanner:
     count and an append: at thousands of chunks a second the scan was a few points of a core.
     """
 
-    def __init__(self, strip_usage_event: bool, tail_bytes: int = TAIL_BYTES) -> None:
+    def __init__(self, strip_usage_event: bool, tail_bytes: int = TAIL_BYTES, sse: bool = True) -> None:
+        """sse: False for an answer that is not an event stream (JSON, audio): its "data:" are not events."""
         self.strip_usage_event = strip_usage_event
         self.tail_limit = tail_bytes
+        self.sse = sse
         self._usage: Usage | None = None
         self.events = 0  # data: lines seen, for an estimate when no usage arrives
         self._pending = b""  # the unfinished event at the end of what came so far
@@ -286,7 +301,8 @@ class StreamUsageScanner:
 
     def feed(self, chunk: bytes) -> bytes:
         """Return the bytes to forward now: `chunk` itself on the fast path."""
-        self.events += chunk.count(b"data:")
+        if self.sse:
+            self.events += chunk.count(b"data:")
         if not self.strip_usage_event:
             if chunk:
                 tail = self._tail

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import gzip
 import itertools
 import json
 import os
@@ -21,6 +22,7 @@ import sys
 import time
 import urllib.request
 import uuid
+import zlib
 from collections import deque
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -75,6 +77,7 @@ class Knobs:
     leak: str = ""
     status: int | None = None
     split: bool = False
+    gzip: bool = False  # leaks compressed (Content-Encoding: gzip), as a CDN may send them whatever was asked
 
     @classmethod
     def of(cls, headers: Mapping[str, str]) -> Knobs:
@@ -102,6 +105,7 @@ class Knobs:
             leak=leak,
             status=status,
             split=headers.get("x-hostile-split", "0").strip() == "1",
+            gzip=headers.get("x-hostile-gzip", "0").strip() == "1",
         )
 
 
@@ -261,17 +265,26 @@ STREAMS = {CHAT: (chat_events, 0), COMPLETIONS: (completion_events, 0), RESPONSE
 async def send_stream(ask: Ask, events: Iterable[bytes], pieces: Iterable[bytes] = ()) -> web.StreamResponse:
     """`events` `delay_ms` apart, then `pieces` (one event cut in parts) as separate writes."""
     headers = {"content-type": "text/event-stream", "cache-control": "no-cache", **ask.headers}
+    packer = zlib.compressobj(wbits=31) if ask.knobs.gzip else None  # flushed after each write: event by event
+    if packer is not None:
+        headers["Content-Encoding"] = "gzip"
     resp = web.StreamResponse(status=ask.status, headers=headers)
+
+    async def write(data: bytes) -> None:
+        await resp.write(data if packer is None else packer.compress(data) + packer.flush(zlib.Z_SYNC_FLUSH))
+
     try:
         await resp.prepare(ask.request)
         for i, event in enumerate(events):
             if i and ask.knobs.delay_ms:
                 await asyncio.sleep(ask.knobs.delay_ms / 1000)
-            await resp.write(event)
+            await write(event)
         for i, piece in enumerate(pieces):
             if i:
                 await asyncio.sleep(SPLIT_PAUSE_S)
-            await resp.write(piece)
+            await write(piece)
+        if packer is not None:
+            await resp.write(packer.flush())
         await resp.write_eof()
     except ConnectionResetError:
         pass  # the client left: there is no one to tell
@@ -305,7 +318,11 @@ class Upstream:
             status = knobs.status or 400
             retry = {"retry-after": "1"} if status == 429 else None
             message = f"request rejected for key {self.key}"
-            return json_response(envelope(message, "invalid_request_error", "rejected"), status, retry)
+            resp = json_response(envelope(message, "invalid_request_error", "rejected"), status, retry)
+            if knobs.gzip:
+                resp.body = gzip.compress(orjson.dumps(envelope(message, "invalid_request_error", "rejected")))
+                resp.headers["Content-Encoding"] = "gzip"
+            return resp
         if knobs.leak == "header":
             ask.headers = {"x-upstream-debug": f"key={self.key}", "x-upstream-trace": "ok"}
         if ask.status >= 400:

@@ -49,3 +49,15 @@ def test_a_key_written_with_escapes_is_the_same_key(body: bytes) -> None:
 )
 def test_what_is_not_a_duplicate_read_key_passes(body: bytes) -> None:
     assert json_object(body) == json.loads(body)
+
+
+def test_a_deep_or_wide_body_gets_an_answer_not_an_error() -> None:
+    """Deeper than orjson writes (255) or the standard library reads (about 1,000): still looked at."""
+    for depth in (300, 1000):
+        nested = b"[" * depth + b"]" * depth
+        assert json_object(b'{"model":"m","x":' + nested + b"}")["model"] == "m"
+        with pytest.raises(InvalidRequest):
+            json_object(b'{"model":"m","model":"n","x":' + nested + b"}")
+    wide = b'{"model":"m",' + b",".join(b'"k%d":0' % i for i in range(50_000)) + b',"model":"n"}'
+    with pytest.raises(InvalidRequest):
+        json_object(wide)

@@ -25,6 +25,8 @@ ESTIMATE = Usage(25, 3, 28)
         (TOKENS, 200, USAGE, None, Charge(USAGE, "provider", 0.0003, 300)),
         (BOTH, 200, USAGE, None, Charge(USAGE, "provider", 0.0003, 300)),
         (None, 200, USAGE, None, Charge(USAGE, "provider", None, 0)),
+        # Tokens the total counts beyond its parts are charged as completion (here 40 more at 10 each).
+        (TOKENS, 200, Usage(100, 10, 150), None, Charge(Usage(100, 10, 150), "provider", 0.0007, 700)),
         # Priced per request only: an answered request costs that, usage or not.
         (SPEECH, 200, USAGE, None, Charge(USAGE, "provider", 0.015, 15_000)),
         (SPEECH, 200, None, ESTIMATE, Charge(None, "none", 0.015, 15_000)),

@@ -141,10 +141,11 @@ def test_hypercorn_answers_a_refused_head_through_the_method_the_gateway_overrid
     assert "_send_error_response" in vars(connections._EnvelopeH11Protocol)
 
 
-def test_a_hypercorn_without_that_method_stops_the_gateway_at_import(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_hypercorn_without_that_method_is_noticed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The gateway then serves on with hypercorn's bare answers, and the listener says so at start-up."""
+    assert connections._error_response_hook()
     monkeypatch.delattr(H11Protocol, "_send_error_response")
-    with pytest.raises(RuntimeError, match=r"no _send_error_response\(self, status_code\)"):
-        connections._check_error_response()
+    assert not connections._error_response_hook()
 
 
 # --- two framings: answered on the head, the body unread ----------------------------------------------

@@ -14,7 +14,9 @@ import os
 import signal
 import socket
 import time
+import zlib
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -344,6 +346,26 @@ async def test_fifty_concurrent_prompts_never_overspend(
     assert hold >= cost
 
 
+def test_a_prompt_kept_at_the_provider_holds_all_that_is_left(money_factory: Callable[..., Money]) -> None:
+    """previous_response_id: the conversation so far is the provider's, not in the body, so no bound can be
+    read from the body; the hold takes what is left, and a second request waits for it (429)."""
+    money = money_factory({"k": "budget = 100"}, EXACT)
+    chained = {"model": "h-1", "input": "and then?", "previous_response_id": "resp_1", "max_output_tokens": 5}
+    with ThreadPoolExecutor(1) as pool:
+        first = pool.submit(money.post, "k", "/responses", chained, **{"x-hostile-ttfb-ms": "1500"})
+        deadline = time.monotonic() + 5
+        while not money.held("k"):
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        assert money.held("k") == 100 * 1_000_000
+        second = money.post("k", "/responses", {"model": "h-1", "input": "hi", "max_output_tokens": 5})
+        assert second.status_code == 429
+        assert "held by requests in flight" in second.json()["error"]["message"]
+        assert first.result().status_code == 200
+    money.at_rest("k")
+    assert money.spent("k") == (len("and then?") + 5) * PER_TOKEN_MICROS
+
+
 # 4. One meaning per body.
 
 
@@ -414,10 +436,16 @@ def _collect(money: Money, route: str, body: dict[str, Any], **headers: str) -> 
     parser.receive_data(received)
     parser.receive_data(b"")
     body_bytes = b""
-    while not isinstance(event := parser.next_event(), h11.EndOfMessage | h11.ConnectionClosed):
-        if isinstance(event, h11.Data):
-            body_bytes += event.data
-        assert event is not h11.NEED_DATA, received[-200:]
+    gzipped = False
+    with contextlib.suppress(h11.RemoteProtocolError):  # a body cut short on purpose
+        while not isinstance(event := parser.next_event(), h11.EndOfMessage | h11.ConnectionClosed):
+            if isinstance(event, h11.Response):
+                gzipped = (b"content-encoding", b"gzip") in event.headers
+            elif isinstance(event, h11.Data):
+                body_bytes += event.data
+            assert event is not h11.NEED_DATA, received[-200:]
+    if gzipped:  # what a client reads of it: inflated, as far as it goes
+        body_bytes = zlib.decompressobj(wbits=47).decompress(body_bytes)
     return received + b"\n--body--\n" + body_bytes
 
 
@@ -435,6 +463,12 @@ def _collect(money: Money, route: str, body: dict[str, Any], **headers: str) -> 
         ("/chat/completions", {"model": "h-1", "messages": []}, {"x-hostile-leak": "header"}, b"200"),
         ("/images/generations", {"model": "h-1", "prompt": "x"},
          {"x-hostile-leak": "header", "x-hostile-status": "404"}, b"404"),
+        # Compressed whatever the gateway asked: an error is inflated to be cleaned, a stream cut off at the key.
+        ("/chat/completions", {"model": "h-1", "messages": []}, {"x-hostile-leak": "body", "x-hostile-gzip": "1"},
+         b"400"),
+        ("/responses", {"model": "h-1", "input": "x"}, {"x-hostile-leak": "body", "x-hostile-gzip": "1"}, b"400"),
+        ("/chat/completions", {"model": "h-1", "messages": [], "stream": True},
+         {"x-hostile-leak": "event", "x-hostile-gzip": "1", "x-hostile-split": "1"}, b"200"),
     ],
 )  # fmt: skip
 def test_the_provider_key_never_reaches_the_client(

@@ -228,6 +228,31 @@ async def test_settles_redis_could_not_take_are_sent_once_it_answers_again(own_r
         await limiter.close()
 
 
+async def test_a_settle_without_a_hold_id_never_counts_twice_over_a_long_stall(own_redis: RedisServer) -> None:
+    """A key without a budget: its settles carry no id. One owed while the circuit was open goes out as a probe
+    after each cool-down; a probe that times out may still run when Redis resumes, so it is not sent again."""
+    settings = RedisSettings(url=own_redis.url, timeout_s=0.2, circuit_failures=1, circuit_cooldown_s=0.3)
+    limiter = Limiter(settings)
+    view = redis.Redis.from_url(own_redis.url)
+    limits = limits_for(None, rpm=1000)
+    assert limits.model is not None and own_redis.proc is not None
+    try:
+        own_redis.flush()
+        await limiter.admit(limits.model)  # connected, scripts loaded
+        own_redis.proc.send_signal(signal.SIGSTOP)
+        limiter.circuit.failure()  # open: the settle is owed, never sent
+        assert limiter.settle_soon(limits, "", limits.nothing_held, 30, 0) is None
+        await asyncio.sleep(1.5)  # several cool-downs: the owed settle goes out as a probe and times out
+        own_redis.proc.send_signal(signal.SIGCONT)
+        await asyncio.sleep(1.0)
+        assert limiter.owed == 0
+        assert int(view.get("sg:{g:default}:k:k:spent") or 0) <= 30
+    finally:
+        own_redis.proc.send_signal(signal.SIGCONT)
+        view.close()
+        await limiter.close()
+
+
 def test_circuit_opens_after_consecutive_failures_only() -> None:
     changes: list[bool] = []
     circuit = Circuit(3, 60.0, changes.append)

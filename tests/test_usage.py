@@ -337,6 +337,8 @@ def test_crlf_event_ends(strip: bool) -> None:
             Usage(9, 5, 14, cached_tokens=4),
         ),
         ({"type": "tokens", "input_tokens": 7, "output_tokens": 2}, Usage(7, 2, 9)),
+        # A total alone (rerank, some embeddings APIs): what was sent in.
+        ({"total_tokens": 40}, Usage(40, 0, 40)),
         # A total below its parts is not believed.
         ({"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 3}, Usage(10, 5, 15)),
         (None, None),
