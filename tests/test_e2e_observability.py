@@ -229,7 +229,9 @@ def test_overhead_excludes_the_clients_upload(obs: Observed) -> None:
         )
     }
     assert added["sluicegate_overhead_seconds_count"] == 1
-    assert added["sluicegate_request_duration_seconds_sum"] > 0.9
+    # Three 0.3 s pauses after the head: the gateway's clock starts a moment after the head is sent, so a
+    # little under 0.9 s (0.89998 s was seen in CI).
+    assert added["sluicegate_request_duration_seconds_sum"] > 0.85
     assert added["sluicegate_overhead_seconds_sum"] < 0.1
 
 
