@@ -20,7 +20,8 @@
 --
 -- A budget refuses once spent (402), and while all that is left is held by
 -- requests in flight (429: a settle may free some). An admitted request holds
--- min(wanted, amount - spent - held) of each. Holds past their expiry were left
+-- what it wants of each, or, when that is more than is left and nothing else is
+-- held, all that is left (else 429 as well). Holds past their expiry were left
 -- by a worker that died: they are dropped here, each once, so the cost stays
 -- O(1) amortised in the number of holds. A month's spend counts only while its
 -- period is the current one: a new month starts from nothing (charge.lua resets it).
@@ -77,12 +78,15 @@ if m > 0 then
         redis.call('DECRBY', held_key, freed)
       end
     end
-    local available = tonumber(ARGV[base_a + 2 * b - 1]) - spent[b]
-      - math.max(0, tonumber(redis.call('GET', held_key) or '0'))
-    if available <= 0 then
+    local in_flight = math.max(0, tonumber(redis.call('GET', held_key) or '0'))
+    local available = tonumber(ARGV[base_a + 2 * b - 1]) - spent[b] - in_flight
+    local wanted = tonumber(ARGV[base_a + 2 * m + b])
+    -- A hold cut short of what the request may use (all that is left) only while nothing else is held:
+    -- two in flight at once could each overrun theirs. So at most one answer crosses the budget.
+    if available <= 0 or (wanted > available and in_flight > 0) then
       return {-2, b, 0}
     end
-    held[b] = math.max(0, math.min(tonumber(ARGV[base_a + 2 * m + b]), available))
+    held[b] = math.max(0, math.min(wanted, available))
   end
 end
 

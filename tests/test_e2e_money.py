@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import math
 import os
 import signal
 import socket
@@ -339,11 +338,11 @@ async def test_fifty_concurrent_prompts_never_overspend(
     hold = (prompt_bound(body) + 1) * PER_TOKEN_MICROS
     admitted = statuses.count(200)
     assert set(statuses) <= {200, 429}
-    assert admitted <= math.ceil(1000_000_000 / hold)
-    assert money.spent("k") == admitted * cost
-    # Spent passes the budget by at most the one answer whose hold was cut short.
-    assert money.spent("k") <= 1000_000_000 + cost
     assert hold >= cost
+    assert money.spent("k") == admitted * cost
+    # Spent passes the budget by at most the one answer whose hold was cut short (only one at a time is:
+    # two in flight could each overrun theirs, as seen when answers freed a little of their holds).
+    assert money.spent("k") <= 1000_000_000 + cost
 
 
 def test_a_prompt_kept_at_the_provider_holds_all_that_is_left(money_factory: Callable[..., Money]) -> None:
