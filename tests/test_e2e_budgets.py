@@ -222,19 +222,19 @@ async def burst(budgets: Budgets, name: str, n: int, body: bytes) -> list[int]:
 async def test_thirty_concurrent_requests_over_two_processes_stay_within_the_money_budget(
     budgets_factory: Callable[..., Budgets],
 ) -> None:
-    """Each request holds the cost of its prompt estimate and max_tokens (at least what it uses) of what is left:
-    only one that found less than that left can go over, by at most its own cost."""
+    """Each request holds the cost of its prompt's bound and max_tokens (at least what it uses): whole while others
+    are in flight, or all that is left with none; so only that one can go over, by at most its own cost."""
     budgets = budgets_factory({"m": "budget = 0.001"}, envs=({}, {}))
     body = orjson.dumps({**SHORT, "max_tokens": 6})
     statuses: list[int] = []
-    for _ in range(10):
+    for _ in range(30):  # near the end of the budget, one request a burst gets in
         results = await burst(budgets, "m", 30, body)
         assert set(results) <= {200, 402, 429}, results
         statuses += results
         if all(status == 402 for status in results):
             break
-        await asyncio.sleep(0.1)  # let the last settles land
-    wait_for(lambda: budgets.redis.exists("sg:{g:default}:k:m:money_held") == 0)
+        # Let the last settles land: while a hold is out, no request may take what is left.
+        wait_for(lambda: budgets.redis.exists("sg:{g:default}:k:m:money_held") == 0)
     admitted = statuses.count(200)
     spent = int(budgets.money("sg:{g:default}:k:m")["total"])
     print(f"{admitted} admitted of {len(statuses)}; spent {spent} of 1000")
