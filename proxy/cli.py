@@ -10,14 +10,14 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from .admin import keys_new, keys_usage, search_file, search_redis
-from .bench import command as bench_command
-from .demo import DemoOptions, run_demo, with_demo_key
-from .limit_kinds import LimitKind, Shape, kinds_for
-from .listen import BindError
-from .mock_upstream import MockOptions, run_mock
+from .config.limit_kinds import LimitKind, Shape, kinds_for
+from .config.settings import ConfigError, Settings, config_path, load_settings
+from .devtools.bench import command as bench_command
+from .devtools.demo import DemoOptions, run_demo, with_demo_key
+from .devtools.mock_upstream import MockOptions, run_mock
+from .http.listen import BindError
+from .ops.admin import keys_new, keys_usage, search_file, search_redis
 from .server import serve
-from .settings import ConfigError, Settings, config_path, load_settings
 
 
 def _positive(text: str) -> int:

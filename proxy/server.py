@@ -27,9 +27,9 @@ from hypercorn.utils import repr_socket_addr, wrap_app
 from prometheus_client.multiprocess import mark_process_dead
 
 from .app import Gateway, create_app
-from .connections import Listener
-from .listen import binding
-from .settings import ServerSettings, Settings
+from .config.settings import ServerSettings, Settings
+from .http.connections import Listener
+from .http.listen import binding
 
 log = logging.getLogger("sluicegate")
 

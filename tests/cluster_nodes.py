@@ -10,7 +10,7 @@ from pathlib import Path
 import redis
 from redis.crc import key_slot
 
-from proxy.auth import key_digest
+from proxy.request.auth import key_digest
 from tests.conftest import free_port, wait_for_port
 
 

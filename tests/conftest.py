@@ -21,7 +21,7 @@ import orjson
 import pytest
 import redis
 
-from proxy.auth import key_digest, new_key
+from proxy.request.auth import key_digest, new_key
 from tests.hostile_upstream import Hostile, start_hostile
 
 START_TIMEOUT_S = 15.0

@@ -2,7 +2,7 @@
 # Tried as a new user would: a fresh clone of this checkout's HEAD, a fresh venv, and the
 # README's quick start step by step. `sluicegate demo`, the curl line its banner prints,
 # `events` for that request id, `keys usage` (which must show the key's spending), and then
-# the README's test command. .ci/run runs it after the tests.
+# the README's test command (collected whole, and its README tests run). .ci/run runs it after the tests.
 #
 #   bash tests/new_user.sh            # SKIP_TESTS=1 leaves out the second quick-start command
 set -euo pipefail
@@ -70,8 +70,14 @@ SPENT=$(printf '%s\n' "$OUT" | awk '$1 == "demo" { print $3 }')
 kill -INT "$DEMO_PID"; wait "$DEMO_PID" || true; DEMO_PID=
 
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
+  # .ci/run has just run the whole suite on this same commit: here the second command is checked
+  # for what a fresh venv adds, that every test file imports and collects, and the README's own
+  # test (its snippets, its quick start against the demo), not run whole a second time.
   step "quick start, second command: python3 -m pip install -e '.[test]' && python3 -m pytest"
   quiet_pip -e '.[test]'
-  python3 -m pytest -q -x -p no:cacheprovider
+  COLLECTED=$(python3 -m pytest -q --collect-only -p no:cacheprovider | tail -1)
+  printf '%s\n' "$COLLECTED"
+  case "$COLLECTED" in *error*|*"no tests"*) fail "the test command does not collect: $COLLECTED" ;; esac
+  python3 -m pytest -q -x -p no:cacheprovider tests/test_readme.py
 fi
 step "the quick start works for a new user"

@@ -12,11 +12,12 @@ import orjson
 import pytest
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from proxy.app import GC_YOUNG_THRESHOLD, MAX_HEAD_BYTES, MAX_HEADER_LINE_BYTES, MAX_HEADERS, Gateway
-from proxy.auth import key_digest, new_key
-from proxy.record import RequestRecord
-from proxy.settings import parse_settings
-from proxy.usage import StreamUsageScanner
+from proxy.app import GC_YOUNG_THRESHOLD, Gateway
+from proxy.config.settings import parse_settings
+from proxy.http.head import MAX_HEAD_BYTES, MAX_HEADER_LINE_BYTES, MAX_HEADERS
+from proxy.records.record import RequestRecord
+from proxy.request.auth import key_digest, new_key
+from proxy.request.usage import StreamUsageScanner
 from tests.conftest import Mocks
 
 KEY = new_key()

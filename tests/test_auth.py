@@ -10,9 +10,9 @@ import pytest
 from starlette.types import Message
 
 from proxy.app import Gateway
-from proxy.auth import authenticate, extract_key, key_digest, mask_key, new_key
-from proxy.errors import InvalidApiKey, InvalidRequest
-from proxy.settings import KeySettings, parse_settings
+from proxy.config.settings import KeySettings, parse_settings
+from proxy.http.errors import InvalidApiKey, InvalidRequest
+from proxy.request.auth import authenticate, extract_key, key_digest, mask_key, new_key
 
 HOW_TO_SEND = "Send it as 'Authorization: Bearer sk-...' or 'X-API-Key: sk-...'."
 MISSING = "Missing API key. " + HOW_TO_SEND

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from proxy.auth import key_digest, new_key
+from proxy.request.auth import key_digest, new_key
 from tests.conftest import Mock, Mocks, Proc, RedisServer, beta_config, start_gateway, start_mock
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -234,3 +234,17 @@ def test_chosen_percentiles_reach_the_table_and_the_json(tmp_path: Path, mocks: 
     assert rows == ["mean", "median", "p75", "p99.9", "max"]
     bad = bench(tmp_path, mocks.beta.url + "/v1", "--requests", "1", "--percentiles", "50,100")
     assert bad.code == 2 and "expected percentiles between 0 and 100" in bad.err
+
+
+def test_bench_without_its_extra_says_how_to_install_it() -> None:
+    """hdrhistogram and tqdm come with `sluicegate[bench]`, not with the gateway: missing, they are named."""
+    hidden = "import sys; sys.modules['hdrh'] = sys.modules['hdrh.histogram'] = None"
+    code = f"{hidden}; from proxy.cli import main; sys.exit(main())"
+    done = subprocess.run(
+        [sys.executable, "-c", code, "bench", "http://127.0.0.1:9/v1", "--requests", "1"],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert done.stderr.strip() == (
+        "sluicegate bench needs its extra (hdrh.histogram is missing): pip install 'sluicegate[bench]'"
+    )

@@ -13,6 +13,9 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
+pytestmark = pytest.mark.bench
+
+
 @pytest.mark.skipif(
     shutil.which("valgrind") is None or shutil.which("redis-server") is None,
     reason="needs valgrind and redis-server (Debian packages valgrind, redis-server)",

@@ -18,6 +18,9 @@ STREAM_COLUMNS = {
 }  # fmt: skip
 
 
+pytestmark = pytest.mark.bench
+
+
 @pytest.mark.skipif(shutil.which("redis-server") is None, reason="the scenario starts a redis-server of its own")
 def test_s3_runs_every_target_to_the_end_without_errors() -> None:
     args = ["--scenario", "s3", "--duration", "1", "--rounds", "1", "--warmup", "20", "--deadline", "60", "--json"]

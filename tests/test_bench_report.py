@@ -1,4 +1,4 @@
-"""proxy/bench/report.py: the --report page is one self-contained file, and headless Chromium draws its charts."""
+"""devtools/bench/report.py: the --report page is one self-contained file, and headless Chromium draws its charts."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from proxy.bench.report import ReportUnavailable, report_available, write_report
+from proxy.devtools.bench.report import ReportUnavailable, report_available, write_report
 
 CHART_IDS = ("chart-cdf", "chart-ttft", "chart-throughput")
 

@@ -6,7 +6,7 @@ import itertools
 import pickle
 import random
 
-from proxy.bench.stats import Recorder
+from proxy.devtools.bench.stats import Recorder
 
 
 def fill(rec: Recorder, values: list[float]) -> None:

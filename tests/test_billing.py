@@ -6,8 +6,8 @@ import calendar
 
 import pytest
 
-from proxy.billing import KeyMoney, Spend, _dates, current_month, period_end
-from proxy.errors import InvalidRequest
+from proxy.http.errors import InvalidRequest
+from proxy.ops.billing import KeyMoney, Spend, _dates, current_month, period_end
 
 
 def test_a_month_ends_at_midnight_utc_on_the_next_first() -> None:

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from proxy.bodies import READ_KEYS, json_object, maybe_json_object
-from proxy.errors import InvalidRequest
+from proxy.http.errors import InvalidRequest
+from proxy.request.bodies import READ_KEYS, json_object, maybe_json_object
 
 
 @pytest.mark.parametrize("name", READ_KEYS)

@@ -6,10 +6,10 @@ from typing import Any
 
 import pytest
 
-from proxy.charges import NOTHING, Charge, charge_for
-from proxy.prices import Price
-from proxy.settings import ConfigError, parse_settings
-from proxy.usage import Usage
+from proxy.config.prices import Price
+from proxy.config.settings import ConfigError, parse_settings
+from proxy.request.charges import NOTHING, Charge, charge_for
+from proxy.request.usage import Usage
 
 TOKENS = Price("m", input=2.0, output=10.0)  # micro-units per token: 2 in, 10 out
 SPEECH = Price("tts-*", input=0.0, output=0.0, per_request=0.015, by_tokens=False)

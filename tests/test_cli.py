@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from proxy.auth import authenticate
 from proxy.cli import build_parser, keys_new, main
-from proxy.settings import load_settings
+from proxy.config.settings import load_settings
+from proxy.request.auth import authenticate
 from tests.conftest import ROOT
 
 NOTE = "# Give the key above to its user; it is not stored anywhere.\n# Add this block to the config:"

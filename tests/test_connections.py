@@ -21,11 +21,12 @@ from hypercorn.config import Config
 from hypercorn.utils import wrap_app
 from prometheus_client import CollectorRegistry, Gauge
 
-from proxy import connections, exchange
-from proxy.connections import Listener, _ChunkSender, chunk_sender
-from proxy.exchange import Exchange
-from proxy.record import RequestRecord
-from proxy.settings import ServerSettings
+from proxy.config.settings import ServerSettings
+from proxy.http import connections
+from proxy.http.connections import Listener, _ChunkSender, chunk_sender
+from proxy.records.record import RequestRecord
+from proxy.request import exchange
+from proxy.request.exchange import Exchange
 
 PARTS = (b"data: one\n\n", b"", b"data: two\n\n", b"data: three\n\n")  # an empty part is no chunk
 ON_WIRE = [part for part in PARTS if part]

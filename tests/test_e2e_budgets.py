@@ -24,7 +24,7 @@ import orjson
 import pytest
 import redis
 
-from proxy.auth import key_digest, new_key
+from proxy.request.auth import key_digest, new_key
 from tests.conftest import Mocks, Proc, RedisServer, free_port, start_gateway
 
 PRICE_IN, PRICE_OUT = 2, 10  # EUR per million tokens: micro-units per token

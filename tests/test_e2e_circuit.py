@@ -8,7 +8,7 @@ from pathlib import Path
 
 import httpx
 
-from proxy.auth import key_digest, new_key
+from proxy.request.auth import key_digest, new_key
 from tests.conftest import Mocks, Proc, RedisServer, beta_config, free_port, start_gateway
 
 CHAT = {"model": "mock-chat", "messages": [{"role": "user", "content": "hi"}]}

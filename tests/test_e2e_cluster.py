@@ -18,8 +18,8 @@ import httpx
 import pytest
 from redis.cluster import RedisCluster
 
-from proxy.auth import new_key
-from proxy.events import REDIS_STREAM
+from proxy.records.events import REDIS_STREAM
+from proxy.request.auth import new_key
 from tests.cluster_nodes import Node, create_cluster, limit_blocks, slot_of, start_node
 from tests.conftest import Mocks, Proc, run_keys_usage, start_gateway, wait_until
 

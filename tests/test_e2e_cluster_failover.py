@@ -34,9 +34,9 @@ import pytest
 from redis.cluster import RedisCluster
 from redis.crc import key_slot
 
-from proxy.auth import new_key
-from proxy.events import REDIS_STREAM
-from proxy.limits import ADMIT
+from proxy.limits.plan import ADMIT
+from proxy.records.events import REDIS_STREAM
+from proxy.request.auth import new_key
 from tests.cluster_nodes import Node, create_cluster, limit_blocks, slot_of, start_node
 from tests.conftest import Mocks, Proc, run_keys_usage, start_gateway, wait_until
 from tests.failover_load import Load, chat, check_gap

@@ -21,7 +21,7 @@ import httpx
 import orjson
 import pytest
 
-from proxy.auth import key_digest, new_key
+from proxy.request.auth import key_digest, new_key
 from tests.conftest import ROOT, Proc, RedisServer, free_port
 
 DEMO_CONFIG = ROOT / "config" / "demo.toml"

@@ -21,8 +21,8 @@ import orjson
 import pytest
 from hypercorn.protocol.h11 import H11Protocol
 
-from proxy import connections
-from proxy.auth import new_key
+from proxy.http import connections
+from proxy.request.auth import new_key
 from proxy.server import H11_MAX_HEAD_BYTES
 from tests.conftest import Gateway
 

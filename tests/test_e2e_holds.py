@@ -27,8 +27,8 @@ import orjson
 import pytest
 import redis
 
-from proxy.auth import key_digest, new_key
-from proxy.usage import prompt_bound
+from proxy.request.auth import key_digest, new_key
+from proxy.request.prompts import prompt_bound
 from tests.conftest import Mocks, Proc, RedisServer, free_port, send_raw, start_gateway
 
 ELEVEN_WORDS = "one two three four five six seven eight nine ten eleven"

@@ -14,7 +14,7 @@ import httpx
 import orjson
 import pytest
 
-from proxy.auth import key_digest, new_key
+from proxy.request.auth import key_digest, new_key
 from tests.conftest import Mocks, Proc, event_records, start_gateway
 
 BODY_TIMEOUT_S = 1.0

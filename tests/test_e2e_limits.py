@@ -20,7 +20,7 @@ import openai
 import orjson
 import pytest
 
-from proxy.auth import key_digest, new_key
+from proxy.request.auth import key_digest, new_key
 from tests.conftest import Mocks, Proc, RedisServer, beta_config, free_port, start_gateway
 
 CHAT: dict[str, Any] = {"model": "mock-chat", "messages": [{"role": "user", "content": "say something"}]}

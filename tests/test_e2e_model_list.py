@@ -17,7 +17,7 @@ import httpx
 import openai
 import pytest
 
-from proxy.auth import key_digest, new_key
+from proxy.request.auth import key_digest, new_key
 from tests.conftest import Mock, Mocks, Proc, free_port, start_gateway, start_mock
 
 GLOB_KEY_ENV = "SG_TEST_GLOB_KEY"

@@ -29,8 +29,8 @@ import redis
 from hypothesis import HealthCheck, Phase, event, given, settings
 from hypothesis import strategies as st
 
-from proxy.auth import key_digest, new_key
-from proxy.usage import prompt_bound
+from proxy.request.auth import key_digest, new_key
+from proxy.request.prompts import prompt_bound
 from tests.conftest import HOSTILE_KEY, Mocks, Proc, RedisServer, event_records, free_port, start_gateway
 from tests.hostile_upstream import Hostile
 

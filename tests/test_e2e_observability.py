@@ -18,8 +18,8 @@ import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxy.auth import key_digest, mask_key, new_key
-from proxy.metrics import DURATION_BUCKETS
+from proxy.records.metrics import DURATION_BUCKETS
+from proxy.request.auth import key_digest, mask_key, new_key
 from tests.conftest import Mocks, Proc, RedisServer, event_records, send_raw, start_gateway
 
 CHAT: dict[str, Any] = {"model": "mock-chat", "messages": [{"role": "user", "content": "say something"}]}

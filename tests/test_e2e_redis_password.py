@@ -18,8 +18,8 @@ import httpx
 import pytest
 import redis
 
-from proxy.auth import key_digest, new_key
-from proxy.events import REDIS_STREAM
+from proxy.records.events import REDIS_STREAM
+from proxy.request.auth import key_digest, new_key
 from tests.conftest import (
     GATEWAY_ACL,
     GATEWAY_COMMANDS,
@@ -97,7 +97,7 @@ def test_the_acl_names_every_command_the_scripts_call_and_the_readme_gives_it() 
     """Redis checks a script's own calls against the user's ACL: a new one in a script belongs in the list."""
     assert f"resetchannels ~sg:* ~sluicegate:events -@all {GATEWAY_COMMANDS}\n" in (ROOT / "README.md").read_text()
     called = set()
-    for script in (ROOT / "proxy").glob("*.lua"):
+    for script in (ROOT / "proxy").rglob("*.lua"):
         called |= {name.lower() for name in re.findall(r"redis\.p?call\('(\w+)'", script.read_text())}
     assert called, "the scripts call Redis"
     assert {f"+{name}" for name in called} <= set(GATEWAY_COMMANDS.split())

@@ -26,8 +26,8 @@ import redis
 from redis.cluster import RedisCluster
 from redis.crc import key_slot
 
-from proxy.auth import key_digest, new_key
-from proxy.events import REDIS_STREAM
+from proxy.records.events import REDIS_STREAM
+from proxy.request.auth import key_digest, new_key
 from tests.conftest import GATEWAY_ACL, ROOT, Mocks, Proc, free_port, start_gateway, wait_for_port, wait_until
 
 pytestmark = pytest.mark.skipif(

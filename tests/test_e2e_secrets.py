@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from proxy.auth import key_digest, new_key
+from proxy.request.auth import key_digest, new_key
 from tests.conftest import Mocks, RedisServer, start_gateway
 
 CHAT = {"model": "mock-chat", "messages": [{"role": "user", "content": "hi"}]}

@@ -27,9 +27,9 @@ import httpx
 import pytest
 import redis
 
-from proxy.auth import key_digest, new_key
-from proxy.events import REDIS_STREAM
-from proxy.limits import ADMIT
+from proxy.limits.plan import ADMIT
+from proxy.records.events import REDIS_STREAM
+from proxy.request.auth import key_digest, new_key
 from tests.conftest import Mocks, free_port, run_keys_usage, start_gateway, wait_for_port, wait_until
 from tests.failover_load import Load, chat, check_gap
 

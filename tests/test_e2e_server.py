@@ -15,7 +15,7 @@ import httpx
 import orjson
 import pytest
 
-from proxy.auth import key_digest, new_key
+from proxy.request.auth import key_digest, new_key
 from tests.conftest import Mocks, Proc, beta_config, free_port, start_gateway, wait_for_port
 
 CHAT = {"model": "mock-chat", "messages": [{"role": "user", "content": "hi"}]}

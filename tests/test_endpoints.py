@@ -6,8 +6,8 @@ from typing import Any
 
 import pytest
 
-from proxy.endpoints import hold_wanted
-from proxy.usage import prompt_bound
+from proxy.request.endpoints import hold_wanted
+from proxy.request.prompts import prompt_bound
 
 RESERVE = 1024
 

@@ -7,9 +7,9 @@ from typing import Any
 
 import pytest
 
-from proxy.exchange import AnswerState, Exchange, UnexpectedMessage
-from proxy.metrics import Metrics
-from proxy.record import RequestRecord
+from proxy.records.metrics import Metrics
+from proxy.records.record import RequestRecord
+from proxy.request.exchange import AnswerState, Exchange, UnexpectedMessage
 
 Message = dict[str, Any]
 START = {"type": "http.response.start", "status": 200, "headers": [(b"x-request-id", b"req-1")]}

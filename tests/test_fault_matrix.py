@@ -29,7 +29,7 @@ import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxy.auth import key_digest, mask_key, new_key
+from proxy.request.auth import key_digest, mask_key, new_key
 from tests.conftest import Mock, Mocks, Proc, RedisServer, event_lines, free_port, send_raw, start_gateway
 
 MESSAGES = [{"role": "user", "content": "hi"}]

@@ -7,9 +7,9 @@ from dataclasses import fields
 import pytest
 
 from proxy.cli import build_parser
-from proxy.limit_kinds import BUCKET_KINDS, LIMIT_KINDS, RPM, TOKEN_BUDGET, TPM, Scope, kinds_for, setting_names
-from proxy.limits import KeyLimits, buckets_for
-from proxy.settings import ConfigError, GroupSettings, KeySettings, LimitSettings, parse_settings
+from proxy.config.limit_kinds import BUCKET_KINDS, LIMIT_KINDS, RPM, TOKEN_BUDGET, TPM, Scope, kinds_for, setting_names
+from proxy.config.settings import ConfigError, GroupSettings, KeySettings, LimitSettings, parse_settings
+from proxy.limits.plan import KeyLimits, buckets_for
 
 PROVIDER = {"name": "mock", "base_url": "http://127.0.0.1:8001/v1", "models": ["mock-chat"]}
 SETTINGS_OF: dict[Scope, type[KeySettings | GroupSettings]] = {"key": KeySettings, "group": GroupSettings}

@@ -13,9 +13,11 @@ from pathlib import Path
 import pytest
 import redis
 
-from proxy.errors import InsufficientQuota, RateLimited
-from proxy.limits import SETTLED_MEMORY_S, Circuit, HoldIds, KeyLimits, Limiter, LimiterFailure
-from proxy.settings import GroupSettings, KeySettings, LimitSettings, RedisSettings
+from proxy.config.settings import GroupSettings, KeySettings, LimitSettings, RedisSettings
+from proxy.http.errors import InsufficientQuota, RateLimited
+from proxy.limits.circuit import Circuit, LimiterFailure
+from proxy.limits.limiter import HoldIds, Limiter
+from proxy.limits.plan import SETTLED_MEMORY_S, KeyLimits
 from tests.conftest import RedisServer, free_port
 
 DEFAULT = GroupSettings("default")

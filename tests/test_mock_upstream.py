@@ -12,7 +12,7 @@ import orjson
 import pytest
 import pytest_asyncio
 
-from proxy.mock_upstream import MockOptions, bound_port, start_mock
+from proxy.devtools.mock_upstream import MockOptions, bound_port, start_mock
 
 pytestmark = pytest.mark.asyncio
 

@@ -7,9 +7,9 @@ from typing import Any
 import orjson
 import pytest
 
-from proxy.model_list import FetchFailed, glob_only, parse_models
-from proxy.routing import Router
-from proxy.settings import KeySettings, ModelPatterns, parse_settings
+from proxy.config.settings import KeySettings, ModelPatterns, parse_settings
+from proxy.ops.model_list import FetchFailed, glob_only, parse_models
+from proxy.request.providers import Router
 
 RAW: dict[str, Any] = {
     "providers": [

@@ -23,7 +23,7 @@ from typing import Any
 import httpx
 import pytest
 
-from proxy.metrics import Metrics
+from proxy.records.metrics import Metrics
 from tests.conftest import ROOT, Gateway
 
 DASHBOARD = ROOT / "grafana" / "dashboards" / "sluicegate.json"

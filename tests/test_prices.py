@@ -6,9 +6,9 @@ from typing import Any
 
 import pytest
 
-from proxy.prices import CACHE_LIMIT, Price, Prices
-from proxy.settings import ConfigError, parse_settings
-from proxy.usage import Usage
+from proxy.config.prices import CACHE_LIMIT, Price, Prices
+from proxy.config.settings import ConfigError, parse_settings
+from proxy.request.usage import Usage
 
 PROVIDER = {"name": "mock", "base_url": "http://127.0.0.1:8001/v1", "models": ["mock-*"]}
 

@@ -24,10 +24,10 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from proxy.app import Gateway
-from proxy.auth import key_digest, new_key
-from proxy.errors import Header
-from proxy.record import RequestRecord
-from proxy.settings import parse_settings
+from proxy.config.settings import parse_settings
+from proxy.http.errors import Header
+from proxy.records.record import RequestRecord
+from proxy.request.auth import key_digest, new_key
 from tests.conftest import Mocks
 
 KEY = new_key()

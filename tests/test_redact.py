@@ -2,8 +2,8 @@ from __future__ import annotations
 
 import pytest
 
-from proxy.auth import new_key
 from proxy.redact import clip, mask_key, redact, safe_url
+from proxy.request.auth import new_key
 
 
 @pytest.mark.parametrize(

@@ -11,10 +11,11 @@ from redis.asyncio.sentinel import SentinelManagedConnection, SentinelManagedSSL
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
-from proxy.limits import KeyLimits, Limiter
-from proxy.redis_clients import data_node_options, describe, failure_name, node_connector, open_clients
-from proxy.redis_cluster import ClusterPipes, Redirect, redirection
-from proxy.settings import GroupSettings, KeySettings, LimitSettings, RedisSettings
+from proxy.config.settings import GroupSettings, KeySettings, LimitSettings, RedisSettings
+from proxy.limits.limiter import Limiter
+from proxy.limits.plan import KeyLimits
+from proxy.redisio.clients import data_node_options, describe, failure_name, node_connector, open_clients
+from proxy.redisio.cluster import ClusterPipes, Redirect, redirection
 from tests.conftest import free_port
 
 SENTINEL = RedisSettings(mode="sentinel", sentinels=(("127.0.0.1", 26379), ("127.0.0.1", 26380)), service="mymaster")

@@ -14,7 +14,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ReadOnlyError, ResponseError
 
-from proxy.redis_pipe import Pipe, Prepared, Script, pack_command
+from proxy.redisio.pipe import Pipe, Prepared, Script, pack_command
 from tests.conftest import RedisServer, free_port
 
 ECHO = Script("return {KEYS[1], ARGV[1], ARGV[2]}")

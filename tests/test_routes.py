@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from proxy.routes import Access, Answer, Asked, RouteTable, Row
+from proxy.ops.routes import Access, Answer, Asked, RouteTable, Row
 
 PREFIXES = ("/v1", "/api/v1")
 

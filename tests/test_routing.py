@@ -6,9 +6,9 @@ from typing import Any
 
 import pytest
 
-from proxy.errors import ModelNotAllowed, ModelNotFound, NotFound
-from proxy.routing import Route, Router
-from proxy.settings import KeySettings, ModelPatterns, ProviderSettings, parse_settings
+from proxy.config.settings import KeySettings, ModelPatterns, ProviderSettings, parse_settings
+from proxy.http.errors import ModelNotAllowed, ModelNotFound, NotFound
+from proxy.request.providers import Route, Router
 
 RAW: dict[str, Any] = {
     "providers": [

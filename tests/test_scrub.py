@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from proxy.scrub import SCRUBBED, Scrubber
+from proxy.request.scrub import SCRUBBED, Scrubber
 
 KEY = "sk-provider-0123456789abcdefghijklmnop"
 # A DeepSeek-style key (hex: every byte of it is common in answers) and an OpenAI-style one (with capitals).

@@ -6,8 +6,7 @@ from typing import Any
 
 import pytest
 
-from proxy.auth import key_digest, new_key
-from proxy.settings import (
+from proxy.config.settings import (
     ConfigError,
     EventSettings,
     GroupSettings,
@@ -19,6 +18,7 @@ from proxy.settings import (
     load_settings,
     parse_settings,
 )
+from proxy.request.auth import key_digest, new_key
 
 PROVIDER: dict[str, Any] = {"name": "mock", "base_url": "http://127.0.0.1:8001/v1", "models": ["mock-chat"]}
 

@@ -9,8 +9,8 @@ import aiohttp
 import orjson
 import pytest
 
-from proxy.settings import parse_settings
-from proxy.upstream import (
+from proxy.config.settings import parse_settings
+from proxy.request.upstream import (
     AttemptFailed,
     ErrorMap,
     Phase,
@@ -20,7 +20,7 @@ from proxy.upstream import (
     open_upstream,
     raise_for_status,
 )
-from proxy.usage import NotJson
+from proxy.request.usage import NotJson
 from tests.conftest import Mocks
 
 BODY = orjson.dumps({"model": "mock-chat", "messages": [{"role": "user", "content": "hi"}], "stream": True})

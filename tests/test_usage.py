@@ -9,8 +9,8 @@ from collections.abc import Callable
 
 import pytest
 
-from proxy import usage as usage_module
-from proxy.usage import StreamUsageScanner, Usage, usage_from_body
+from proxy.request import usage as usage_module
+from proxy.request.usage import StreamUsageScanner, Usage, usage_from_body
 
 CONTENT = (
     b'data: {"id":"chatcmpl-1","object":"chat.completion.chunk","model":"deepseek-chat",'
@@ -267,7 +267,7 @@ def test_garbage_does_not_raise(chunk: bytes, strip: bool) -> None:
 
 HANG_CHECK = textwrap.dedent(
     """
-    from proxy.usage import StreamUsageScanner
+    from proxy.request.usage import StreamUsageScanner
 
     scanner = StreamUsageScanner(strip_usage_event=%s)
     print(repr(scanner.feed(%r)))

@@ -36,8 +36,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # and so does `pro
 
 from common import HOST, free_port, loop_factory, pct
 
-from proxy.limits import KeyLimits, Limiter, Plan
-from proxy.settings import GroupSettings, KeySettings, LimitSettings, RedisSettings
+from proxy.config.settings import GroupSettings, KeySettings, LimitSettings, RedisSettings
+from proxy.limits.limiter import Limiter
+from proxy.limits.plan import KeyLimits, Plan
 
 KEYS = 12  # keys, each in its own group: spread over the cluster's primaries
 RPM, TPM = 100_000_000, 1_000_000_000  # far beyond anything one run can use

@@ -99,7 +99,7 @@ def measure(target: Build, port: int, tmp: Path, args: argparse.Namespace, cpu: 
 
 def targets(args: argparse.Namespace, mock_url: str, redis_url: str, tmp: Path) -> list[Build]:
     sys.path.insert(0, str(ROOT))
-    from proxy.auth import key_digest, new_key
+    from proxy.request.auth import key_digest, new_key
 
     keys = {"sluicegate": new_key(), "sluicegate_nolimits": new_key()}
     config = gateway_config(tmp, mock_url, redis_url, {n: key_digest(k) for n, k in keys.items()}, args.stream_usage)

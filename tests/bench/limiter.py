@@ -304,7 +304,7 @@ def report(out: dict[str, Any]) -> str:
 
 def gateway_config(tmp: Path, mock_url: str, keys: dict[str, str]) -> Path:
     sys.path.insert(0, str(ROOT))  # so the script also runs without `pip install -e .`
-    from proxy.auth import key_digest
+    from proxy.request.auth import key_digest
 
     path = tmp / "gateway.toml"
     path.write_text(
@@ -323,7 +323,7 @@ def gateway_config(tmp: Path, mock_url: str, keys: dict[str, str]) -> Path:
 def start_children(args: Any, tmp: Path, children: dict[str, Child]) -> tuple[str, int, dict[str, str]]:
     """redis-server, mock and gateway on free ports; `children` gets each one as soon as it is started."""
     sys.path.insert(0, str(ROOT))
-    from proxy.auth import new_key
+    from proxy.request.auth import new_key
 
     ports = {name: free_port() for name in ("redis", "mock", "gateway")}
     redis_args = ["redis-server", "--port", str(ports["redis"]), "--bind", HOST, "--save", "", "--appendonly", "no"]

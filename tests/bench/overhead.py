@@ -54,7 +54,7 @@ SCENARIO_DEADLINE_S = 600.0
 
 def gateway_config(tmp: Path, mock_url: str, stream_usage: bool) -> tuple[Path, str]:
     sys.path.insert(0, str(ROOT))  # so the script also runs without `pip install -e .`
-    from proxy.auth import key_digest, new_key
+    from proxy.request.auth import key_digest, new_key
 
     key = new_key()
     path = tmp / "gateway.toml"

@@ -210,7 +210,7 @@ def start_targets(sc: Scenario, args: Any, tmp: Path, children: dict[str, Child]
     """redis-server, mock, bare relay and gateway on free ports, pinned when args.cpus says so; `children` gets
     each one as soon as it is started."""
     sys.path.insert(0, str(ROOT))  # so the script also runs without `pip install -e .`
-    from proxy.auth import key_digest, new_key
+    from proxy.request.auth import key_digest, new_key
 
     def pinned(side: int, command: list[str]) -> list[str]:
         return command if args.cpus is None else ["taskset", "-c", str(args.cpus[side]), *command]

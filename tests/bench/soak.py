@@ -209,7 +209,7 @@ def main() -> int:
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
-    from proxy.auth import key_digest, new_key
+    from proxy.request.auth import key_digest, new_key
 
     redis_bin = shutil.which("redis-server")
     if redis_bin is None:

@@ -1,0 +1,1 @@
+"""Configuration: settings, the reader, config lines, limit kinds, prices."""

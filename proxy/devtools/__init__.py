@@ -1,0 +1,1 @@
+"""For developers: the mock upstream, the demo, the load tester."""

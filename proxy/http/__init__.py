@@ -1,0 +1,1 @@
+"""The server edge: the listener, the fast chunk sender, binds, the error envelope."""

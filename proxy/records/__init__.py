@@ -1,0 +1,1 @@
+"""What each request leaves behind: the record, event sinks, metrics."""

@@ -1,0 +1,1 @@
+"""Our Redis client: the pipe, cluster routing, client construction."""

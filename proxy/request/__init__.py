@@ -1,0 +1,1 @@
+"""The request path: auth, providers, endpoints, relay, upstream, usage, the answer's state."""
