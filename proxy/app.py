@@ -11,6 +11,7 @@ import time
 from starlette.types import Receive, Scope, Send
 
 from .config.settings import ConfigError, KeySettings, Settings, load_settings
+from .http.asgi import FAST_SEND
 from .http.errors import GatewayError, RateLimited
 from .http.head import CLOSE, read_head
 from .limits.limiter import Limiter
@@ -21,6 +22,7 @@ from .ops.routes import Access
 from .records.events import EventSink
 from .records.metrics import Metrics, latency_bucket
 from .records.record import RequestRecord
+from .request import pools
 from .request.exchange import AnswerState, Exchange
 from .request.relay import ClientGone
 from .request.runtime import Runtime
@@ -117,6 +119,7 @@ class Gateway:
         self.model_lists.start()
         for warning in settings.warnings:
             log.warning("%s", warning)
+        await pools.check()
         problem = await self.limiter.ping()
         if problem is not None:
             then = "requests are admitted unchecked" if settings.redis.on_error == "allow" else "requests get 503"
@@ -164,7 +167,8 @@ class Gateway:
         if found is not None and found.row.access is Access.OPEN and head.refused is None:
             return await answer_open(found, scope, self.runtime, send, extra_headers)
         record = RequestRecord.start(head.request_id, scope["method"])
-        ex = Exchange(send, record, extra_headers, self.metrics.active_streams)
+        fast = scope["extensions"].get(FAST_SEND) if "extensions" in scope else None
+        ex = Exchange(send, record, extra_headers, self.metrics.active_streams, fast)
         runtime = self.runtime
         record.currency = runtime.settings.prices.currency
         self.metrics.inflight.inc()

@@ -48,10 +48,10 @@ def hypercorn_config(settings: Settings) -> Config:
     # idle pooled connection first and never sends a request on one the gateway is closing.
     config.keep_alive_timeout = server.keep_alive_timeout_s
     # Off: hypercorn applies it to every read, also while a client waits in silence on a long
-    # stream. Slow heads and bodies have their own deadlines (connections.py, read_body).
+    # stream. Slow heads and bodies have their own deadlines (http/internals.py, read_body).
     config.read_timeout = None
     # The whole request head must fit here or hypercorn answers a bare 431 and closes; kept
-    # well above the gateway's own header limits (app.py), which answer in the envelope.
+    # well above the gateway's own header limits (http/head.py), which answer in the envelope.
     config.h11_max_incomplete_size = H11_MAX_HEAD_BYTES
     config.backlog = server.backlog
     return config

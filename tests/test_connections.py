@@ -1,4 +1,4 @@
-"""The short ways out for an answer's head and a stream's chunks (connections.send_head and chunk_sender),
+"""The short ways out for an answer's head and a stream's chunks (internals.send_head and chunk_sender),
 under hypercorn's own connection in-process.
 
 A small ASGI app stands in for the gateway and answers through the gateway's own
@@ -22,17 +22,18 @@ from hypercorn.utils import wrap_app
 from prometheus_client import CollectorRegistry, Gauge
 
 from proxy.config.settings import ServerSettings
-from proxy.http import connections
-from proxy.http.connections import Listener, _ChunkSender, chunk_sender
+from proxy.http import internals
+from proxy.http.asgi import FAST_SEND
+from proxy.http.connections import Listener
+from proxy.http.internals import _ChunkSender, chunk_sender
 from proxy.records.record import RequestRecord
-from proxy.request import exchange
 from proxy.request.exchange import Exchange
 
 PARTS = (b"data: one\n\n", b"", b"data: two\n\n", b"data: three\n\n")  # an empty part is no chunk
 ON_WIRE = [part for part in PARTS if part]
 DONE = b"data: [DONE]\n\n"
 WHOLE = b'{"id": "x", "choices": []}'
-LARGE = b'{"pad": "' + b"x" * (connections.JOIN_UP_TO + 1) + b'"}'  # written apart from its head
+LARGE = b'{"pad": "' + b"x" * (internals.JOIN_UP_TO + 1) + b'"}'  # written apart from its head
 HEAD = b"POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}"
 
 
@@ -63,9 +64,8 @@ class App:
             return
         while (await receive()).get("more_body"):
             pass
-        ex = Exchange(
-            send, RequestRecord.start("req_test", scope["method"]), [(b"x-request-id", b"req_test")], self.active
-        )
+        record = RequestRecord.start("req_test", scope["method"])
+        ex = Exchange(send, record, [(b"x-request-id", b"req_test")], self.active, scope["extensions"].get(FAST_SEND))
         if scope["path"] in ("/whole", "/large"):
             body = WHOLE if scope["path"] == "/whole" else LARGE
             await ex.respond(200, [(b"content-type", b"application/json")], body)
@@ -96,7 +96,7 @@ class App:
 def recording_heads(short_way: bool = True) -> Iterator[list[bool]]:
     """Whether each head took the short way; with short_way=False, none may (hypercorn's way, to compare)."""
     taken: list[bool] = []
-    head, whole = exchange.send_head, exchange.send_answer
+    head, whole = internals.send_head, internals.send_answer
 
     async def recorded_head(send: Any, status: int, headers: Sequence[tuple[bytes, bytes]]) -> bool:
         taken.append(short_way and await head(send, status, headers))
@@ -106,11 +106,11 @@ def recording_heads(short_way: bool = True) -> Iterator[list[bool]]:
         taken.append(short_way and await whole(send, status, headers, body))
         return taken[-1]
 
-    exchange.send_head, exchange.send_answer = recorded_head, recorded_whole  # type: ignore[assignment]
+    internals.send_head, internals.send_answer = recorded_head, recorded_whole  # type: ignore[assignment]
     try:
         yield taken
     finally:
-        exchange.send_head, exchange.send_answer = head, whole
+        internals.send_head, internals.send_answer = head, whole
 
 
 @contextlib.asynccontextmanager
@@ -317,4 +317,27 @@ def test_a_send_that_is_not_hypercorns_gets_no_short_way() -> None:
     async def collect(message: dict[str, Any]) -> None:
         pass
 
-    assert asyncio.run(connections.send_head(collect, 200, [])) is False  # type: ignore[arg-type]
+    assert asyncio.run(internals.send_head(collect, 200, [])) is False  # type: ignore[arg-type]
+
+
+@on_both_loops
+async def test_internals_not_as_tested_serve_hypercorns_own_way() -> None:
+    """The start-up check failed (another hypercorn or h11): no short way is offered, the bytes are the same."""
+    internals.usable.cache_clear()
+    problems = internals.problems
+    internals.problems = lambda: ["h11 0.99.0 is not the tested 0.16.x"]  # type: ignore[assignment]
+    try:
+        app = App()
+        async with listening(app) as port:
+            reader, writer = await ask(port, HEAD)
+            head, chunks = await asyncio.wait_for(read_chunked(reader), 5)
+            assert b"transfer-encoding: chunked" in head.lower()
+            assert chunks == [*ON_WIRE, b"data: [DONE]\n\n"]
+            writer.write(HEAD.replace(b"/a", b"/b"))
+            _, chunks = await asyncio.wait_for(read_chunked(reader), 5)
+            assert chunks == [*ON_WIRE, b"data: [DONE]\n\n"]
+            writer.close()
+        assert app.fast == [False, False]
+    finally:
+        internals.problems = problems  # type: ignore[method-assign]
+        internals.usable.cache_clear()

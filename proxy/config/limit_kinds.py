@@ -1,6 +1,6 @@
 """The kinds of limit a key or its group can carry: one row each.
 
-settings.py reads them, limits.py builds the Redis calls and the x-ratelimit-*
+settings.py reads them, limits/plan.py builds the Redis calls and the x-ratelimit-*
 headers from them, 429 and 402 messages and the ratelimited metric name them,
 `keys new` offers them: a new kind is a row here and its handling in the Lua
 scripts. A leaf: it imports nothing of ours.

@@ -2,7 +2,7 @@
 
 Two kinds per worker: redis-py's pooled client (with per-call timeouts) for the
 odd command (`keys usage`, event records, /readyz), and a pool whose
-`make_connection` feeds the script pipe (redis_pipe.py), which bounds its own
+`make_connection` feeds the script pipe (pipe.py), which bounds its own
 replies.
 
 In sentinel mode both connect through redis-py's asyncio Sentinel: every new
@@ -15,12 +15,13 @@ settings (CA, client certificate and key, checks).
 
 In cluster mode `url` names any node of the cluster; the client is redis-py's
 asyncio RedisCluster, which reads the slot map from it, and the script pipe is
-one pipe per primary (redis_cluster.py). TLS, password and ACL user come from
+one pipe per primary (cluster.py). TLS, password and ACL user come from
 the URL and go to every node.
 """
 
 from __future__ import annotations
 
+import logging
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,7 +36,10 @@ from redis.backoff import NoBackoff
 
 from ..config.settings import RedisSettings
 from ..redact import safe_url
+from . import slot_map
 from .cluster import ClusterPipes, OnePipe, Pipes, ping_primaries
+
+log = logging.getLogger("sluicegate")
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +52,8 @@ class RedisClients:
     def open_pipes(self, timeout_s: float) -> Pipes:
         if isinstance(self.client, RedisCluster):
             assert self.connect_node is not None
+            for problem in slot_map.problems():
+                log.warning("%s: Redis Cluster's slot map may not be read (pin redis as pyproject.toml does)", problem)
             return ClusterPipes(self.client, self.connect_node, timeout_s)
         assert self.pipe_pool is not None
         return OnePipe(self.pipe_pool.make_connection, timeout_s)

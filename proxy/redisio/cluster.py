@@ -33,6 +33,7 @@ from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import RedisClusterException, RedisError, ResponseError
 
 from .pipe import ConnectionFactory, Pipe, pack_command
+from .slot_map import SlotMap
 
 ASKING = pack_command(b"ASKING")
 REFRESH_S = 0.5  # the slot map is read again at most this often after failures
@@ -130,6 +131,7 @@ class ClusterPipes:
         self, cluster: RedisCluster, connect: Callable[[str, int], AbstractConnection], timeout_s: float
     ) -> None:
         self._cluster = cluster
+        self._map = SlotMap(cluster)
         self._connect = connect
         self._timeout_s = timeout_s
         self._pipes: dict[tuple[str, int], Pipe] = {}
@@ -137,11 +139,8 @@ class ClusterPipes:
         self._refreshed_at = -REFRESH_S  # loop time when the last one ended
 
     def now(self, slot: int) -> Pipe | None:
-        slots = self._cluster.nodes_manager.slots_cache
-        if not slots:
-            return None
-        node = self._cluster.nodes_manager.get_node_from_slot(slot)
-        return self._pipe(node.host, int(node.port))
+        node = self._map.node(slot)
+        return None if node is None else self._pipe(*node)
 
     async def route(self, slot: int) -> Pipe:
         pipe = self.now(slot)
@@ -156,7 +155,7 @@ class ClusterPipes:
         if not to.asking:
             # Concurrent callers share one read: the nodes manager reads again only if nobody did meanwhile.
             async with asyncio.timeout(self._timeout_s):
-                await self._cluster.nodes_manager.initialize()
+                await self._map.read()
         return self._pipe(to.host, to.port)
 
     def _pipe(self, host: str, port: int) -> Pipe:
@@ -178,8 +177,8 @@ class ClusterPipes:
             await asyncio.sleep(max(0.0, self._refreshed_at + REFRESH_S - loop.time()))
             # Every node the map names is asked in turn, the one that failed last, each within timeout_s
             # (twice, with the one retry on connecting); a bound on the whole read besides.
-            async with asyncio.timeout(self._timeout_s * 2 * (len(self._cluster.nodes_manager.nodes_cache) + 1)):
-                await self._cluster.nodes_manager.initialize(last_failed_node_name=failed)
+            async with asyncio.timeout(self._timeout_s * 2 * (self._map.size + 1)):
+                await self._map.read(failed)
         except (RedisError, RedisClusterException, OSError, TimeoutError) as exc:
             log.debug("reading the Redis Cluster slot map failed: %s", type(exc).__name__)
         finally:

@@ -15,7 +15,7 @@ from enum import Enum, auto
 from prometheus_client import Gauge
 from starlette.types import Send
 
-from ..http.connections import ChunkSend, chunk_sender, send_answer, send_head
+from ..http.asgi import ChunkSend, FastSend
 from ..http.errors import GatewayError, Header
 from ..records.record import RequestRecord
 
@@ -58,10 +58,19 @@ class UnexpectedMessage(Exception):
 class Exchange:
     """One client request's response side: what went out, and the record."""
 
-    __slots__ = ("active_streams", "extra_headers", "record", "send", "state")
+    __slots__ = ("active_streams", "extra_headers", "fast", "record", "send", "state")
 
-    def __init__(self, send: Send, record: RequestRecord, extra_headers: list[Header], active_streams: Gauge) -> None:
+    def __init__(
+        self,
+        send: Send,
+        record: RequestRecord,
+        extra_headers: list[Header],
+        active_streams: Gauge,
+        fast: FastSend | None = None,
+    ) -> None:
+        """fast: the server's short ways out, where it offers them (scope["extensions"][asgi.FAST_SEND])."""
         self.send = send
+        self.fast = fast
         self.record = record
         self.extra_headers = extra_headers
         self.active_streams = active_streams
@@ -73,7 +82,7 @@ class Exchange:
         self.state = _RESPONSE
         self.record.status = status
         headers = [*headers, *self.extra_headers]
-        if not await send_head(self.send, status, headers):
+        if self.fast is None or not await self.fast.head(self.send, status, headers):
             await self.send({"type": "http.response.start", "status": status, "headers": headers})
 
     async def body(self, chunk: bytes) -> None:
@@ -85,14 +94,15 @@ class Exchange:
         await self.send({"type": "http.response.body", "body": chunk, "more_body": True})
 
     def body_sender(self) -> ChunkSend:
-        """For a stream's loop: each part straight to the socket where the server allows (connections.py).
+        """For a stream's loop: each part straight to the socket where the server allows (FastSend.chunks).
 
         The loop owns the answer from start() until it calls end(), so the state
         stays RESPONSE throughout; it sends only non-empty parts with more to come.
         """
         if self.state is not _RESPONSE:
             raise UnexpectedMessage(self.state, "a stream of http.response.body")
-        return chunk_sender(self.send) or self._send_part
+        fast = self.fast.chunks(self.send) if self.fast is not None else None
+        return fast or self._send_part
 
     async def _send_part(self, chunk: bytes) -> None:
         await self.send({"type": "http.response.body", "body": chunk, "more_body": True})
@@ -116,11 +126,11 @@ class Exchange:
         self.state = _CUT
 
     async def respond(self, status: int, headers: Sequence[Header], body: bytes) -> None:
-        """A whole answer of known length: one write where the server allows (connections.send_answer)."""
+        """A whole answer of known length: one write where the server allows (FastSend.answer)."""
         if self.state is not _REQUEST:
             raise UnexpectedMessage(self.state, "http.response.start")
         sized = [*headers, (b"content-length", str(len(body)).encode())]
-        if await send_answer(self.send, status, [*sized, *self.extra_headers], body):
+        if self.fast is not None and await self.fast.answer(self.send, status, [*sized, *self.extra_headers], body):
             self.state = _CLOSED
             self.record.status = status
             if body and self.record.first_byte_at is None:

@@ -15,6 +15,7 @@ from yarl import URL
 from ..config.settings import ProviderSettings
 from ..http.errors import Header, UpstreamAuthError, UpstreamError, UpstreamTimeout
 from ..records.metrics import PoolStats
+from . import pools
 from .scrub import Scrubber
 from .usage import NotJson
 
@@ -177,19 +178,8 @@ class Sessions:
         self._on_wait = on_wait
 
     def pool_stats(self) -> dict[str, PoolStats]:
-        """What each provider's pool holds now. aiohttp has no public counts: its own fields, read defensively."""
-        stats = {}
-        for name, session in self._by_provider.items():
-            connector = session.connector
-            acquired = getattr(connector, "_acquired", ())
-            idle = getattr(connector, "_conns", {})
-            waiters = getattr(connector, "_waiters", {})
-            stats[name] = PoolStats(
-                in_use=len(acquired),
-                idle=sum(len(conns) for conns in idle.values()),
-                waiting=sum(len(queue) for queue in waiters.values()),
-            )
-        return stats
+        """What each provider's pool holds now (pools.py reads what aiohttp does not count publicly)."""
+        return {name: pools.pool_stats(session.connector) for name, session in self._by_provider.items()}
 
     def get(self, provider: ProviderSettings) -> aiohttp.ClientSession:
         """The provider's session; a request that will wait for a free pooled connection is counted."""
@@ -197,10 +187,8 @@ class Sessions:
         if session is None or session.connector is None or session.connector.limit != provider.pool_connections:
             # New, or its pool size changed in a reload: requests in flight keep the old one.
             session = self._by_provider[provider.name] = create_session(provider.pool_connections)
-        elif self._on_wait is not None:
-            in_use = len(getattr(session.connector, "_acquired", ()))  # aiohttp has no public count
-            if in_use >= provider.pool_connections:
-                self._on_wait(provider.name)
+        elif self._on_wait is not None and pools.in_use(session.connector) >= provider.pool_connections:
+            self._on_wait(provider.name)
         return session
 
     async def close(self) -> None:
