@@ -30,3 +30,12 @@ def test_a_redis_py_whose_map_is_kept_elsewhere_is_named(monkeypatch: pytest.Mon
 
     monkeypatch.setattr(NodesManager, "__init__", without)
     assert slot_map.problems() == [f"redis-py's NodesManager has no {name}"]
+
+
+def test_a_redis_py_that_cannot_name_the_failed_node_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    async def initialize(self: NodesManager) -> None: ...
+
+    monkeypatch.setattr(NodesManager, "initialize", initialize)
+    assert slot_map.problems() == [
+        "redis-py's NodesManager.initialize() takes no last_failed_node_name (redis-py 8.0 does)"
+    ]

@@ -2,9 +2,9 @@
 
 redis-py keeps the map in its cluster client's `nodes_manager` (`slots_cache`, `nodes_cache`,
 `get_node_from_slot`, `initialize`), none of it documented API. Reading it again after a failure
-names the node that failed (`initialize(last_failed_node_name=)`, redis-py 8.0 and later), so
-it is asked last; an earlier redis-py is asked without it. `problems()` says what the installed
-release lacks.
+names the node that failed (`initialize(last_failed_node_name=)`, since redis-py 8.0), so it is
+asked last. `problems()` says what the installed release lacks; pyproject.toml's floor (8.1) is
+the release .ci/run tests besides the newest.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ from redis.asyncio.cluster import NodesManager, RedisCluster
 
 METHODS = ("initialize", "get_node_from_slot")
 CACHES = ("slots_cache", "nodes_cache")
-NAMES_FAILED_NODE = "last_failed_node_name" in inspect.signature(NodesManager.initialize).parameters
 
 
 class SlotMap:
@@ -38,10 +37,10 @@ class SlotMap:
 
     async def read(self, failed: str | None = None) -> None:
         """Read the map again; `failed` (host:port), the node that failed last, is asked last."""
-        if failed is not None and NAMES_FAILED_NODE:
-            await self._nodes.initialize(last_failed_node_name=failed)
-        else:
+        if failed is None:
             await self._nodes.initialize()
+        else:
+            await self._nodes.initialize(last_failed_node_name=failed)
 
 
 def problems() -> list[str]:
@@ -51,6 +50,9 @@ def problems() -> list[str]:
         for name in METHODS
         if not callable(getattr(NodesManager, name, None))
     ]
+    initialize = getattr(NodesManager, "initialize", None)
+    if initialize is not None and "last_failed_node_name" not in inspect.signature(initialize).parameters:
+        found.append("redis-py's NodesManager.initialize() takes no last_failed_node_name (redis-py 8.0 does)")
     nodes = RedisCluster(host="127.0.0.1", port=6379).nodes_manager  # constructed, never connected
     found += [f"redis-py's NodesManager has no {name}" for name in CACHES if not hasattr(nodes, name)]
     return found
