@@ -75,9 +75,9 @@ if [ "${SKIP_TESTS:-0}" != 1 ]; then
   # test (its snippets, its quick start against the demo), not run whole a second time.
   step "quick start, second command: python3 -m pip install -e '.[test]' && python3 -m pytest"
   quiet_pip -e '.[test]'
-  COLLECTED=$(python3 -m pytest -q --collect-only -p no:cacheprovider | tail -1)
+  COLLECTED=$(python3 -m pytest -q --collect-only -n 0 -p no:cacheprovider | tail -1)
   printf '%s\n' "$COLLECTED"
   case "$COLLECTED" in *error*|*"no tests"*) fail "the test command does not collect: $COLLECTED" ;; esac
-  python3 -m pytest -q -x -p no:cacheprovider tests/test_readme.py
+  python3 -m pytest -q -x -n 0 -p no:cacheprovider tests/test_readme.py
 fi
 step "the quick start works for a new user"
