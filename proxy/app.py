@@ -165,15 +165,15 @@ class Gateway:
             extra_headers.extend(CLOSE)
         found = self.routes.find(scope["path"], self.runtime.settings.server.prefixes)
         if found is not None and found.row.access is Access.OPEN and head.refused is None:
-            return await answer_open(found, scope, self.runtime, send, extra_headers)
+            return await answer_open(found, scope, self.runtime, send, extra_headers=extra_headers)
         record = RequestRecord.start(head.request_id, scope["method"])
         fast = scope["extensions"].get(FAST_SEND) if "extensions" in scope else None
-        ex = Exchange(send, record, extra_headers, self.metrics.active_streams, fast)
+        ex = Exchange(send, record, extra_headers, self.metrics.active_streams, fast=fast)
         runtime = self.runtime
         record.currency = runtime.settings.prices.currency
         self.metrics.inflight.inc()
         try:
-            await dispatch(self, scope, receive, ex, runtime, head, found)
+            await dispatch(self, scope, receive, ex, runtime=runtime, head=head, found=found)
         except GatewayError as err:
             if isinstance(err, RateLimited):
                 record.ratelimit = (err.scope, err.limit)

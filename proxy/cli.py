@@ -44,7 +44,7 @@ def _names(text: str) -> tuple[str, ...]:
 CONFIG_HELP = "TOML config file (default: $SLUICEGATE_CONFIG, else config/gateway.toml)"
 
 
-def _command(sub: Any, name: str, summary: str, description: str, example: str) -> argparse.ArgumentParser:
+def _command(sub: Any, name: str, *, summary: str, description: str, example: str) -> argparse.ArgumentParser:
     parser: argparse.ArgumentParser = sub.add_parser(
         name,
         help=summary,
@@ -76,9 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = _command(
         sub,
         "serve",
-        "run the gateway under hypercorn",
-        "Run the gateway. SIGTERM drains and stops, SIGHUP reloads the config file.",
-        "sluicegate serve --config config/gateway.toml --bind 127.0.0.1:9090 --workers 2",
+        summary="run the gateway under hypercorn",
+        description="Run the gateway. SIGTERM drains and stops, SIGHUP reloads the config file.",
+        example="sluicegate serve --config config/gateway.toml --bind 127.0.0.1:9090 --workers 2",
     )
     p.add_argument("--config", metavar="PATH", help=CONFIG_HELP)
     p.add_argument(
@@ -99,28 +99,28 @@ def build_parser() -> argparse.ArgumentParser:
     p = _command(
         sub,
         "check-config",
-        "validate a config file; exit 2 listing every problem",
-        "Read a config as `serve` would, environment included. Every problem is printed, one a line,\n"
+        summary="validate a config file; exit 2 listing every problem",
+        description="Read a config as `serve` would, environment included. Every problem is printed, one a line,\n"
         "and the exit code is 2; warnings (an unset provider key variable) do not fail.",
-        "sluicegate check-config --config config/gateway.toml",
+        example="sluicegate check-config --config config/gateway.toml",
     )
     p.add_argument("--config", metavar="PATH", help=CONFIG_HELP)
 
     keys_parser = _command(
         sub,
         "keys",
-        "make a key (new), or show what keys have spent (usage)",
-        "Client keys: `keys new` makes one, `keys usage` shows what each has spent and its bucket levels.",
-        "sluicegate keys new --name alice --rpm 60 --models deepseek-chat",
+        summary="make a key (new), or show what keys have spent (usage)",
+        description="Client keys: `keys new` makes one, `keys usage` shows what each has spent and its bucket levels.",
+        example="sluicegate keys new --name alice --rpm 60 --models deepseek-chat",
     )
     keys = keys_parser.add_subparsers(dest="keys_command", required=True)
     p = _command(
         keys,
         "new",
-        "print a fresh key once, and the [[keys]] block that stores its sha256",
-        "Print a fresh key once, and the [[keys]] block to paste into the config: the block holds\n"
+        summary="print a fresh key once, and the [[keys]] block that stores its sha256",
+        description="Print a fresh key once, and the [[keys]] block to paste into the config: the block holds\n"
         "the key's sha256, so the key itself is stored nowhere. Omitted options leave no line in it.",
-        "sluicegate keys new --name alice --group gold --rpm 60 --tpm 100000 --models 'deepseek-chat,gpt-4o*'",
+        example="sluicegate keys new --name alice --group gold --rpm 60 --tpm 100000 --models 'deepseek-chat,gpt-4o*'",
     )
     p.add_argument(
         "--name", required=True, help="the key's name in records, metrics and 429 messages: 1-64 of A-Z a-z 0-9 _ . -"
@@ -137,10 +137,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = _command(
         keys,
         "usage",
-        "what each key has spent and holds of its budget, and its bucket levels",
-        "One line per key: tokens spent and held of its budget, and its rpm/tpm bucket levels, read\n"
+        summary="what each key has spent and holds of its budget, and its bucket levels",
+        description="One line per key: tokens spent and held of its budget, and its rpm/tpm bucket levels, read\n"
         "from the config's Redis. With the demo config it shows the key the last demo made.",
-        "sluicegate keys usage --config config/gateway.toml --name alice",
+        example="sluicegate keys usage --config config/gateway.toml --name alice",
     )
     p.add_argument("--config", metavar="PATH", help=CONFIG_HELP)
     p.add_argument("--name", help="only this key (default: every key in the config)")
@@ -149,10 +149,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = _command(
         sub,
         "events",
-        "find the event record of a request id (from the file or Redis sink)",
-        "Print the event record of a request id, as a user pastes it from an error message or the\n"
+        summary="find the event record of a request id (from the file or Redis sink)",
+        description="Print the event record of a request id, as a user pastes it from an error message or the\n"
         "x-request-id header. Exit 1 when there is none, 2 when the records cannot be read.",
-        "sluicegate events --config config/gateway.toml --request-id req_6f1c2a9e03b4d7a85e21c0f9",
+        example="sluicegate events --config config/gateway.toml --request-id req_6f1c2a9e03b4d7a85e21c0f9",
     )
     p.add_argument("--request-id", required=True, metavar="ID", help="the request id, e.g. req_6f1c… or your own")
     p.add_argument(
@@ -169,10 +169,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = _command(
         sub,
         "mock-upstream",
-        "a built-in OpenAI-compatible fake LLM",
-        "A fake OpenAI-compatible LLM for demos, tests and load tests. Request headers such as\n"
+        summary="a built-in OpenAI-compatible fake LLM",
+        description="A fake OpenAI-compatible LLM for demos, tests and load tests. Request headers such as\n"
         "x-mock-status: 503 switch on faults (see the README, 'The mock upstream').",
-        "sluicegate mock-upstream --bind 127.0.0.1:8001 --chunks 25 --chunk-delay-ms 50 --ttfb-ms 200",
+        example="sluicegate mock-upstream --bind 127.0.0.1:8001 --chunks 25 --chunk-delay-ms 50 --ttfb-ms 200",
     )
     p.add_argument(
         "--bind",
@@ -217,11 +217,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = _command(
         sub,
         "demo",
-        "run the mock upstream and the gateway together with a fresh demo key",
-        "The mock upstream and the gateway in one process, with a key made now. The banner names\n"
+        summary="run the mock upstream and the gateway together with a fresh demo key",
+        description="The mock upstream and the gateway in one process, with a key made now. The banner names\n"
         "the addresses, the Redis and the records file, and prints a curl line and the `events` and\n"
         "`keys usage` commands that work against it.",
-        "sluicegate demo --bind 127.0.0.1:9191 --mock-bind 127.0.0.1:8101",
+        example="sluicegate demo --bind 127.0.0.1:9191 --mock-bind 127.0.0.1:8101",
     )
     p.add_argument(
         "--config", default="config/demo.toml", metavar="PATH", help="the demo's config (default config/demo.toml)"

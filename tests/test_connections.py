@@ -65,7 +65,8 @@ class App:
         while (await receive()).get("more_body"):
             pass
         record = RequestRecord.start("req_test", scope["method"])
-        ex = Exchange(send, record, [(b"x-request-id", b"req_test")], self.active, scope["extensions"].get(FAST_SEND))
+        fast = scope["extensions"].get(FAST_SEND)
+        ex = Exchange(send, record, [(b"x-request-id", b"req_test")], self.active, fast=fast)
         if scope["path"] in ("/whole", "/large"):
             body = WHOLE if scope["path"] == "/whole" else LARGE
             await ex.respond(200, [(b"content-type", b"application/json")], body)

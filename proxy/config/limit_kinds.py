@@ -29,7 +29,7 @@ class Counts(Enum):
 ASK_OPERATORS = "Ask the gateway's operators to raise it."  # a 402's last words without [limits] budget_message
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class LimitKind:
     name: str  # the config key and `keys new --NAME`; a bucket's name in 429 messages
     shape: Shape
@@ -60,19 +60,41 @@ class LimitKind:
 _OWNER: dict[Scope, str] = {"key": "API key's", "group": "key group's"}
 
 RPM = LimitKind(
-    "rpm", Shape.BUCKET, Counts.REQUESTS, "requests", ("key", "group"), header=b"requests", burst_key="burst"
+    name="rpm",
+    shape=Shape.BUCKET,
+    counts=Counts.REQUESTS,
+    unit="requests",
+    scopes=("key", "group"),
+    header=b"requests",
+    burst_key="burst",
 )
-TPM = LimitKind("tpm", Shape.BUCKET, Counts.TOKENS, "tokens", ("key", "group"), header=b"tokens")
+TPM = LimitKind(
+    name="tpm", shape=Shape.BUCKET, counts=Counts.TOKENS, unit="tokens", scopes=("key", "group"), header=b"tokens"
+)
 # The one budget token_bucket.lua and charge.lua know: a key's lifetime total of tokens.
 TOKEN_BUDGET = LimitKind(
-    "budget_tokens", Shape.BUDGET, Counts.TOKENS, "tokens", ("key",), minimum=0, label="budget", noun="token budget"
+    name="budget_tokens",
+    shape=Shape.BUDGET,
+    counts=Counts.TOKENS,
+    unit="tokens",
+    scopes=("key",),
+    minimum=0,
+    label="budget",
+    noun="token budget",
 )
 
 # Money, in the prices' currency, for a key and for its whole group: lifetime, or renewed each month.
 MONEY_BUDGET = LimitKind(
-    "budget", Shape.BUDGET, Counts.MONEY, "money", ("key", "group"), minimum=0, period_key="budget_period",
-    label="money_budget", noun="budget",
-)  # fmt: skip
+    name="budget",
+    shape=Shape.BUDGET,
+    counts=Counts.MONEY,
+    unit="money",
+    scopes=("key", "group"),
+    minimum=0,
+    period_key="budget_period",
+    label="money_budget",
+    noun="budget",
+)
 
 LIMIT_KINDS: tuple[LimitKind, ...] = (RPM, TPM, TOKEN_BUDGET, MONEY_BUDGET)
 BUCKET_KINDS = tuple(k for k in LIMIT_KINDS if k.shape is Shape.BUCKET)

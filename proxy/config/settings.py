@@ -182,7 +182,7 @@ class Settings:
         return replace(self, keys={**self.keys, **{k.sha256: k for k in keys}})
 
 
-class _Reader:
+class _TableReader:
     """Typed access to one TOML table that records problems instead of raising."""
 
     def __init__(self, table: Mapping[str, Any], where: str, problems: list[str]) -> None:
@@ -283,7 +283,7 @@ def _looks_numeric(text: str) -> bool:
     return True
 
 
-def _array_of_tables(raw: Mapping[str, Any], name: str, problems: list[str]) -> Iterator[_Reader]:
+def _array_of_tables(raw: Mapping[str, Any], name: str, problems: list[str]) -> Iterator[_TableReader]:
     """A reader for each table of a [[name]] array; what is not a table is a problem and skipped."""
     items = raw.get(name, [])
     if not isinstance(items, list):
@@ -291,7 +291,7 @@ def _array_of_tables(raw: Mapping[str, Any], name: str, problems: list[str]) -> 
         return
     for i, item in enumerate(items):
         if isinstance(item, Mapping):
-            yield _Reader(item, f"{name}[{i}]", problems)
+            yield _TableReader(item, f"{name}[{i}]", problems)
         else:
             problems.append(f"{name}[{i}]: expected a table")
 
@@ -313,7 +313,7 @@ def _split_bind(bind: str, where: str, problems: list[str]) -> tuple[str, int]:
 
 
 def _server(raw: Mapping[str, Any], env: Mapping[str, str], problems: list[str]) -> ServerSettings:
-    r = _Reader(_table(raw, "server", problems), "server", problems)
+    r = _TableReader(_table(raw, "server", problems), "server", problems)
     r.unknown(
         {
             "bind", "prefixes", "max_body_bytes", "graceful_timeout_s", "body_timeout_s",
@@ -343,7 +343,7 @@ def _server(raw: Mapping[str, Any], env: Mapping[str, str], problems: list[str])
 
 
 def _redis(raw: Mapping[str, Any], env: Mapping[str, str], problems: list[str]) -> RedisSettings:
-    r = _Reader(_table(raw, "redis", problems), "redis", problems)
+    r = _TableReader(_table(raw, "redis", problems), "redis", problems)
     of_modes = {"mode", "sentinels", "service", "sentinel_tls"}
     r.unknown({"url", "on_error", "timeout_s", "circuit_failures", "circuit_cooldown_s", *of_modes})
     default_url = "redis://127.0.0.1:6379/0"
@@ -406,7 +406,7 @@ def _sentinel_address(text: str, problems: list[str]) -> tuple[str, int]:
 
 
 def _events(raw: Mapping[str, Any], problems: list[str]) -> EventSettings:
-    r = _Reader(_table(raw, "events", problems), "events", problems)
+    r = _TableReader(_table(raw, "events", problems), "events", problems)
     r.unknown({"sink", "path", "queue_size"})
     return EventSettings(
         sink=r.choice("sink", "stdout", ("stdout", "file", "redis", "off")),
@@ -416,7 +416,7 @@ def _events(raw: Mapping[str, Any], problems: list[str]) -> EventSettings:
 
 
 def _limits(raw: Mapping[str, Any], env: Mapping[str, str], problems: list[str], warnings: list[str]) -> LimitSettings:
-    r = _Reader(_table(raw, "limits", problems), "limits", problems)
+    r = _TableReader(_table(raw, "limits", problems), "limits", problems)
     r.unknown({"reserve_tokens", "hold_ttl_s", "budget_message"})
     message = (r.text("budget_message") or "").strip()
     if len(message) > 500:
@@ -526,13 +526,13 @@ def _groups(raw: Mapping[str, Any], problems: list[str]) -> dict[str, GroupSetti
         if not isinstance(table, Mapping):
             problems.append(f"{where}: expected a table")
             continue
-        r = _Reader(table, where, problems)
+        r = _TableReader(table, where, problems)
         r.unknown(set(setting_names("group")))
         groups[name] = GroupSettings(name=name, **_limit_values(r, "group"))
     return groups
 
 
-def _limit_values(r: _Reader, scope: Scope) -> dict[str, Any]:
+def _limit_values(r: _TableReader, scope: Scope) -> dict[str, Any]:
     """The limits a key or group sets, by field name, read as the table declares them."""
     values: dict[str, Any] = {}
     for kind in kinds_for(scope):

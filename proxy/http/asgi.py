@@ -1,6 +1,6 @@
 """What the server offers the app beyond ASGI's messages: the short ways out, as a scope extension.
 
-hypercorn offers nothing of the kind; our listener does (http/internals.py), as servers offer
+hypercorn offers nothing of the kind; our listener does (connections.Offering, over http/internals.py), as servers offer
 `http.response.zerocopysend`. An app finds it in `scope["extensions"][FAST_SEND]`, or not there
 (another server, an in-process test, internals not as tested): then it sends ASGI messages.
 """

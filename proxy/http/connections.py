@@ -17,17 +17,20 @@ import logging
 import resource
 import socket
 import time
-from collections.abc import AsyncIterator, Iterable
-from typing import SupportsIndex
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from typing import Any, SupportsIndex
 
+import hypercorn.typing
 from hypercorn.asyncio.tcp_server import TCPServer
 from hypercorn.asyncio.worker_context import WorkerContext
 from hypercorn.config import Config
 from hypercorn.typing import AppWrapper, LifespanState
-from starlette.types import Receive
+from starlette.types import Receive, Send
 
 from ..config.settings import ServerSettings
-from .internals import Connection, Offering, usable
+from . import internals
+from .asgi import FAST_SEND, ChunkSend
+from .internals import Connection, usable
 
 log = logging.getLogger("sluicegate")
 
@@ -37,7 +40,7 @@ FDS_PER_CONNECTION = 2
 FDS_SPARE = 64
 
 
-class _Reader(asyncio.StreamReader):
+class _ArrivalReader(asyncio.StreamReader):
     """Notes when bytes arrive, so an idle connection can tell that a request head has begun."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -61,7 +64,7 @@ class Listener:
         self.backlog = server.backlog
         self.max_connections = server.max_connections
         self.slots = asyncio.Semaphore(server.max_connections)
-        self.connections: dict[asyncio.Task[None], _Reader] = {}
+        self.connections: dict[asyncio.Task[None], _ArrivalReader] = {}
         self._accepting: list[asyncio.Task[None]] = []
         self._sockets: list[socket.socket] = []
         self._warned_at = -AT_CAP_LOG_INTERVAL_S
@@ -93,7 +96,7 @@ class Listener:
             except BaseException:
                 self.slots.release()
                 raise
-            reader = _Reader(loop)
+            reader = _ArrivalReader(loop)
             task = loop.create_task(self._serve(conn, reader))
             self.connections[task] = reader
             task.add_done_callback(self._done)
@@ -111,7 +114,7 @@ class Listener:
         del self.connections[task]
         self.slots.release()
 
-    async def _serve(self, conn: socket.socket, reader: _Reader) -> None:
+    async def _serve(self, conn: socket.socket, reader: _ArrivalReader) -> None:
         loop = asyncio.get_running_loop()
         protocol = asyncio.StreamReaderProtocol(reader)
         try:
@@ -125,7 +128,7 @@ class Listener:
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         writer = asyncio.StreamWriter(transport, protocol, reader, loop)
         if usable():
-            await Connection(self, reader, reader.arrived, writer, loop)
+            await Connection(self, reader, writer, loop, arrived=reader.arrived)
         else:
             await TCPServer(self.app, loop, self.config, self.context, self.state, reader, writer)
 
@@ -192,3 +195,43 @@ def _raise_fd_limit(needed: int) -> None:
             soft,
             needed,
         )
+
+
+class _FastSend:
+    """The short ways, as offered to the app in its scope (asgi.FastSend)."""
+
+    __slots__ = ()
+
+    def chunks(self, send: Send) -> ChunkSend | None:
+        return internals.chunk_sender(send)
+
+    async def head(self, send: Send, status: int, headers: Sequence[tuple[bytes, bytes]]) -> bool:
+        return await internals.send_head(send, status, headers)
+
+    async def answer(self, send: Send, status: int, headers: Sequence[tuple[bytes, bytes]], body: bytes) -> bool:
+        return await internals.send_answer(send, status, headers, body)
+
+
+FAST = _FastSend()
+
+
+class Offering:
+    """hypercorn's app wrapper, with the short ways in each HTTP request's scope."""
+
+    __slots__ = ("app",)
+
+    def __init__(self, app: AppWrapper) -> None:
+        self.app = app
+
+    async def __call__(
+        self,
+        scope: hypercorn.typing.Scope,
+        receive: hypercorn.typing.ASGIReceiveCallable,
+        send: hypercorn.typing.ASGISendCallable,
+        sync_spawn: Callable[..., Any],
+        call_soon: Callable[..., Any],
+    ) -> None:
+        if scope["type"] == "http":
+            extensions: dict[str, object] = scope["extensions"]  # type: ignore[assignment]
+            extensions[FAST_SEND] = FAST
+        await self.app(scope, receive, send, sync_spawn, call_soon)

@@ -32,10 +32,10 @@ class GatewayError(Exception):
             self.code = code
 
     def body(self, request_id: str) -> bytes:
-        return error_body(self.message, self.type, self.code, request_id, self.param)
+        return error_body(self.message, self.type, self.code, request_id, param=self.param)
 
 
-def error_body(message: str, type_: str, code: str, request_id: str, param: str | None = None) -> bytes:
+def error_body(message: str, type_: str, code: str, request_id: str, *, param: str | None = None) -> bytes:
     # Messages may quote what the client sent (a model name, a path): never a key pasted there.
     return orjson.dumps(
         {
@@ -156,3 +156,20 @@ class RouteNotBillable(GatewayError):
     status = 403
     code = "route_not_billable"
     type = "permission_error"
+
+
+# What a client gets for a request h11 refuses to parse, by the status h11 hints: hypercorn would
+# answer that status with an empty body. Fixed texts: h11's own message may quote the bad line,
+# and a malformed Authorization line would put its key in the answer.
+MALFORMED_HEAD = (
+    InvalidRequest.code,
+    "The request is not valid HTTP/1.1: its request line, a header or its chunked framing is malformed.",
+)
+REFUSED_BY_PARSER: dict[int, tuple[str, str]] = {
+    400: MALFORMED_HEAD,
+    431: (HeadersTooLarge.code, "The request head is too large to read; send fewer or shorter headers."),
+    501: (
+        "not_implemented",
+        "The request's Transfer-Encoding is not supported: only one 'Transfer-Encoding: chunked' header is.",
+    ),
+}

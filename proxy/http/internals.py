@@ -9,7 +9,7 @@ the tested ones and that every private name used here is present. If not, the li
 hypercorn's own way (`usable()` is False), says so once at start-up, and the app is offered no
 short way: the answer goes out as ASGI messages.
 
-The short ways are offered to the app through the ASGI scope (`scope["extensions"][FAST_SEND]`),
+The listener offers the short ways to the app in its ASGI scope (`scope["extensions"][FAST_SEND]`),
 as servers offer `http.response.zerocopysend`: the answer's state machine (request/exchange.py)
 never imports this module.
 """
@@ -22,15 +22,12 @@ import functools
 import importlib.metadata
 import inspect
 import logging
-import re
 import secrets
 import time
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Coroutine, Sequence
 from typing import Any, Protocol
-from wsgiref.handlers import format_date_time
 
 import h11
-import hypercorn.typing
 from hypercorn.asyncio.tcp_server import TCPServer
 from hypercorn.asyncio.worker_context import WorkerContext
 from hypercorn.config import Config
@@ -41,8 +38,9 @@ from hypercorn.protocol.http_stream import ASGIHTTPState, HTTPStream
 from hypercorn.typing import AppWrapper, LifespanState
 from starlette.types import Send
 
-from .asgi import FAST_SEND, ChunkSend
-from .errors import HeadersTooLarge, InvalidRequest, error_body
+from .asgi import ChunkSend
+from .errors import MALFORMED_HEAD, REFUSED_BY_PARSER, InvalidRequest, error_body
+from .wire import CHUNKED, FRAMING_NAMES, HEADER_LINES, JOIN_UP_TO, NO_BODY, Date
 
 try:  # h11's own module, not its public API
     from h11._writers import ChunkedWriter
@@ -119,28 +117,11 @@ def usable() -> bool:
     return not found
 
 
-# What a client gets for a request h11 refuses to parse, by the status h11 hints: hypercorn would
-# answer that status with an empty body. Fixed texts: h11's own message may quote the bad line,
-# and a malformed Authorization line would put its key in the answer.
-_MALFORMED = (
-    InvalidRequest.code,
-    "The request is not valid HTTP/1.1: its request line, a header or its chunked framing is malformed.",
-)
-_REFUSED_BY_PARSER: dict[int, tuple[str, str]] = {
-    400: _MALFORMED,
-    431: (HeadersTooLarge.code, "The request head is too large to read; send fewer or shorter headers."),
-    501: (
-        "not_implemented",
-        "The request's Transfer-Encoding is not supported: only one 'Transfer-Encoding: chunked' header is.",
-    ),
-}
-
-
 class _EnvelopeH11Protocol(H11Protocol):
     """hypercorn's HTTP/1.1 protocol, answering a request its parser refuses in the gateway's error envelope."""
 
     async def _send_error_response(self, status_code: int) -> None:
-        code, message = _REFUSED_BY_PARSER.get(status_code, _MALFORMED)
+        code, message = REFUSED_BY_PARSER.get(status_code, MALFORMED_HEAD)
         request_id = "req_" + secrets.token_hex(12)
         body = error_body(message, InvalidRequest.type, code, request_id)
         headers = [
@@ -167,9 +148,10 @@ class Connection(TCPServer):
         self,
         listener: Listening,
         reader: asyncio.StreamReader,
-        arrived: asyncio.Event,  # set by the reader as bytes arrive
         writer: asyncio.StreamWriter,
         loop: asyncio.AbstractEventLoop,
+        *,
+        arrived: asyncio.Event,  # set by the reader as bytes arrive
     ) -> None:
         super().__init__(listener.app, loop, listener.config, listener.context, listener.state, reader, writer)
         self.arrived = arrived
@@ -244,33 +226,6 @@ def _h11_stream(send: Send) -> tuple[HTTPStream, H11Protocol, TCPServer] | None:
     return None
 
 
-# A head's header lines as h11 would let them out: a token, ": ", a value without CR, LF,
-# NUL or other controls and without space at either end.
-_HEADER_LINES = re.compile(
-    rb"(?:[-!#$%&'*+.^_`|~0-9A-Za-z]+: (?:[\x21-\x7e\x80-\xff](?:[\t\x20-\x7e\x80-\xff]*[\x21-\x7e\x80-\xff])?)?\r\n)*"
-)
-# Names whose meaning h11 acts on beyond framing a body of known or unknown length: hypercorn's way.
-_FRAMING_NAMES = frozenset({b"connection", b"transfer-encoding"})
-_CHUNKED = (b"Transfer-Encoding", b"chunked")  # as h11 adds it, after the others
-_NO_BODY = frozenset({204, 304})
-JOIN_UP_TO = 64 * 1024  # a whole answer's body up to this size goes out in one write with its head
-
-
-class _Date:
-    """hypercorn's date header, formatted once a second rather than for every answer."""
-
-    second = -1
-    line = b""
-
-    @classmethod
-    def now(cls) -> bytes:
-        second = int(time.time())
-        if second != cls.second:
-            cls.line = b"date: " + format_date_time(second).encode("ascii") + b"\r\n"
-            cls.second = second
-        return cls.line
-
-
 async def send_head(send: Send, status: int, headers: Sequence[tuple[bytes, bytes]]) -> bool:
     """Write an answer's head on an HTTP/1.1 keep-alive connection of hypercorn 0.18, or return False.
 
@@ -342,14 +297,14 @@ def _head(
         or config.alt_svc_headers
         or getattr(config, "_quic_addresses", None)  # hypercorn then adds alt-svc headers itself
         or status < 200
-        or status in _NO_BODY
+        or status in NO_BODY
         or connection.writer.transport.is_closing()
     ):
         return None
     has_length = False
     for name, value in headers:
         lowered = name.lower()
-        if lowered in _FRAMING_NAMES:
+        if lowered in FRAMING_NAMES:
             return None
         if lowered == b"content-length":
             if has_length or not value.isdigit():
@@ -358,15 +313,15 @@ def _head(
     if sized and not has_length:
         return None
     lines = b"".join([b"%s: %s\r\n" % header for header in headers])
-    if _HEADER_LINES.fullmatch(lines) is None:
+    if HEADER_LINES.fullmatch(lines) is None:
         return None
-    framed = list(headers) if has_length else [*headers, _CHUNKED]
+    framed = list(headers) if has_length else [*headers, CHUNKED]
     try:
         event = h11.Response(status_code=status, headers=framed, _parsed=True)
     except h11.LocalProtocolError:
         return None  # a Content-Length h11 refuses: it says so on hypercorn's way
     if config.include_date_header:  # hypercorn's own headers, after the answer's
-        lines += _Date.now()
+        lines += Date.now()
     if config.include_server_header:
         lines += b"server: hypercorn-h11\r\n"
     if not has_length:
@@ -417,43 +372,3 @@ class _ChunkSender:
         transport.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
         if transport.get_write_buffer_size():
             await _drain(self.connection)
-
-
-class _FastSend:
-    """The short ways, as offered to the app in its scope (asgi.FastSend)."""
-
-    __slots__ = ()
-
-    def chunks(self, send: Send) -> ChunkSend | None:
-        return chunk_sender(send)
-
-    async def head(self, send: Send, status: int, headers: Sequence[tuple[bytes, bytes]]) -> bool:
-        return await send_head(send, status, headers)
-
-    async def answer(self, send: Send, status: int, headers: Sequence[tuple[bytes, bytes]], body: bytes) -> bool:
-        return await send_answer(send, status, headers, body)
-
-
-FAST = _FastSend()
-
-
-class Offering:
-    """hypercorn's app wrapper, with the short ways in each HTTP request's scope."""
-
-    __slots__ = ("app",)
-
-    def __init__(self, app: AppWrapper) -> None:
-        self.app = app
-
-    async def __call__(
-        self,
-        scope: hypercorn.typing.Scope,
-        receive: hypercorn.typing.ASGIReceiveCallable,
-        send: hypercorn.typing.ASGISendCallable,
-        sync_spawn: Callable[..., Any],
-        call_soon: Callable[..., Any],
-    ) -> None:
-        if scope["type"] == "http":
-            extensions: dict[str, object] = scope["extensions"]  # type: ignore[assignment]
-            extensions[FAST_SEND] = FAST
-        await self.app(scope, receive, send, sync_spawn, call_soon)

@@ -24,7 +24,7 @@ SETTLE = Script(_MONTH_LUA + files(__package__).joinpath("charge.lua").read_text
 SETTLED_MEMORY_S = 120.0
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Bucket:
     redis_key: str
     scope: Scope
@@ -56,11 +56,20 @@ def buckets_for(key: KeySettings, group: GroupSettings) -> tuple[Bucket, ...]:
                 per_minute = int(value)  # the config reads bucket kinds as whole numbers
                 burst = getattr(source, kind.burst_key) if kind.burst_key is not None else None
                 capacity = burst if burst is not None else per_minute
-                found.append(Bucket(f"{prefix}:{kind.name}", scope, owner, kind, per_minute, capacity))
+                found.append(
+                    Bucket(
+                        redis_key=f"{prefix}:{kind.name}",
+                        scope=scope,
+                        owner=owner,
+                        kind=kind,
+                        per_minute=per_minute,
+                        capacity=capacity,
+                    )
+                )
     return tuple(found)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Budget:
     """A total a request holds from at admission and its answer spends: a key's tokens, a key's or group's money."""
 
@@ -86,13 +95,24 @@ def budgets_for(key: KeySettings, group: GroupSettings) -> tuple[Budget, ...]:
                 continue
             if kind.counts is Counts.MONEY:
                 counted = "month" if kind.period_key and getattr(source, kind.period_key) == "month" else "total"
-                found.append(Budget(kind, scope, owner, to_micros(amount), money_keys(prefix), counted))
+                found.append(
+                    Budget(
+                        kind=kind,
+                        scope=scope,
+                        owner=owner,
+                        amount=to_micros(amount),
+                        keys=money_keys(prefix),
+                        counted=counted,
+                    )
+                )
             else:
-                found.append(Budget(kind, scope, owner, int(amount), budget_keys(key), ""))
+                found.append(
+                    Budget(kind=kind, scope=scope, owner=owner, amount=int(amount), keys=budget_keys(key), counted="")
+                )
     return tuple(found)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Plan:
     """The admit script call for one kind of request, precomputed.
 
@@ -139,7 +159,16 @@ class Plan:
                 )
                 rows.append((names, members))
         money = next((b.scope for b in budgets if b.in_money), None)
-        return cls(buckets, budgets, tuple(keys), tuple(args), call, limits.budget_message, tuple(rows), money)
+        return cls(
+            buckets=buckets,
+            budgets=budgets,
+            keys=tuple(keys),
+            args=tuple(args),
+            call=call,
+            top_up=limits.budget_message,
+            header_rows=tuple(rows),
+            money_scope=money,
+        )
 
 
 @dataclass(frozen=True, slots=True)

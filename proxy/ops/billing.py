@@ -48,7 +48,7 @@ def money(micros: int) -> float:
     return round(micros / MICROS, 6)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Spend:
     """A key's or a group's money: its budget, and what it has spent and holds, in micro-units."""
 
@@ -96,14 +96,16 @@ class KeyMoney:
         return min(budgeted, key=lambda s: s.remaining or 0) if budgeted else None
 
 
-async def _spend(limiter: Limiter, prefix: str, budget: float | None, monthly: bool, month: str, now_ms: int) -> Spend:
+async def _spend(
+    limiter: Limiter, prefix: str, *, budget: float | None, monthly: bool, month: str, now_ms: int
+) -> Spend:
     spent_key, holds_key, _ = money_keys(prefix)
     total, this_month, period = await limiter.call(limiter.client.hmget(spent_key, ["total", "month", "period"]))
     # A month's spend counts while its period is the current one (or later: a clock behind the writer's).
     current = int(this_month or 0) if period is not None and period.decode() >= month else 0
     # Holds not yet expired: an expired one is only dropped at the next admission.
     held = held_in(await limiter.call(limiter.client.zrangebyscore(holds_key, f"({now_ms}", "+inf")))
-    return Spend(budget, monthly, month, int(total or 0), current, held)
+    return Spend(budget=budget, monthly=monthly, month=month, total=int(total or 0), this_month=current, held=held)
 
 
 async def key_money(limiter: Limiter, settings: Settings, key: KeySettings, now: tuple[int, int]) -> KeyMoney:
@@ -116,9 +118,14 @@ async def key_money(limiter: Limiter, settings: Settings, key: KeySettings, now:
     # A key without a budget of its own shows its spend over its group's budget period.
     key_monthly = (key.budget_period if key_budget is not None else group.budget_period) == "month"
     return KeyMoney(
-        key=await _spend(limiter, key_prefix(key), key_budget, key_monthly, month, now_ms),
+        key=await _spend(limiter, key_prefix(key), budget=key_budget, monthly=key_monthly, month=month, now_ms=now_ms),
         group=await _spend(
-            limiter, group_prefix(group.name), group_budget, group.budget_period == "month", month, now_ms
+            limiter,
+            group_prefix(group.name),
+            budget=group_budget,
+            monthly=group.budget_period == "month",
+            month=month,
+            now_ms=now_ms,
         ),
     )
 

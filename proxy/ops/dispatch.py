@@ -27,7 +27,7 @@ from .routes import Access, Asked, Found
 
 
 async def dispatch(
-    worker: Worker, scope: Scope, receive: Receive, ex: Exchange, runtime: Runtime, head: Head, found: Found | None
+    worker: Worker, scope: Scope, receive: Receive, ex: Exchange, *, runtime: Runtime, head: Head, found: Found | None
 ) -> None:
     """found: the gateway's own route for the path, if it has one."""
     path: str = scope["path"]

@@ -105,7 +105,7 @@ def own_routes(worker: Worker) -> RouteTable:
     )
 
 
-async def answer_open(found: Found, scope: Scope, runtime: Runtime, send: Send, extra_headers: list[Header]) -> None:
+async def answer_open(found: Found, scope: Scope, runtime: Runtime, send: Send, *, extra_headers: list[Header]) -> None:
     """An OPEN route's answer: no record and no Exchange, so probes and scrapes cost next to nothing."""
     answer = await found.row.handler(Asked(scope=scope, runtime=runtime, key=None, params=found.params))
     headers = [*answer.headers, (b"content-length", str(len(answer.body)).encode()), *extra_headers]

@@ -61,7 +61,9 @@ async def model_request(call: Call) -> None:
         wanted = hold_wanted(call.route, payload, call.limits.reserve_tokens)
     kind: Kind = "stream" if stream and call.route in STREAMING_ROUTES else "json"
     bodies = _BodyVariants(payload, call.body, chosen.upstream_model, kind)
-    await _relay(call, plan, wanted, chosen.providers, bodies.body_for, kind, price)
+    await _relay(
+        call, plan, wanted=wanted, providers=chosen.providers, body_for=bodies.body_for, kind=kind, price=price
+    )
 
 
 def hold_wanted(route: str, payload: dict[str, object], reserve_tokens: int) -> tuple[int, int]:
@@ -113,12 +115,15 @@ async def passthrough(call: Call) -> None:
         # A JSON body (the Responses API, images): its text bounds the prompt, its own cap the answer. Other
         # bodies (audio, multipart) hold the reserve alone; their answers' usage is charged when it comes.
         wanted = (prompt_bound(payload), _cap(payload, PASSTHROUGH_CAPS, call.limits.reserve_tokens))
-    await _relay(call, plan, wanted, providers, lambda _c: (body, False), "raw", price)
+    await _relay(
+        call, plan, wanted=wanted, providers=providers, body_for=lambda _c: (body, False), kind="raw", price=price
+    )
 
 
 async def _relay(
     call: Call,
     plan: Plan | None,
+    *,
     wanted: tuple[int, int],
     providers: tuple[ProviderSettings, ...],
     body_for: BodyFor,
@@ -162,9 +167,18 @@ async def _relay(
             hold_micros = price.hold_micros(*wanted) if price is not None and plan.budgeted else 0
             ex.extra_headers += await settlement.admit(plan, sum(wanted), hold_micros)
         await relay(
-            ex, call.sessions, attempts, call.scope["method"], call.path_and_query, call.scope["headers"],
-            body_for, kind, watcher, on_answer, len(call.body),
-        )  # fmt: skip
+            ex,
+            sessions=call.sessions,
+            attempts=attempts,
+            method=call.scope["method"],
+            path_and_query=call.path_and_query,
+            client_headers=call.scope["headers"],
+            body_for=body_for,
+            kind=kind,
+            watcher=watcher,
+            on_answer=on_answer,
+            request_bytes=len(call.body),
+        )
     except asyncio.CancelledError:
         if not watcher.disconnected:
             raise

@@ -66,6 +66,7 @@ class Exchange:
         record: RequestRecord,
         extra_headers: list[Header],
         active_streams: Gauge,
+        *,
         fast: FastSend | None = None,
     ) -> None:
         """fast: the server's short ways out, where it offers them (scope["extensions"][asgi.FAST_SEND])."""

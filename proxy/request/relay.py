@@ -127,6 +127,7 @@ class DisconnectWatcher:
 
 async def relay(
     ex: Exchange,
+    *,
     sessions: Sessions,
     attempts: Sequence[ProviderClient],
     method: str,
@@ -157,19 +158,38 @@ async def relay(
             record.upstream_sent_at = time.perf_counter()
         try:
             session = sessions.get(client.settings)
-            async with open_upstream(session, client, method, client.base_url + path_and_query, headers, body) as resp:
+            url = client.base_url + path_and_query
+            async with open_upstream(session, client, method, url, headers=headers, body=body) as resp:
                 raise_for_status(resp.status, client.settings, last_attempt=final)
                 is_sse = resp.content_type == "text/event-stream"
                 if kind == "raw" and (resp.status < 400 or is_sse):
                     # Any shape, so a longer tail: a passthrough answer's usage may sit kilobytes from its end.
                     # (An error is read whole, as on the model routes: so its text can be cleaned of our key.)
                     scanner = StreamUsageScanner(False, PASSTHROUGH_TAIL_BYTES, sse=is_sse)
-                    await _forward_stream(ex, resp, client, watcher, scanner, on_answer, request_bytes)
+                    await _forward_stream(
+                        ex,
+                        resp,
+                        client,
+                        watcher=watcher,
+                        scanner=scanner,
+                        on_answer=on_answer,
+                        request_bytes=request_bytes,
+                    )
                 elif is_sse and resp.status == 200 and kind == "stream":
                     scanner = StreamUsageScanner(injected)
-                    await _forward_stream(ex, resp, client, watcher, scanner, on_answer, request_bytes)
+                    await _forward_stream(
+                        ex,
+                        resp,
+                        client,
+                        watcher=watcher,
+                        scanner=scanner,
+                        on_answer=on_answer,
+                        request_bytes=request_bytes,
+                    )
                 else:
-                    await _forward_whole(ex, resp, client, watcher, on_answer, request_bytes)
+                    await _forward_whole(
+                        ex, resp, client, watcher=watcher, on_answer=on_answer, request_bytes=request_bytes
+                    )
                 return
         except Retryable as exc:
             last = exc.error
@@ -181,6 +201,7 @@ async def _forward_whole(
     ex: Exchange,
     resp: aiohttp.ClientResponse,
     client: ProviderClient,
+    *,
     watcher: DisconnectWatcher,
     on_answer: OnAnswer,
     request_bytes: int,
@@ -223,6 +244,7 @@ async def _forward_stream(
     ex: Exchange,
     resp: aiohttp.ClientResponse,
     client: ProviderClient,
+    *,
     watcher: DisconnectWatcher,
     scanner: StreamUsageScanner,
     on_answer: OnAnswer,

@@ -111,7 +111,7 @@ def add_parser(sub: Any, positive: Any) -> None:
 
 def plan_from(args: argparse.Namespace) -> Any:
     from .load import Arrivals, Target
-    from .run import Plan
+    from .run import LoadPlan
     from .workload import build
 
     key = args.key or next((os.environ[n] for n in KEY_ENV if os.environ.get(n)), None)
@@ -124,7 +124,7 @@ def plan_from(args: argparse.Namespace) -> Any:
     rate = (
         Arrivals(rate=args.rate, poisson=args.arrivals == "poisson", burstiness=args.burstiness) if args.rate else None
     )
-    return Plan(
+    return LoadPlan(
         targets=tuple(targets), workload=workload, concurrency=None if rate else (args.concurrency or 8),
         arrivals=rate, max_concurrency=args.max_concurrency,
         duration_s=None if args.requests else (args.duration or 10.0), requests=args.requests,
@@ -206,7 +206,13 @@ def main(args: argparse.Namespace) -> int:
 
     def progress(elapsed: float, requests: int, failed: int, p50_ms: float) -> None:
         if bar is not None:
-            bar.show(requests if plan.requests else elapsed, requests, failed, elapsed, p50_ms)
+            bar.show(
+                done=requests if plan.requests else elapsed,
+                requests=requests,
+                failed=failed,
+                elapsed_s=elapsed,
+                p50_ms=p50_ms,
+            )
 
     try:
         recs, interrupted = (run_procs if plan.procs > 1 else run_here)(plan, progress)

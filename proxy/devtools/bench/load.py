@@ -60,7 +60,7 @@ class Client:
     """Sends one workload to one target and records each request into the target's recorder."""
 
     def __init__(
-        self, session: aiohttp.ClientSession, target: Target, workload: Workload, rec: Recorder, respect_retry: bool
+        self, session: aiohttp.ClientSession, target: Target, *, workload: Workload, rec: Recorder, respect_retry: bool
     ) -> None:
         self.session, self.workload, self.rec = session, workload, rec
         self.url = URL(target.base_url.rstrip("/") + workload.path)  # parsed once, not per request

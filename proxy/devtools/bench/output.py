@@ -26,7 +26,7 @@ class Progress:
         layout = "{l_bar}{bar}| {n:.0f}/{total:.0f} {unit} [{elapsed}<{remaining}{postfix}]"
         self.bar = tqdm(total=total, unit=unit, file=sys.stderr, dynamic_ncols=True, leave=False, bar_format=layout)
 
-    def show(self, done: float, requests: int, failed: int, elapsed_s: float, p50_ms: float) -> None:
+    def show(self, *, done: float, requests: int, failed: int, elapsed_s: float, p50_ms: float) -> None:
         rate = requests / elapsed_s if elapsed_s > 0 else 0.0
         p50 = "-" if math.isnan(p50_ms) else f"{p50_ms:.1f} ms"
         self.bar.set_postfix_str(f"{rate:,.0f} req/s, {failed} errors, p50 {p50}", refresh=False)

@@ -31,7 +31,7 @@ ProgressFn = Callable[[float, int, int, float], None]  # (elapsed, requests, fai
 
 
 @dataclass(frozen=True, kw_only=True)
-class Plan:
+class LoadPlan:
     targets: tuple[Target, ...]
     workload: Workload
     concurrency: int | None  # closed loop; else open loop at `arrivals`
@@ -45,7 +45,7 @@ class Plan:
     slo_ms: dict[str, float]
     procs: int = 1
 
-    def share(self, index: int) -> Plan:
+    def share(self, index: int) -> LoadPlan:
         """The part of the load that process `index` of `procs` sends."""
 
         def part(total: int) -> int:
@@ -64,7 +64,7 @@ def round_share(total: int | None, rounds: int, index: int) -> int | None:
     return None if total is None else total // rounds + (index < total % rounds)
 
 
-async def run_plan(plan: Plan, stop: asyncio.Event, progress: ProgressFn | None) -> list[Recorder]:
+async def run_plan(plan: LoadPlan, stop: asyncio.Event, progress: ProgressFn | None) -> list[Recorder]:
     slo_us = {name: round(ms * 1000) for name, ms in plan.slo_ms.items()}
     recs = [Recorder(t.label, t.base_url, slo_us) for t in plan.targets]
     rounds = plan.rounds if len(plan.targets) > 1 else 1
@@ -74,20 +74,22 @@ async def run_plan(plan: Plan, stop: asyncio.Event, progress: ProgressFn | None)
     timeout = aiohttp.ClientTimeout(total=plan.timeout_s)
     try:
         async with aiohttp.ClientSession(connector=connector, timeout=timeout, auto_decompress=False) as session:
-            clients = [Client(session, t, plan.workload, rec, plan.respect_retry_after)
+            clients = [Client(session, t, workload=plan.workload, rec=rec, respect_retry=plan.respect_retry_after)
                        for t, rec in zip(plan.targets, recs, strict=True)]  # fmt: skip
             for i in range(rounds):
                 for client in clients[i % len(clients) :] + clients[: i % len(clients)]:
                     if stop.is_set():
                         break
-                    await one_round(plan, client, round_share(plan.requests, rounds, i), rounds, stop)
+                    await one_round(
+                        plan, client, requests=round_share(plan.requests, rounds, i), rounds=rounds, stop=stop
+                    )
     finally:
         if ticker is not None:
             ticker.cancel()
     return recs
 
 
-async def one_round(plan: Plan, client: Client, requests: int | None, rounds: int, stop: asyncio.Event) -> None:
+async def one_round(plan: LoadPlan, client: Client, *, requests: int | None, rounds: int, stop: asyncio.Event) -> None:
     start = time.perf_counter()
     client.rec.t0 = start - client.rec.elapsed_s
     length = plan.duration_s / rounds if plan.duration_s is not None else math.inf
@@ -110,7 +112,7 @@ async def tick(recs: list[Recorder], started: float, progress: ProgressFn) -> No
                  current.p_ms("e2e", 50))  # fmt: skip
 
 
-def run_here(plan: Plan, progress: ProgressFn | None) -> tuple[list[Recorder], bool]:
+def run_here(plan: LoadPlan, progress: ProgressFn | None) -> tuple[list[Recorder], bool]:
     """Runs the plan in this process; Ctrl-C stops it and keeps what was measured."""
 
     async def main() -> tuple[list[Recorder], bool]:
@@ -133,7 +135,7 @@ def loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
     return uvloop.new_event_loop
 
 
-def child(plan: Plan, index: int, out: Any) -> None:
+def child(plan: LoadPlan, index: int, out: Any) -> None:
     """One of --procs: runs its share and sends its recorders' wire form (and progress) to the parent."""
 
     def progress(elapsed: float, requests: int, failed: int, p50: float) -> None:
@@ -143,7 +145,7 @@ def child(plan: Plan, index: int, out: Any) -> None:
     out.put(("done", index, [rec.to_wire() for rec in recs], interrupted))
 
 
-def run_procs(plan: Plan, progress: ProgressFn | None) -> tuple[list[Recorder], bool]:
+def run_procs(plan: LoadPlan, progress: ProgressFn | None) -> tuple[list[Recorder], bool]:
     """Runs the plan in `procs` processes at once and merges what they measured."""
     ctx = multiprocessing.get_context("spawn")
     out = ctx.Queue()
