@@ -21,7 +21,7 @@ import pytest
 
 from proxy.request.auth import key_digest, new_key
 from tests.conftest import ROOT, Mocks, Proc, RedisServer, beta_config, start_gateway
-from tests.test_e2e_limits import assert_exact
+from tests.limits.test_e2e_limits import assert_exact
 from tests.test_e2e_nginx import start_nginx
 
 SHIPPED = ROOT / "deploy" / "nginx-multi.conf"

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 TARGETS = {"direct", "bare_relay", "sluicegate", "sluicegate_nolimits"}
 STREAM_COLUMNS = {
     "ok", "errors", "ttfb_p50_ms", "ttfb_p99_ms", "ttfb_p50_delta_ms", "ttfb_p99_delta_ms", "total_p99_ms",

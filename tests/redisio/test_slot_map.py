@@ -1,6 +1,6 @@
 """Redis Cluster's slot map as redis-py keeps it, read in one place (redisio/slot_map.py): the installed
 redis-py has what is read, and a release without it is named. Following a failover for real is
-tests/test_e2e_cluster_failover.py's."""
+tests/redisio/test_e2e_cluster_failover.py's."""
 
 from __future__ import annotations
 

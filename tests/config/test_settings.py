@@ -486,7 +486,7 @@ def test_load_settings_from_a_file(tmp_path: Path) -> None:
 
 
 def test_the_shipped_demo_config_loads() -> None:
-    settings = load_settings(str(Path(__file__).parent.parent / "config" / "demo.toml"), env={})
+    settings = load_settings(str(Path(__file__).resolve().parents[2] / "config" / "demo.toml"), env={})
     assert [p.name for p in settings.providers] == ["mock"]
 
 
@@ -656,7 +656,7 @@ def test_sentinel_tls_is_read_in_sentinel_mode_with_a_rediss_url() -> None:
 
 
 def test_the_shipped_redis_snippets_are_valid_redis_tables() -> None:
-    deploy = Path(__file__).resolve().parent.parent / "deploy"
+    deploy = Path(__file__).resolve().parents[2] / "deploy"
     sentinel = parse_settings(minimal(**tomllib.loads((deploy / "redis-sentinel.toml").read_text())), env={}).redis
     assert (sentinel.mode, sentinel.service, len(sentinel.sentinels)) == ("sentinel", "mymaster", 3)
     cluster = parse_settings(minimal(**tomllib.loads((deploy / "redis-cluster.toml").read_text())), env={}).redis

@@ -1,6 +1,6 @@
 """A single Redis with a password (`requirepass`): the URL's password is used and shown nowhere.
 
-Sentinel and Cluster with passwords: tests/test_e2e_sentinel.py and tests/test_e2e_cluster_failover.py.
+Sentinel and Cluster with passwords: tests/redisio/test_e2e_sentinel.py and tests/redisio/test_e2e_cluster_failover.py.
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ import pytest
 from proxy.request.auth import key_digest, new_key
 from tests.conftest import Mock, Mocks, Proc, RedisServer, beta_config, start_gateway, start_mock
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @dataclass
