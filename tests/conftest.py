@@ -432,3 +432,77 @@ def assert_upstream_closed_on_leave(port: int, gw: Gateway, request_id: str) -> 
     assert entry["outcome"] == "disconnected"
     assert entry["disconnected_at"] - closed_at < 1.0
     return entry
+
+
+# --- budgets on a Redis of a test module's own: the harness of tests/limits/ -----------------------
+
+SHORT: dict[str, Any] = {"model": "mock-chat", "messages": [{"role": "user", "content": "say something"}]}
+
+
+@dataclass
+class Budgets:
+    """Gateway processes on one Redis, and a view of each key's spending and holds in it."""
+
+    procs: list[Proc]
+    keys: dict[str, str]
+    redis: redis.Redis
+
+    def url(self, i: int = 0, route: str = "/chat/completions") -> str:
+        return f"http://127.0.0.1:{self.procs[i % len(self.procs)].port}/v1{route}"
+
+    def auth(self, name: str) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.keys[name]}", "Content-Type": "application/json"}
+
+    def post(
+        self,
+        name: str,
+        body: dict[str, Any] | None = None,
+        i: int = 0,
+        route: str = "/chat/completions",
+        **headers: str,
+    ) -> httpx.Response:
+        content = orjson.dumps(body or SHORT)
+        return httpx.post(self.url(i, route), content=content, headers={**self.auth(name), **headers}, timeout=15)
+
+    def spent(self, name: str) -> int:
+        raw = self.redis.get(f"sg:{{g:default}}:k:{name}:spent")
+        return int(raw) if raw is not None else 0
+
+    def held(self, name: str) -> int:
+        raw = self.redis.get(f"sg:{{g:default}}:k:{name}:held")
+        return int(raw) if raw is not None else 0
+
+    def holds(self, name: str) -> list[tuple[str, float]]:
+        entries: list[tuple[bytes, float]] = self.redis.zrange(
+            f"sg:{{g:default}}:k:{name}:holds", 0, -1, withscores=True
+        )
+        return [(member.decode(), score) for member, score in entries]
+
+    def settled(self, name: str, timeout_s: float = 5.0) -> None:
+        """Wait until nothing of the key's budget is held (a settle may land just after the answer)."""
+        deadline = time.monotonic() + timeout_s
+        while self.held(name) or self.holds(name):
+            assert time.monotonic() < deadline, (self.held(name), self.holds(name))
+            time.sleep(0.02)
+
+    def server_ms(self) -> float:
+        seconds, micros = self.redis.time()
+        return seconds * 1000 + micros / 1000
+
+    def period(self) -> str:
+        seconds, _ = self.redis.time()
+        return time.strftime("%Y-%m", time.gmtime(seconds))
+
+    def money(self, prefix: str) -> dict[str, str]:
+        raw: dict[bytes, bytes] = self.redis.hgetall(f"{prefix}:money")
+        return {k.decode(): v.decode() for k, v in raw.items()}
+
+
+@pytest.fixture(scope="module")
+def own_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """A Redis of the test module's own, so it can flush it between tests."""
+    server = RedisServer(free_port(), tmp_path_factory.mktemp("own-redis") / "redis.log").start()
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -25,10 +25,10 @@ import pytest
 import redis
 
 from proxy.request.auth import key_digest, new_key
-from tests.conftest import Mocks, Proc, RedisServer, free_port, start_gateway
+from tests.conftest import SHORT, Mocks, Proc, RedisServer, start_gateway
+from tests.conftest import Budgets as SharedBudgets
 
 PRICE_IN, PRICE_OUT = 2, 10  # EUR per million tokens: micro-units per token
-SHORT: dict[str, Any] = {"model": "mock-chat", "messages": [{"role": "user", "content": "say something"}]}
 SHORT_COST = 2 * PRICE_IN + 6 * PRICE_OUT  # two words, the session mocks' six chunks
 
 
@@ -58,30 +58,8 @@ currency = "EUR"
 
 
 @dataclass
-class Budgets:
-    """Gateway processes on one Redis, and a view of the spending in it."""
-
-    procs: list[Proc]
-    keys: dict[str, str]
-    redis: redis.Redis
-
-    def url(self, i: int = 0, route: str = "/chat/completions") -> str:
-        return f"http://127.0.0.1:{self.procs[i % len(self.procs)].port}/v1{route}"
-
-    def auth(self, name: str) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.keys[name]}", "Content-Type": "application/json"}
-
-    def post(self, name: str, body: dict[str, Any] | None = None, i: int = 0, **headers: str) -> httpx.Response:
-        content = orjson.dumps(body or SHORT)
-        return httpx.post(self.url(i), content=content, headers={**self.auth(name), **headers}, timeout=15)
-
-    def period(self) -> str:
-        seconds, _ = self.redis.time()
-        return time.strftime("%Y-%m", time.gmtime(seconds))
-
-    def money(self, prefix: str) -> dict[str, str]:
-        raw: dict[bytes, bytes] = self.redis.hgetall(f"{prefix}:money")
-        return {k.decode(): v.decode() for k, v in raw.items()}
+class Budgets(SharedBudgets):
+    """The shared view, and `keys usage` in this file's currency."""
 
     def usage(self, name: str) -> list[str]:
         """`sluicegate keys usage --name NAME`: the row's columns."""
@@ -99,15 +77,6 @@ def keys_usage(proc: Proc, *args: str) -> str:
         env={**os.environ, **proc.env}, capture_output=True, text=True, check=True,
     )  # fmt: skip
     return out.stdout
-
-
-@pytest.fixture(scope="module")
-def own_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    server = RedisServer(free_port(), tmp_path_factory.mktemp("budgets-redis") / "redis.log").start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture

@@ -17,7 +17,6 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,12 +28,11 @@ import redis
 
 from proxy.request.auth import key_digest, new_key
 from proxy.request.prompts import prompt_bound
-from tests.conftest import Mocks, Proc, RedisServer, free_port, send_raw, start_gateway
+from tests.conftest import SHORT, Budgets, Mocks, RedisServer, send_raw, start_gateway
 
 ELEVEN_WORDS = "one two three four five six seven eight nine ten eleven"
 CHAT: dict[str, Any] = {"model": "mock-chat", "messages": [{"role": "user", "content": ELEVEN_WORDS}]}
 CHAT_BYTES = orjson.dumps(CHAT)
-SHORT: dict[str, Any] = {"model": "mock-chat", "messages": [{"role": "user", "content": "say something"}]}
 HELD_MESSAGE = "held by requests in flight"
 DEFAULT_CHUNKS = 6  # the session mocks' --chunks
 
@@ -56,66 +54,6 @@ models = ["mock-chat", "mock-embed"]
 first_byte_timeout_s = 5
 idle_timeout_s = 5
 {blocks}"""
-
-
-@dataclass
-class Budgets:
-    """Gateway processes on one Redis, and a view of each key's budget in it."""
-
-    procs: list[Proc]
-    keys: dict[str, str]
-    redis: redis.Redis
-
-    def url(self, i: int = 0, route: str = "/chat/completions") -> str:
-        return f"http://127.0.0.1:{self.procs[i % len(self.procs)].port}/v1{route}"
-
-    def auth(self, name: str) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.keys[name]}", "Content-Type": "application/json"}
-
-    def post(
-        self,
-        name: str,
-        body: dict[str, Any] | None = None,
-        i: int = 0,
-        route: str = "/chat/completions",
-        **headers: str,
-    ) -> httpx.Response:
-        content = orjson.dumps(body or SHORT)
-        return httpx.post(self.url(i, route), content=content, headers={**self.auth(name), **headers}, timeout=15)
-
-    def spent(self, name: str) -> int:
-        raw = self.redis.get(f"sg:{{g:default}}:k:{name}:spent")
-        return int(raw) if raw is not None else 0
-
-    def held(self, name: str) -> int:
-        raw = self.redis.get(f"sg:{{g:default}}:k:{name}:held")
-        return int(raw) if raw is not None else 0
-
-    def holds(self, name: str) -> list[tuple[str, float]]:
-        entries: list[tuple[bytes, float]] = self.redis.zrange(
-            f"sg:{{g:default}}:k:{name}:holds", 0, -1, withscores=True
-        )
-        return [(member.decode(), score) for member, score in entries]
-
-    def settled(self, name: str, timeout_s: float = 5.0) -> None:
-        """Wait until nothing of the key's budget is held (a settle may land just after the answer)."""
-        deadline = time.monotonic() + timeout_s
-        while self.held(name) or self.holds(name):
-            assert time.monotonic() < deadline, (self.held(name), self.holds(name))
-            time.sleep(0.02)
-
-    def server_ms(self) -> float:
-        seconds, micros = self.redis.time()
-        return seconds * 1000 + micros / 1000
-
-
-@pytest.fixture(scope="module")
-def own_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    server = RedisServer(free_port(), tmp_path_factory.mktemp("holds-redis") / "redis.log").start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture
