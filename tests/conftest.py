@@ -276,9 +276,10 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
         server.stop()
 
 
-# The hostile upstream's own key (tests/hostile_upstream.py), shaped like OpenAI's keys. A constant: pytest
-# loads this file as `conftest`, and tests import it again as `tests.conftest`.
-HOSTILE_KEY = "sk-hostile-Qz7vR2tXpLm9KzN4wYb8HcJ3sFd6Ga1UeT5oWq0iBn4Mx8Ck"
+# The hostile upstream's own key (tests/hostile_upstream.py), shaped like OpenAI's keys and made at run time.
+# Kept in the environment: pytest loads this file as `conftest`, and tests import it again as
+# `tests.conftest`; both must see the one key of this process.
+HOSTILE_KEY = os.environ.setdefault("SG_TEST_HOSTILE_UPSTREAM_KEY", "sk-hostile-" + new_key()[3:])
 
 
 @pytest.fixture(scope="session")
