@@ -68,10 +68,12 @@ class Listener:
         self._accepting: list[asyncio.Task[None]] = []
         self._sockets: list[socket.socket] = []
         self._warned_at = -AT_CAP_LOG_INTERVAL_S
+        self.fenced = False  # internals.py's ways taken: decided once, at start()
 
     def start(self, sockets: list[socket.socket]) -> None:
         _raise_fd_limit(self.max_connections * FDS_PER_CONNECTION + FDS_SPARE)
-        if usable():  # else said once, and hypercorn's own way
+        self.fenced = usable()  # if not, said once, and hypercorn's own way
+        if self.fenced:
             self.app = Offering(self.app)
         for sock in sockets:
             sock.setblocking(False)
@@ -127,7 +129,7 @@ class Listener:
             # does): without it a chunk waits for the client's ACK of the one before, up to 40 ms.
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         writer = asyncio.StreamWriter(transport, protocol, reader, loop)
-        if usable():
+        if self.fenced:
             await Connection(self, reader, writer, loop, arrived=reader.arrived)
         else:
             await TCPServer(self.app, loop, self.config, self.context, self.state, reader, writer)

@@ -19,11 +19,10 @@ log = logging.getLogger("sluicegate")
 
 
 def pool_stats(connector: aiohttp.BaseConnector | None) -> PoolStats:
-    acquired = getattr(connector, "_acquired", ())
     idle = getattr(connector, "_conns", {})
     waiters = getattr(connector, "_waiters", {})
     return PoolStats(
-        in_use=len(acquired),
+        in_use=in_use(connector),
         idle=sum(len(conns) for conns in idle.values()),
         waiting=sum(len(queue) for queue in waiters.values()),
     )
